@@ -1,0 +1,1 @@
+"""The benchmark: tasks x methods x lengths, stored in SQLite, with reports."""

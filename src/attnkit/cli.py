@@ -1,0 +1,175 @@
+"""The ``attnkit`` command line: list, info, speed (+ bench, report from attnkit.bench)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import registry
+
+app = typer.Typer(
+    help="attnkit: efficient attention for long-context transformers.\n\nExample: attnkit list",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+def _config_text(config: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in config.items()) or "-"
+
+
+def methods_markdown() -> str:
+    """The method table of the README, generated from the registry."""
+    lines = [
+        "| method | family | paper | arXiv | year | supports | config (defaults) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for info in registry.methods():
+        lines.append(
+            f"| `{info.name}` | {info.family} | {info.paper} | [{info.arxiv}](https://arxiv.org/abs/{info.arxiv}) "
+            f"| {info.year} | {', '.join(info.supports)} | {_config_text(info.config)} |"
+        )
+    return "\n".join(lines)
+
+
+@app.command("list")
+def list_methods(
+    as_json: bool = typer.Option(False, "--json", help="One JSON array of method records."),
+    markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (the README's)."),
+    family: Optional[str] = typer.Option(None, help="Only this family, e.g. static_sparse."),
+) -> None:
+    """List the registered methods.
+
+    Example: attnkit list --markdown
+    """
+    infos = registry.methods(family=family)
+    if as_json:
+        typer.echo(json.dumps([i.to_dict() for i in infos], indent=2))
+        return
+    if markdown:
+        typer.echo(methods_markdown())
+        return
+    table = Table(title="attnkit methods")
+    for col in ("method", "family", "paper", "arXiv", "year", "supports"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row(i.name, i.family, i.paper, i.arxiv, str(i.year), ", ".join(i.supports))
+    console.print(table)
+
+
+@app.command("info")
+def info(
+    name: str = typer.Argument(..., help="A method name from `attnkit list`."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON record."),
+) -> None:
+    """Show one method: paper, arXiv id, what it supports, config fields with defaults.
+
+    Example: attnkit info streaming
+    """
+    try:
+        record = registry.method_info(name)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(record.to_dict(), indent=2))
+        return
+    console.print(f"[bold]{record.name}[/bold] ({record.family}) — {record.summary}")
+    console.print(f"paper: {record.paper} (arXiv:{record.arxiv}, {record.year})")
+    console.print(f"supports: {', '.join(record.supports)}; kinds: {', '.join(record.kinds)}")
+    console.print(f"config: {_config_text(record.config)}")
+
+
+def _parse_lengths(text: str) -> list[int]:
+    out = []
+    for part in filter(None, (p.strip().lower() for p in text.split(","))):
+        try:
+            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+        except ValueError:
+            raise typer.BadParameter(f"length {part!r}: use integers or NUMk, e.g. 4k,16k") from None
+    return out
+
+
+def _split_methods(text: str) -> list[str]:
+    """Split "a,b(x=1,y=2),c" at top-level commas."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [m.strip() for m in out if m.strip()]
+
+
+@app.command("speed")
+def speed(
+    methods: str = typer.Option(
+        "full,streaming(sink=64,window=1024),sliding_window(window=1024),neighborhood(kernel_size=13,grid=2d)",
+        help="Comma-separated method specs NAME(field=value,...); grid=2d picks a square grid.",
+    ),
+    lengths: str = typer.Option("4k,16k,32k,64k", help="Sequence lengths, e.g. 4k,16k."),
+    heads: int = typer.Option(8, help="Query heads H."),
+    kv_heads: Optional[int] = typer.Option(None, help="KV heads (default: H)."),
+    dim: int = typer.Option(64, help="Head dim D."),
+    repeats: int = typer.Option(5, help="Timed runs per point (median reported)."),
+    flex: bool = typer.Option(True, "--flex/--no-flex", help="Also time FlexAttention on each pattern."),
+    out: Optional[str] = typer.Option(None, help="Write the rows as JSON to this file."),
+) -> None:
+    """Operator latency and peak memory vs length, with speedups over SDPA and FlexAttention.
+
+    Example: attnkit speed --lengths 4k,16k --methods "full,streaming(sink=64,window=1024)"
+    """
+    from rich.progress import Progress
+
+    from .bench.speed import run_speed, rows_to_json
+
+    specs = _split_methods(methods)
+    ns = _parse_lengths(lengths)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("speed", total=len(ns) * (len(specs) + ("full" not in specs)))
+
+        def step(label: str) -> None:
+            bar.update(task, advance=1, description=label)
+
+        rows = run_speed(specs, ns, repeats=repeats, flex=flex, progress=step, heads=heads, kv_heads=kv_heads or heads, dim=dim)
+    console.print(speed_table(rows))
+    record = rows_to_json(rows)
+    if out:
+        with open(out, "w") as f:
+            json.dump(record, f, indent=2)
+    typer.echo(json.dumps({"speed": record}))
+
+
+def speed_table(rows) -> Table:
+    table = Table(title="operator latency (median), causal, fp32")
+    for col in ("method", "N", "backend", "density", "seconds", "x SDPA", "flex s (compile)", "x flex", "peak MiB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        flex = f"{r.flex_seconds:.3f} ({r.flex_compile_seconds:.1f})" if r.flex_seconds else "-"
+        table.add_row(
+            r.method, str(r.length), r.backend, f"{r.density:.3f}", f"{r.seconds:.3f}",
+            f"{r.speedup_vs_sdpa:.2f}" if r.speedup_vs_sdpa else "-", flex,
+            f"{r.speedup_vs_flex:.2f}" if r.speedup_vs_flex else "-", f"{r.peak_mib:.0f}",
+        )
+    return table
+
+
+try:  # the benchmark's commands (bench, report) live with the benchmark
+    from .bench.cli_commands import add_commands
+except ImportError:  # pragma: no cover - during development
+    add_commands = None
+if add_commands is not None:
+    add_commands(app)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,76 @@
+"""FlexAttention backend: the pattern as a ``BlockMask`` plus its element rule.
+
+``torch.nn.attention.flex_attention`` is compiled once (``torch.compile``; inductor
+generates C++ on the CPU and Triton on the GPU) and reused; each new shape costs one
+compilation (seconds on a CPU), reported separately by ``attnkit speed``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from .pattern import BlockPattern
+
+
+def available() -> tuple[bool, str]:
+    """Whether FlexAttention can run here, and why not."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError as err:  # pragma: no cover - torch >= 2.6 has it
+        return False, f"torch.nn.attention.flex_attention missing ({err})"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def to_block_mask(pattern: BlockPattern, batch: int, heads: int):
+    """The pattern as a FlexAttention ``BlockMask`` for (batch, heads) queries."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    lists = pattern.kv_blocks
+    nkb = pattern.num_kv_blocks
+    counts = (lists >= 0).sum(-1).to(torch.int32)
+    width = lists.shape[-1]
+    indices = lists.clamp(min=0).to(torch.int32)
+    if width < nkb:
+        indices = torch.nn.functional.pad(indices, (0, nkb - width))
+    else:
+        indices = indices[..., :nkb]
+    offset = pattern.q_offset
+    rule = pattern.mask_mod
+    nk = pattern.kv_len
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        inside = kv_idx < nk
+        if rule is None:
+            return inside
+        return inside & rule(b, h, q_idx + offset, kv_idx)
+
+    return BlockMask.from_kv_blocks(
+        counts.contiguous(),
+        indices.contiguous(),
+        BLOCK_SIZE=(pattern.block_q, pattern.block_k),
+        mask_mod=mask_mod,
+        seq_lengths=(pattern.q_len, pattern.kv_len),
+    )
+
+
+def flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, compiled: bool = True
+) -> torch.Tensor:
+    """Attention over the pattern with FlexAttention. Shapes as ``block_sparse_attention``."""
+    block_mask = to_block_mask(pattern, q.shape[0], q.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    if compiled:
+        return _compiled()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    from torch.nn.attention.flex_attention import flex_attention as eager
+
+    return eager(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)

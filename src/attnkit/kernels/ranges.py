@@ -1,0 +1,125 @@
+"""Range kernel: a shared (same for every batch and head) pattern run as a few fused
+SDPA calls per query block, merged by log-sum-exp.
+
+Consecutive listed key blocks of a query block are merged into contiguous key ranges.
+A range whose tiles are all full runs unmasked; a range holding a partial tile runs
+with the pattern's element rule as an additive mask of that range only. Each call uses
+the CPU flash-attention kernel, which returns the log-sum-exp, so the partial results
+merge exactly (as FlashAttention merges its tiles). K/V are sliced, never gathered; GQA
+query heads are folded into the rows of one call, so K/V are never repeated.
+
+This is the fast path on the CPU for position-only patterns (windows, sinks, bands):
+a handful of large matmuls per block instead of many small ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import validate
+from .pattern import BlockPattern, cdiv
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+# A finite "minus infinity": -inf in the additive mask sends the CPU kernel down a slow path.
+_MASKED = -1e30
+
+
+def supports(pattern: BlockPattern, q: torch.Tensor) -> tuple[bool, str]:
+    """Whether this kernel can run the pattern on q, and why not."""
+    if pattern.kv_blocks.shape[0] != 1 or pattern.kv_blocks.shape[1] != 1:
+        return False, "pattern differs per batch/head"
+    if q.device.type != "cpu":
+        return False, "CPU flash kernel only"
+    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return False, f"dtype {q.dtype}"
+    return True, ""
+
+
+def key_ranges(pattern: BlockPattern, q_block: int) -> list[tuple[int, int, bool]]:
+    """Contiguous key ranges [start, end) of one query block, with ``full`` flags."""
+    lists = pattern.kv_blocks[0, 0, q_block]
+    count = int((lists >= 0).sum())
+    blocks = lists[:count].tolist()
+    if pattern.full_tiles is not None:
+        full = pattern.full_tiles[0, 0, q_block, :count].tolist()
+    else:
+        full = [False] * count
+    bk, nk = pattern.block_k, pattern.kv_len
+    ranges: list[list] = []
+    for block, is_full in zip(blocks, full):
+        start, end = block * bk, min(nk, (block + 1) * bk)
+        is_full = bool(is_full) and end - start == bk
+        if ranges and ranges[-1][1] == start and ranges[-1][2] == is_full:
+            ranges[-1][1] = end
+        else:
+            ranges.append([start, end, is_full])
+    return [(s, e, f) for s, e, f in ranges]
+
+
+def range_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, method: str = "?"
+) -> torch.Tensor:
+    """Attention over a shared pattern. q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) -> (B, Hq, Nq, D)."""
+    b, hq, nq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    qg = q.view(b, hkv, group, nq, d)
+    out = torch.empty(b, hkv, group, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    bq = pattern.block_q
+    for qb in range(cdiv(nq, bq)):
+        q0, q1 = qb * bq, min(nq, (qb + 1) * bq)
+        rows = qg[:, :, :, q0:q1].reshape(b, hkv, group * (q1 - q0), d).to(compute)
+        parts = [
+            _part(rows, k, v, pattern, q0, q1, group, start, end, full, scale, compute)
+            for start, end, full in key_ranges(pattern, qb)
+        ]
+        merged = _merge(parts)
+        if merged is None or bool(torch.isnan(merged[..., 0]).any()):
+            _raise_empty(merged, q0, q1, group, method)
+        out[:, :, :, q0:q1] = merged.view(b, hkv, group, q1 - q0, -1).to(q.dtype)
+    return out.view(b, hq, nq, -1)
+
+
+def _part(rows, k, v, pattern, q0, q1, group, start, end, full, scale, compute):
+    keys = k[:, :, start:end].to(compute)
+    values = v[:, :, start:end].to(compute)
+    mask = None
+    if not full and pattern.mask_mod is not None:
+        q_pos = torch.arange(q0, q1, device=rows.device) + pattern.q_offset
+        k_pos = torch.arange(start, end, device=rows.device)
+        zero = torch.zeros((), dtype=torch.long, device=rows.device)
+        allowed = pattern.mask_mod(zero, zero, q_pos[:, None], k_pos[None, :])
+        allowed = allowed.expand(q1 - q0, end - start).repeat(group, 1)
+        if bool(allowed.all()):
+            mask = None
+        else:
+            mask = torch.zeros((1, 1) + tuple(allowed.shape), dtype=compute, device=rows.device)
+            mask.masked_fill_(~allowed.view(mask.shape), _MASKED)
+    out, lse = _flash(rows, keys, values, 0.0, False, attn_mask=mask, scale=scale)
+    return out, lse
+
+
+def _merge(parts):
+    """Merge (out, lse) pairs of disjoint key ranges: out = sum_i exp(lse_i - lse) out_i.
+
+    Rows with no allowed key in any range come out as NaN (the caller reports them).
+    """
+    if not parts:
+        return None
+    lses = torch.stack([lse for _, lse in parts])
+    total = torch.logsumexp(lses, dim=0)
+    merged = None
+    for out, lse in parts:
+        term = out * torch.exp(lse - total).unsqueeze(-1)
+        merged = term if merged is None else merged + term
+    empty = (total < _MASKED / 2).unsqueeze(-1)
+    return merged.masked_fill(empty, float("nan"))
+
+
+def _raise_empty(merged, q0: int, q1: int, group: int, method: str) -> None:
+    if merged is None:
+        validate.empty_row_error(q0, 0, 0, method)
+    bb, hh, rr = (int(x) for x in torch.isnan(merged[..., 0]).nonzero()[0])
+    n = q1 - q0
+    validate.empty_row_error(q0 + rr % n, bb, hh * group + rr // n, method)

@@ -1,0 +1,175 @@
+"""Base classes of attention methods: input checks, stats, and the static-pattern path.
+
+A method subclass defines ``Config`` (a dataclass) and either ``forward`` (anything) or,
+for a position-only sparse pattern, ``mask_mod`` and ``block_mask``; the kernels do the
+rest. Hooks, caches and the CLI never appear in a method file.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from .. import validate
+from ..kernels import BlockPattern, MaskMod, lists_from_block_mask, run_pattern
+from ..kernels.pattern import cdiv, slots_of
+from ..registry import MethodInfo
+
+
+@dataclass
+class AttentionStats:
+    """What a call computed.
+
+    density: allowed (query, key) pairs / pairs allowed by the causal (or full) mask.
+    pattern: the BlockPattern the kernel ran (None for dense attention).
+    estimator_seconds: time spent choosing the pattern (0 for static patterns).
+    backend: the kernel that ran ("sdpa", "dense", "gather", "flex").
+    """
+
+    method: str
+    density: float
+    pattern: Optional[BlockPattern]
+    estimator_seconds: float
+    backend: str
+    seconds: float = 0.0
+
+
+def full_pairs(q_len: int, kv_len: int, causal: bool) -> int:
+    """Pairs allowed by the causal (bottom-right aligned) or full mask, per (batch, head)."""
+    if not causal:
+        return q_len * kv_len
+    offset = kv_len - q_len
+    return q_len * offset + q_len * (q_len + 1) // 2
+
+
+class Method:
+    """A configured attention method: ``m(q, k, v, causal=...)``."""
+
+    Config: ClassVar[type]
+    name: ClassVar[str]
+    info: ClassVar[MethodInfo]
+
+    def __init__(self, config: Any = None, **kwargs: Any) -> None:
+        if config is not None and kwargs:
+            raise ValueError("pass either a config object or keyword fields, not both")
+        self.config = config if config is not None else validate.build_config(self.Config, self.name, kwargs)
+        self.check_config()
+
+    def check_config(self) -> None:
+        """Raise ValueError for out-of-range hyper-parameters (override)."""
+
+    def __repr__(self) -> str:
+        return f"attnkit.get({self.name!r}, {self.config})"
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool = False,
+        scale: Optional[float] = None,
+        backend: str = "auto",
+        return_stats: bool = False,
+        check_finite: bool = True,
+    ):
+        """Attention. q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) -> (B, Hq, Nq, D) [, stats]."""
+        validate.check_qkv(q, k, v, check_finite=check_finite)
+        validate.check_scale(scale)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        validate.check_causal_lengths(q.shape[2], k.shape[2], causal)
+        self._check_supported(causal, q.shape[1] != k.shape[1])
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        start = time.perf_counter()
+        out, stats = self.forward(q, k, v, causal, scale, backend, return_stats)
+        if return_stats:
+            stats.seconds = time.perf_counter() - start
+            return out, stats
+        return out
+
+    def _check_supported(self, causal: bool, gqa: bool) -> None:
+        flag = "causal" if causal else "non_causal"
+        if flag not in self.info.supports:
+            raise ValueError(f"method {self.name!r} does not support causal={causal}; it supports {self.info.supports}")
+        if gqa and "gqa" not in self.info.supports:
+            raise ValueError(f"method {self.name!r} does not support Hq != Hkv (GQA/MQA)")
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str, want_stats: bool
+    ) -> tuple[torch.Tensor, AttentionStats]:
+        raise NotImplementedError
+
+
+class PatternMethod(Method):
+    """A static (position-only) sparse pattern run by the shared kernels.
+
+    Subclasses implement ``mask_mod(causal)`` (the exact element rule, causality
+    included) and ``block_mask(q_len, kv_len, causal, device)`` (a superset at block
+    granularity; the default evaluates the rule on every pair, which is O(N^2) time).
+    """
+
+    block_q: ClassVar[int] = 64
+    block_k: ClassVar[int] = 64
+
+    def __init__(self, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self._patterns: dict[tuple, BlockPattern] = {}
+
+    def mask_mod(self, causal: bool, kv_len: Optional[int] = None, device: Optional[torch.device] = None) -> MaskMod:
+        """The element rule for this causality (and key length / device, for rules that
+        hold length-dependent tables)."""
+        raise NotImplementedError
+
+    def block_size(self) -> tuple[int, int]:
+        return self.block_q, self.block_k
+
+    def block_mask(self, q_len: int, kv_len: int, causal: bool, device: torch.device) -> torch.Tensor:
+        """(nQB, nKB) bool (or (Bp, Hp, nQB, nKB)): tiles that hold an allowed pair."""
+        bq, bk = self.block_size()
+        rule = self.mask_mod(causal, kv_len, device)
+        offset = kv_len - q_len
+        nqb, nkb = cdiv(q_len, bq), cdiv(kv_len, bk)
+        out = torch.zeros(nqb, nkb, dtype=torch.bool, device=device)
+        k_pos = torch.arange(kv_len, device=device)
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        for qb in range(nqb):
+            q_pos = torch.arange(qb * bq, min(q_len, (qb + 1) * bq), device=device)[:, None] + offset
+            hit = rule(zero, zero, q_pos, k_pos[None, :]).any(dim=0)
+            hit = torch.nn.functional.pad(hit, (0, nkb * bk - kv_len))
+            out[qb] = hit.view(nkb, bk).any(dim=-1)
+        return out
+
+    def full_block_mask(self, q_len: int, kv_len: int, causal: bool, device: torch.device) -> Optional[torch.Tensor]:
+        """(nQB, nKB) bool tiles whose every pair is allowed (a speed hint; None = unknown)."""
+        return None
+
+    def pattern(self, q_len: int, kv_len: int, causal: bool, device: torch.device) -> BlockPattern:
+        """The BlockPattern for these lengths (cached per shape and device)."""
+        key = (q_len, kv_len, causal, str(device))
+        if key not in self._patterns:
+            bq, bk = self.block_size()
+            mask = self.block_mask(q_len, kv_len, causal, torch.device(device))
+            while mask.dim() < 4:
+                mask = mask.unsqueeze(0)
+            lists = lists_from_block_mask(mask)
+            full = self.full_block_mask(q_len, kv_len, causal, torch.device(device))
+            self._patterns[key] = BlockPattern(
+                kv_blocks=lists,
+                full_tiles=None if full is None else slots_of(full, lists),
+                block_q=bq,
+                block_k=bk,
+                q_len=q_len,
+                kv_len=kv_len,
+                mask_mod=self.mask_mod(causal, kv_len, torch.device(device)),
+            )
+        return self._patterns[key]
+
+    def forward(self, q, k, v, causal, scale, backend, want_stats):
+        pattern = self.pattern(q.shape[2], k.shape[2], causal, q.device)
+        out, pairs, used = run_pattern(q, k, v, pattern, scale, backend, count_pairs=want_stats, method=self.name)
+        density = pairs / (full_pairs(q.shape[2], k.shape[2], causal) * q.shape[0] * q.shape[1]) if want_stats else float("nan")
+        return out, AttentionStats(self.name, density, pattern, 0.0, used)

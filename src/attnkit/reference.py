@@ -1,0 +1,56 @@
+"""The oracle: dense masked attention in float64 from an explicit boolean mask.
+
+Every method is tested against this function; nothing here is optimised. It builds the
+full Nq x Nk score matrix on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_mask(nq: int, nk: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(Nq, Nk) bool: query i (the (Nk - Nq + i)-th position) may see key j iff j <= Nk - Nq + i."""
+    offset = nk - nq
+    i = torch.arange(nq, device=device)[:, None] + offset
+    j = torch.arange(nk, device=device)[None, :]
+    return j <= i
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v in float64.
+
+    q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv) with Hq % Hkv == 0.
+    mask: bool, broadcastable to (B, Hq, Nq, Nk), True = may attend; ANDed with the
+    bottom-right aligned causal mask when ``causal``.
+    Returns (B, Hq, Nq, Dv) float64. Raises ValueError if some query row has no key.
+    """
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    k64 = k64.repeat_interleave(group, dim=1)
+    v64 = v64.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = torch.matmul(q64, k64.transpose(-1, -2)) * scale
+    allowed = torch.ones(b, hq, nq, nk, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        allowed = allowed & mask.to(device=q.device, dtype=torch.bool)
+    if causal:
+        allowed = allowed & causal_mask(nq, nk, q.device)
+    empty = ~allowed.any(dim=-1)
+    if bool(empty.any()):
+        bb, hh, ii = (int(x) for x in empty.nonzero()[0])
+        raise ValueError(f"reference_attention: query row {ii} (batch {bb}, head {hh}) has no allowed key")
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v64)

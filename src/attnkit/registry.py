@@ -1,0 +1,153 @@
+"""The method registry: a dict of name -> method class, filled by ``@register``.
+
+A method is a config dataclass (its hyper-parameters with defaults) plus a class that
+holds one config and computes attention. ``@register`` records the paper it comes from
+and what it supports; ``attnkit.methods()`` and ``attnkit list`` read the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from . import validate
+
+FAMILIES = ("exact", "static_sparse", "dynamic_sparse", "linear", "kv_cache")
+SUPPORT_FLAGS = ("causal", "non_causal", "decode", "gqa")
+KINDS = ("prefill", "cache")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a registered method is, where it comes from and what it supports."""
+
+    name: str
+    family: str
+    paper: str
+    arxiv: str
+    year: int
+    supports: tuple[str, ...]
+    kinds: tuple[str, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "paper": self.paper,
+            "arxiv": self.arxiv,
+            "year": self.year,
+            "supports": list(self.supports),
+            "kinds": list(self.kinds),
+            "config": {k: _jsonable(v) for k, v in self.config.items()},
+            "summary": self.summary,
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+_REGISTRY: dict[str, type] = {}
+_INFO: dict[str, MethodInfo] = {}
+
+T = TypeVar("T", bound=type)
+
+
+def register(
+    name: str,
+    *,
+    family: str,
+    paper: str,
+    arxiv: str,
+    year: int,
+    supports: tuple[str, ...] = ("causal", "non_causal", "gqa"),
+    kinds: tuple[str, ...] = ("prefill",),
+) -> Callable[[T], T]:
+    """Class decorator: register a method class under ``name``.
+
+    The class must define ``Config``, a dataclass whose fields are the method's
+    hyper-parameters (all with defaults).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {FAMILIES}")
+    for flag in supports:
+        if flag not in SUPPORT_FLAGS:
+            raise ValueError(f"supports flag {flag!r} is not one of {SUPPORT_FLAGS}")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+
+    def decorate(cls: T) -> T:
+        config_cls = getattr(cls, "Config", None)
+        if config_cls is None or not dataclasses.is_dataclass(config_cls):
+            raise TypeError(f"method {name!r}: class {cls.__name__} needs a dataclass `Config`")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name]}")
+        doc = (cls.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = cls
+        _INFO[name] = MethodInfo(
+            name=name,
+            family=family,
+            paper=paper,
+            arxiv=arxiv,
+            year=year,
+            supports=tuple(supports),
+            kinds=tuple(kinds),
+            config=config_defaults(config_cls),
+            summary=doc[0] if doc else "",
+        )
+        cls.name = name
+        cls.info = _INFO[name]
+        return cls
+
+    return decorate
+
+
+def config_defaults(config_cls: type) -> dict[str, Any]:
+    """Field name -> default value of a config dataclass."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config_cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+        else:
+            out[f.name] = None
+    return out
+
+
+def _ensure_loaded() -> None:
+    # Importing the methods package registers every built-in method.
+    from . import methods  # noqa: F401
+
+
+def method_class(name: str) -> type:
+    """The registered class of ``name``; a ValueError listing close matches otherwise."""
+    _ensure_loaded()
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a str naming a registered method, got {type(name).__name__}")
+    if name not in _REGISTRY:
+        validate.unknown_name("method", name, sorted(_REGISTRY))
+    return _REGISTRY[name]
+
+
+def methods(kind: str | None = None, family: str | None = None) -> list[MethodInfo]:
+    """All registered methods (optionally only one kind / family), sorted by family and name."""
+    _ensure_loaded()
+    infos = list(_INFO.values())
+    if kind is not None:
+        infos = [i for i in infos if kind in i.kinds]
+    if family is not None:
+        infos = [i for i in infos if i.family == family]
+    order = {f: n for n, f in enumerate(FAMILIES)}
+    return sorted(infos, key=lambda i: (order[i.family], i.name))
+
+
+def method_info(name: str) -> MethodInfo:
+    """The MethodInfo of one registered method."""
+    return method_class(name).info

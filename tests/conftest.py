@@ -1,0 +1,30 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# --- real models, loaded once per test session (tests/test_models.py, test_patching.py) ---
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct, float32, eval mode. The first run on a machine converts the
+    GGUF (about half a minute) into the attnkit cache; later runs read the cache."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from attnkit import models
+
+    return models.load("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def license_text() -> str:
+    """Long real English text: the GPL-3 as shipped on Debian machines."""
+    path = "/usr/share/common-licenses/GPL-3"
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not present on this machine")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
