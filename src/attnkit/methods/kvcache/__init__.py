@@ -1,0 +1,1 @@
+"""KV-cache policies: what to keep, evict, quantize or retrieve during prefill and decode."""

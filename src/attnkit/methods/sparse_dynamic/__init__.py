@@ -1,0 +1,1 @@
+"""Dynamic (content-aware) sparse prefill: an estimator picks blocks/columns/diagonals from q, k."""
