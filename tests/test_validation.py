@@ -105,7 +105,7 @@ def test_pattern_leaving_a_row_without_key_says_which():
     # dilated non-causal with window 1 (only itself) is fine; Nq < Nk non-causal window 1
     # with queries at positions 8.. leaves rows with no key in range for a band of width 1.
     q2, k2, v2 = qkv(nq=4, nk=8)
-    for backend in ("dense", "gather", "ranges"):
+    for backend in ("dense", "gather", "ranges", "flex"):
         with pytest.raises(ValueError, match=r"leaves query row \d+ \(batch 0, head \d\) with no key"):
             ak.attention(q2, k2[:, :, :2], v2[:, :, :2], method="dilated", window=1, dilation=1, backend=backend)
 

@@ -14,7 +14,7 @@ import torch
 from .. import validate
 from . import flex as _flex
 from . import ranges as _ranges
-from .block_sparse import block_sparse_attention, count_allowed_pairs
+from .block_sparse import block_sparse_attention, check_no_empty_rows, count_allowed_pairs
 from .dense import masked_sdpa, sdpa
 from .pattern import BlockPattern, MaskMod, and_mods, causal_mod, lists_from_block_mask
 
@@ -90,7 +90,6 @@ def run_pattern(
         if not ok:
             raise RuntimeError(f"backend='flex' is not available: {why}")
         pairs = count_allowed_pairs(pattern, q.shape[0], q.shape[1]) if count_pairs else -1
-        if pairs == 0:
-            validate.empty_row_error(0, 0, 0, method)
+        check_no_empty_rows(pattern, method)
         out = _flex.flex_attention(q, k, v, pattern, scale)
     return out, pairs, chosen

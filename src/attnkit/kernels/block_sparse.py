@@ -218,8 +218,8 @@ def _allowed(
     return allowed
 
 
-def count_allowed_pairs(pattern: BlockPattern, batch: int, heads: int, budget_elems: int = DEFAULT_BUDGET_ELEMS) -> int:
-    """Number of allowed (query, key) pairs over (batch, heads), without an Nq x Nk tensor."""
+def _allowed_chunks(pattern: BlockPattern, budget_elems: int):
+    """Yield (q0, allowed (Bp, Hp, c, Bq, keys), valid query rows (1, 1, c, Bq, 1)) over query-block chunks."""
     lists = pattern.kv_blocks
     bp, hp, nqb, slots = lists.shape
     device = lists.device
@@ -227,10 +227,23 @@ def count_allowed_pairs(pattern: BlockPattern, batch: int, heads: int, budget_el
     mod_batch = torch.arange(bp, device=device).view(bp, 1, 1, 1, 1)
     mod_head = torch.arange(hp, device=device).view(1, hp, 1, 1, 1)
     chunk = max(1, budget_elems // max(1, bp * hp * bq * slots * pattern.block_k))
-    total = 0
     for q0 in range(0, nqb, chunk):
         q1 = min(nqb, q0 + chunk)
         q_pos = (torch.arange(q0, q1, device=device).view(-1, 1) * bq + torch.arange(bq, device=device)).view(1, 1, q1 - q0, bq, 1)
-        allowed = _allowed(pattern, lists[:, :, q0:q1], q_pos + pattern.q_offset, mod_batch, mod_head)
-        total += int((allowed & (q_pos < pattern.q_len)).sum().item())
+        yield q0, _allowed(pattern, lists[:, :, q0:q1], q_pos + pattern.q_offset, mod_batch, mod_head), q_pos < pattern.q_len
+
+
+def count_allowed_pairs(pattern: BlockPattern, batch: int, heads: int, budget_elems: int = DEFAULT_BUDGET_ELEMS) -> int:
+    """Number of allowed (query, key) pairs over (batch, heads), without an Nq x Nk tensor."""
+    bp, hp = pattern.kv_blocks.shape[:2]
+    total = sum(int((allowed & valid).sum().item()) for _, allowed, valid in _allowed_chunks(pattern, budget_elems))
     return total * (batch // bp) * (heads // hp)
+
+
+def check_no_empty_rows(pattern: BlockPattern, method: str = "?", budget_elems: int = DEFAULT_BUDGET_ELEMS) -> None:
+    """Raise the empty-row ValueError if some query row of the pattern has no allowed key."""
+    for q0, allowed, valid in _allowed_chunks(pattern, budget_elems):
+        empty = ~allowed.any(dim=-1, keepdim=True) & valid
+        if bool(empty.any()):
+            bb, hh, cc, rr, _ = (int(x) for x in empty.nonzero()[0])
+            validate.empty_row_error((q0 + cc) * pattern.block_q + rr, bb, hh, method)

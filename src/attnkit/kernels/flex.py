@@ -66,11 +66,14 @@ def to_block_mask(pattern: BlockPattern, batch: int, heads: int):
 def flex_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, compiled: bool = True
 ) -> torch.Tensor:
-    """Attention over the pattern with FlexAttention. Shapes as ``block_sparse_attention``."""
-    block_mask = to_block_mask(pattern, q.shape[0], q.shape[1])
-    gqa = q.shape[1] != k.shape[1]
-    if compiled:
-        return _compiled()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    """Attention over the pattern with FlexAttention. Shapes as ``block_sparse_attention``.
+
+    FlexAttention writes 0 for a row without keys (and compiled CPU flex cannot return
+    the log-sum-exp), so the caller checks empty rows on the pattern first.
+    """
     from torch.nn.attention.flex_attention import flex_attention as eager
 
-    return eager(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    block_mask = to_block_mask(pattern, q.shape[0], q.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    fn = _compiled() if compiled else eager
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
