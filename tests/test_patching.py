@@ -107,16 +107,38 @@ def test_restored_after_exception(smollm2):
     [
         (dict(prefill="no_such_method"), "no_such_method"),
         (dict(prefill="streaming", no_such_field=1), "no_such_field"),
-        (dict(prefill="full", cache="snapkv"), "cache policies are not available yet"),
+        (dict(prefill="full", cache="snapkv"), "needs budget"),
         (dict(prefill="full", layers=[30]), "layers"),
     ],
-    ids=["unknown-method", "unknown-field", "cache-policy", "layer-out-of-range"],
+    ids=["unknown-method", "unknown-field", "cache-policy-without-budget", "layer-out-of-range"],
 )
 def test_bad_arguments_raise_at_patch_time(smollm2, kwargs, match):
     with pytest.raises(ValueError, match=match):
         with ak.patch(smollm2.model, **kwargs):
             pass
     assert smollm2.model.config._attn_implementation == "sdpa"
+
+
+def test_patch_with_cache_policy_generates_within_budget(smollm2, license_text):
+    model, tok = smollm2.model, smollm2.tokenizer
+    inputs = tok(smollm2.chat_prompt(license_text[:500] + "\n\nWhich license is this?"), return_tensors="pt")
+    assert inputs.input_ids.shape[1] > 64
+    # when="both": also compressed while decoding (snapkv's default "prefill" adds decode tokens on top)
+    with ak.patch(model, cache="snapkv", budget=64, when="both"), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, ak.KVCache) and cache.policy.name == "snapkv" and cache.budget == 64
+    assert cache.when == "both"
+    text = tok.decode(out.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    assert text.strip()
+    for i in range(len(cache.layers)):
+        assert int((cache.kept_positions(i) >= 0).sum(-1).max()) <= 64
+    assert "generate" not in model.__dict__ and model.config._attn_implementation == "sdpa"
+    # routing: budget goes to the cache, method fields to the prefill method, cache fields in cache_config
+    with ak.patch(model, prefill="streaming", cache="snapkv", budget=64, sink=4, window=16,
+                  cache_config={"window": 8}), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert out.past_key_values.policy.config.window == 8
 
 
 @pytest.mark.parametrize(

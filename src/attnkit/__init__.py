@@ -29,6 +29,10 @@ __all__ = [
 
 def __getattr__(name: str):
     # Heavy, optional parts load on first use: the transformers integration and models.
+    if name == "KVCache":
+        from .kvcache import KVCache
+
+        return KVCache
     if name in ("patch", "apply", "unpatch"):
         from . import patching
 

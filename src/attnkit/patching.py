@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 IMPLEMENTATION = "attnkit"
 _LAYER_ATTR = "_attnkit_layer"  # on each attention module: a LayerMethod, or None for exact
 _SAVED_ATTR = "_attnkit_saved"  # on a model changed by `apply`: how to undo it
+_CACHE_LAYER_ATTR = "_attnkit_cache_layer"  # on keys returned by an attnkit.KVCache layer (kvcache.py)
 
 Spec = Union[None, str, tuple, "LayerMethod"]
 PlanLike = Union[str, Mapping[Any, Any]]
@@ -79,13 +80,31 @@ def attnkit_attention(
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     spec: Optional[LayerMethod] = getattr(module, _LAYER_ATTR, None)
     position_ids = kwargs.get("position_ids")
-    if spec is None or query.shape[2] == 1:
-        out = _exact(query, key, value, attention_mask, causal, scaling, position_ids, dropout)
-    else:
+
+    def compute() -> torch.Tensor:
+        if spec is None or query.shape[2] == 1:
+            return _exact(query, key, value, attention_mask, causal, scaling, position_ids, dropout)
         if dropout:
             raise ValueError("attnkit methods are for inference: call model.eval() (attention dropout is on)")
-        out = _prefill(spec, query, key, value, attention_mask, causal, scaling, position_ids)
+        return _prefill(spec, query, key, value, attention_mask, causal, scaling, position_ids)
+
+    # K/V from an attnkit.KVCache layer: the layer attends over its own (per-head) slots.
+    cache_layer = getattr(key, _CACHE_LAYER_ATTR, None)
+    if cache_layer is not None and cache_layer.rope_theta is None:
+        cache_layer.rope_theta = _rope_theta(module)  # for policies that rotate queries (expected_attention)
+    out = compute() if cache_layer is None else cache_layer.attention(query, attention_mask, scaling, compute)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _rope_theta(module: torch.nn.Module) -> Optional[float]:
+    """The RoPE base of the module's model config (transformers 4.x ``rope_theta`` or 5.x
+    ``rope_parameters["rope_theta"]``), or None."""
+    cfg = getattr(module, "config", None)
+    params = getattr(cfg, "rope_parameters", None)
+    if isinstance(params, Mapping) and params.get("rope_theta") is not None:
+        return float(params["rope_theta"])
+    theta = getattr(cfg, "rope_theta", None)
+    return float(theta) if theta is not None else None
 
 
 def _prefill(
@@ -321,10 +340,29 @@ def _restore(model: torch.nn.Module, saved: _Saved) -> None:
         model.set_attn_implementation(saved.implementation)
 
 
+CACHE_FIELDS = ("budget", "ratio", "when", "interval")  # always the cache's
+
+
+def _split_config(prefill: Optional[str], cache: Optional[str], config: dict[str, Any],
+                  cache_config: Optional[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(prefill method fields, cache fields): budget/ratio/when/interval go to the cache;
+    the other fields go to the cache when there is no prefill method, else to the method
+    (the cache's own fields then come in ``cache_config``)."""
+    config = dict(config)
+    if cache is None:
+        if cache_config:
+            raise ValueError("cache_config was given without cache=POLICY")
+        return config, {}
+    cache_kw = {name: config.pop(name) for name in CACHE_FIELDS if name in config}
+    if prefill is None:
+        cache_kw.update(config)
+        config = {}
+    cache_kw.update(dict(cache_config or {}))
+    return config, cache_kw
+
+
 def _plan_from_args(prefill: Optional[str], cache: Optional[str], layers: Optional[Iterable[int]],
                     config: dict[str, Any]) -> PlanLike:
-    if cache is not None:
-        raise ValueError(f"cache={cache!r}: cache policies are not available yet; pass cache=None")
     if prefill is None:
         if config:
             raise ValueError(f"config fields {sorted(config)} were given without a prefill method")
@@ -344,6 +382,7 @@ def patch(
     prefill: Optional[str] = None,
     cache: Optional[str] = None,
     layers: Optional[Iterable[int]] = None,
+    cache_config: Optional[Mapping[str, Any]] = None,
     **config: Any,
 ) -> Iterator[torch.nn.Module]:
     """Run ``model`` with an attnkit prefill method inside a ``with`` block.
@@ -351,12 +390,30 @@ def patch(
     ``prefill``: registered method name for prefill attention (None: exact everywhere);
     ``layers``: layer indices that use it (default all; the others stay exact);
     ``config``: the method's config fields, e.g. ``sink=4, window=1024``; ``cache``: a
-    KV-cache policy (not available yet; must be None). The model's attention
-    implementation and plan are restored on exit, also after an exception.
+    KV-cache policy (``attnkit.KVCache``): inside the block ``model.generate`` without
+    ``past_key_values`` gets a fresh ``KVCache(cache, ...)``. Routing: ``budget``,
+    ``ratio``, ``when`` and ``interval`` always go to the cache; the other fields go to
+    the cache when ``prefill`` is None, else to the prefill method, and the cache's own
+    fields come in ``cache_config={...}``. The model's attention implementation, plan
+    and ``generate`` are restored on exit, also after an exception.
+
+        with attnkit.patch(model, cache="snapkv", budget=256, window=32):
+            out = model.generate(**inputs, max_new_tokens=32)
     """
-    saved = _install(model, _plan_from_args(prefill, cache, layers, config))
+    method_config, cache_kw = _split_config(prefill, cache, config, cache_config)
+    if cache is not None:
+        from .kvcache import KVCache
+
+        KVCache(policy=cache, **cache_kw)  # a bad policy or field fails before anything changes
+    saved = _install(model, _plan_from_args(prefill, None, layers, method_config))
     try:
-        yield model
+        if cache is None:
+            yield model
+        else:
+            from .kvcache import generate_with_cache
+
+            with generate_with_cache(model, cache, **cache_kw):
+                yield model
     finally:
         _restore(model, saved)
 

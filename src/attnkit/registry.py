@@ -54,6 +54,9 @@ def _jsonable(value: Any) -> Any:
 
 _REGISTRY: dict[str, type] = {}
 _INFO: dict[str, MethodInfo] = {}
+# KV-cache policy classes. One name per idea: a cache policy may share its name with a
+# prefill method (StreamingLLM is both); the name's MethodInfo then lists both kinds.
+_POLICIES: dict[str, type] = {}
 
 T = TypeVar("T", bound=type)
 
@@ -86,11 +89,8 @@ def register(
         config_cls = getattr(cls, "Config", None)
         if config_cls is None or not dataclasses.is_dataclass(config_cls):
             raise TypeError(f"method {name!r}: class {cls.__name__} needs a dataclass `Config`")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name]}")
         doc = (cls.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = cls
-        _INFO[name] = MethodInfo(
+        info = MethodInfo(
             name=name,
             family=family,
             paper=paper,
@@ -101,11 +101,49 @@ def register(
             config=config_defaults(config_cls),
             summary=doc[0] if doc else "",
         )
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            old = _INFO[name]
+            if set(kinds) & set(old.kinds):
+                raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name]}")
+            _merge(name, cls, info)
+            return cls
+        _REGISTRY[name] = cls
+        if tuple(kinds) == ("cache",):
+            _POLICIES[name] = cls
+        _INFO[name] = info
         cls.name = name
-        cls.info = _INFO[name]
+        cls.info = info
         return cls
 
     return decorate
+
+
+def _merge(name: str, cls: type, info: MethodInfo) -> None:
+    """One name, two classes: a cache-only policy and a prefill method (either order).
+    The prefill class stays the method class and its MethodInfo is kept, with both kinds."""
+    old = _INFO[name]
+    if info.kinds == ("cache",):
+        _POLICIES[name] = cls
+        prefill_info = old
+    else:
+        _REGISTRY[name] = cls
+        prefill_info = info
+    merged = dataclasses.replace(prefill_info, kinds=tuple(k for k in KINDS if k in set(info.kinds) | set(old.kinds)))
+    _INFO[name] = merged
+    for c in (_REGISTRY[name], _POLICIES[name]):
+        c.name = name
+        c.info = merged
+
+
+def policy_class(name: str) -> type:
+    """The KV-cache policy class registered under ``name``; a ValueError listing the
+    cache policies otherwise."""
+    _ensure_loaded()
+    if not isinstance(name, str):
+        raise TypeError(f"policy must be a str naming a KV-cache policy, got {type(name).__name__}")
+    if name not in _POLICIES:
+        validate.unknown_name("KV-cache policy", name, sorted(_POLICIES))
+    return _POLICIES[name]
 
 
 def config_defaults(config_cls: type) -> dict[str, Any]:
