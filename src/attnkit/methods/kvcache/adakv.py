@@ -11,7 +11,6 @@ attnkit stores the per-head sets for real (no kvpress "fake keys").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 

@@ -1,0 +1,103 @@
+"""The ``bench`` and ``report`` commands; ``add_commands(app)`` adds them to a typer app."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+BENCH_HELP = """Run the benchmark (tasks x methods x lengths on a real model); resumable.
+
+Results go to OUT/results.sqlite (one row per measurement, committed at once) and a
+report to OUT/report.md + OUT/report.html. Running the same command again resumes.
+
+Examples:
+
+  attnkit bench --quick --out runs/quick
+
+  attnkit bench --model smollm2-135m --tasks niah,fidelity --methods "full,streaming(sink=4,window=256)" --lengths 1k,2k --samples 5 --out runs/NAME
+
+  attnkit bench --config sweep.yaml --out runs/sweep
+"""
+
+REPORT_HELP = """Write report.md and a self-contained report.html (plots inlined) for a run directory.
+
+Example: attnkit report runs/NAME
+"""
+
+
+def add_commands(app: typer.Typer) -> None:
+    """Add ``bench`` and ``report`` to ``app`` (attnkit's CLI)."""
+
+    @app.command("bench", help=BENCH_HELP)
+    def bench(
+        model: Optional[str] = typer.Option(None, "--model", help="model name (smollm2-135m) or local checkpoint path"),
+        tasks: Optional[str] = typer.Option(None, "--tasks", help="comma list: niah,passkey,variable_tracking,"
+                                                                  "perplexity,fidelity,model_speed"),
+        methods: Optional[str] = typer.Option(None, "--methods", help='comma list, e.g. "full,streaming(sink=4,window=256)"'),
+        lengths: Optional[str] = typer.Option(None, "--lengths", help="comma list of tokens, e.g. 1k,2k,4096"),
+        depths: Optional[str] = typer.Option(None, "--depths", help="needle depths, e.g. 0,0.25,0.5 or 0%,50%,100%"),
+        samples: Optional[int] = typer.Option(None, "--samples", help="samples per (length, depth)"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="generator seed (default 0)"),
+        config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML sweep file (see docs/benchmark.md)"),
+        quick: bool = typer.Option(False, "--quick", help="the quick preset of `make bench` (< 10 min on 2 CPU cores)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/quick or runs/bench)"),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)"),
+        report: bool = typer.Option(True, "--report/--no-report", help="write the report at the end"),
+        json_line: bool = typer.Option(False, "--json", help="print one JSON line with the counts at the end"),
+    ) -> None:
+        from rich.console import Console
+
+        from . import config as cfgmod
+        from . import report as reportmod
+        from . import runner
+
+        console = Console(stderr=True)
+        if quick and config is not None:
+            raise typer.BadParameter("use either --quick or --config, not both", param_hint="--quick")
+        try:
+            if config is not None:
+                data = cfgmod.load_file(config)
+            elif quick:
+                data = cfgmod.PRESETS["quick"]
+            else:
+                data = {"tasks": ["niah"]}
+            data = cfgmod.merge_cli(data, model=model, tasks=tasks, methods=methods, lengths=lengths, depths=depths,
+                                    samples=samples, seed=seed)
+            if threads is not None:
+                data["threads"] = threads
+            cfg = cfgmod.build_config(data)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        run_dir = out or Path("runs/quick" if quick else "runs/bench")
+        command = " ".join(shlex.quote(a) for a in ["attnkit", *sys.argv[1:]])
+        outcome = runner.run(cfg, run_dir, command=command, console=console)
+        console.print(f"{outcome.measured} measured, {outcome.skipped} already stored, {outcome.failed} failed "
+                      f"in {outcome.seconds:.0f} s", highlight=False)
+        if report:
+            md, page = reportmod.write(run_dir)
+            console.print(f"report: {md} and {page}", highlight=False)
+        if json_line:
+            print(runner.to_json(outcome))
+        if outcome.failed:
+            raise typer.Exit(1)
+
+    @app.command("report", help=REPORT_HELP)
+    def report_cmd(
+        run_dir: Path = typer.Argument(..., help="a run directory written by `attnkit bench --out`"),
+        json_line: bool = typer.Option(False, "--json", help="also print one JSON line of headline numbers"),
+    ) -> None:
+        from . import report as reportmod
+
+        try:
+            md, page = reportmod.write(run_dir)
+        except FileNotFoundError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"wrote {md} and {page}")
+        if json_line:
+            typer.echo(reportmod.summary_json(run_dir))

@@ -1,0 +1,438 @@
+"""Reports of a run directory: ``report.md`` (tables) and ``report.html`` (tables + plots).
+
+The HTML page is self-contained: plotly.js is inlined once, every figure is a div and a
+``Plotly.newPlot`` call with its JSON, so the page opens offline. Every string that
+comes from a config or a model answer is escaped (``html.escape`` in HTML, ``|`` in
+Markdown, ``</`` inside inline JSON).
+
+Sections: run and environment; retrieval accuracy (per task / variant: heatmap of
+length x depth per method, accuracy vs depth); fidelity table; perplexity; model speed
+(table and log-log prefill seconds vs length); accuracy-vs-speedup Pareto frontier.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from .store import Row, Store
+
+RETRIEVAL = ("niah", "passkey", "variable_tracking")
+
+
+# --- aggregation --------------------------------------------------------------------------
+
+
+def _mean(values: Iterable[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _group(rows: list[Row], key) -> dict[Any, list[Row]]:
+    out: dict[Any, list[Row]] = defaultdict(list)
+    for r in rows:
+        out[key(r)].append(r)
+    return dict(out)
+
+
+def _metric(rows: list[Row], name: str) -> Optional[float]:
+    return _mean(r.metrics.get(name) if name != "score" else r.score for r in rows)
+
+
+def _labels(rows: list[Row]) -> list[str]:
+    """Method labels in first-seen order, 'full' first (the baseline)."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        seen.setdefault(r.label, None)
+    return sorted(seen, key=lambda label: (label != "full", list(seen).index(label)))
+
+
+def _color(labels: list[str], label: str) -> str:
+    """One color per method, the same in every figure."""
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf")
+    return palette[labels.index(label) % len(palette)]
+
+
+def _variant_key(variant: str) -> tuple:
+    """Sort 'layer2' before 'layer15'."""
+    tail = variant.removeprefix("layer")
+    return (0, int(tail), "") if tail.isdigit() else (1, 0, variant)
+
+
+def _fmt(value: Optional[float], digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
+
+
+def _depth(d: Optional[float]) -> str:
+    return "-" if d is None else f"{d * 100:.0f}%"
+
+
+class Table:
+    """A table rendered to both Markdown and HTML (cells escaped in each)."""
+
+    def __init__(self, title: str, header: list[str], note: str = "") -> None:
+        self.title, self.header, self.note = title, header, note
+        self.rows: list[list[str]] = []
+
+    def add(self, *cells: Any) -> None:
+        self.rows.append([str(c) for c in cells])
+
+    def markdown(self) -> str:
+        def cell(text: str) -> str:
+            return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+        lines = [f"### {self.title}", ""]
+        if self.note:
+            lines += [self.note, ""]
+        lines.append("| " + " | ".join(cell(h) for h in self.header) + " |")
+        lines.append("|" + "---|" * len(self.header))
+        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
+        note = f"<p class='note'>{html.escape(self.note)}</p>" if self.note else ""
+        return f"<h3>{html.escape(self.title)}</h3>{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class Report:
+    """Sections of tables and figures, rendered to Markdown and HTML."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.parts: list[tuple[str, Any]] = []  # ("h2", text) | ("p", text) | ("table", Table) | ("fig", figure)
+
+    def h2(self, text: str) -> None:
+        self.parts.append(("h2", text))
+
+    def p(self, text: str) -> None:
+        self.parts.append(("p", text))
+
+    def table(self, t: Table) -> None:
+        self.parts.append(("table", t))
+
+    def fig(self, figure: Any) -> None:
+        self.parts.append(("fig", figure))
+
+    def markdown(self) -> str:
+        out = [f"# {self.title}", ""]
+        for kind, item in self.parts:
+            if kind == "h2":
+                out += [f"## {item}", ""]
+            elif kind == "p":
+                out += [item, ""]
+            elif kind == "table":
+                out.append(item.markdown())
+        out.append("Plots: see report.html in this folder.\n")
+        return "\n".join(out)
+
+    def html(self) -> str:
+        body, n = [], 0
+        for kind, item in self.parts:
+            if kind == "h2":
+                body.append(f"<h2>{html.escape(item)}</h2>")
+            elif kind == "p":
+                body.append(f"<p>{html.escape(item)}</p>")
+            elif kind == "table":
+                body.append(item.html())
+            elif kind == "fig":
+                n += 1
+                body.append(_figure_html(item, f"fig{n}"))
+        plotly_js = _plotly_js() if n else ""
+        return (
+            "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>{html.escape(self.title)}</title>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<style>{_CSS}</style>"
+            f"<script type='text/javascript'>{plotly_js}</script></head>"
+            f"<body><h1>{html.escape(self.title)}</h1>{''.join(body)}</body></html>\n"
+        )
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+.plot { width: 100%; min-height: 380px; margin-bottom: 1.5em; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def _plotly_js() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs().replace("</script", "<\\/script")
+
+
+def _figure_html(fig: Any, div_id: str) -> str:
+    import plotly.io as pio
+
+    spec = pio.to_json(fig, validate=False)
+    # Inline JSON inside <script>: "</" and "<!--" would end or confuse the script element.
+    spec = spec.replace("</", "<\\/").replace("<!--", "<\\!--")
+    return (f"<div id='{div_id}' class='plot'></div><script type='text/javascript'>"
+            f"(function(){{var f={spec};Plotly.newPlot('{div_id}',f.data,f.layout,{{responsive:true}});}})();"
+            "</script>")
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def _run_section(rep: Report, store: Store, rows: list[Row]) -> None:
+    runs = store.runs()
+    rep.h2("Run")
+    if runs:
+        env = runs[-1]["environment"]
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(runs[0]["started"]))
+        models = sorted({r.model for r in rows}) or [runs[-1]["config"].get("model", "?")]
+        rep.p(f"Model: {', '.join(models)}. {len(rows)} results from {len(runs)} invocation(s), first started {started}.")
+        t = Table("Environment", ["field", "value"])
+        for key in ("cpu", "cpu_count", "torch_threads", "gpu", "python", "torch", "transformers", "attnkit",
+                    "git_commit", "platform"):
+            if env.get(key) is not None:
+                t.add(key, env[key])
+        if runs[-1].get("command"):
+            t.add("command", runs[-1]["command"])
+        rep.table(t)
+
+
+def _retrieval_section(rep: Report, rows: list[Row]) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    groups = _group([r for r in rows if r.task in RETRIEVAL], lambda r: (r.task, r.variant))
+    if not groups:
+        return
+    rep.h2("Retrieval accuracy")
+    rep.p("Share of the asked values found in the greedy answer, by needle depth (0% = start of the context, "
+          "100% = just before the question). A local method (sliding window, streaming) fails where the needle "
+          "lies further back than its reach.")
+    for (task, variant), group in sorted(groups.items()):
+        labels = _labels(group)
+        depths = sorted({r.depth for r in group if r.depth is not None})
+        lengths = sorted({r.length for r in group})
+        name = task if variant == "default" else f"{task} / {variant}"
+        t = Table(f"{name}: accuracy by depth (mean over lengths {', '.join(map(str, lengths))} and samples)",
+                  ["method"] + [_depth(d) for d in depths] + ["mean", "n"])
+        by = _group(group, lambda r: (r.label, r.depth))
+        for label in labels:
+            t.add(label, *[_fmt(_metric(by.get((label, d), []), "score")) for d in depths],
+                  _fmt(_metric([r for r in group if r.label == label], "score")),
+                  len([r for r in group if r.label == label]))
+        rep.table(t)
+        cells = _group(group, lambda r: (r.label, r.length, r.depth))
+        fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[html.escape(x) for x in labels], shared_yaxes=True,
+                            horizontal_spacing=0.04)
+        for i, label in enumerate(labels, start=1):
+            z = [[_metric(cells.get((label, n, d), []), "score") for d in depths] for n in lengths]
+            fig.add_trace(go.Heatmap(
+                x=[_depth(d) for d in depths], y=[str(n) for n in lengths], z=z, zmin=0, zmax=1,
+                colorscale="RdYlGn", showscale=i == len(labels), xgap=2, ygap=2,
+                text=[[_fmt(v, 2) for v in row] for row in z], texttemplate="%{text}",
+                hovertemplate=f"{html.escape(label)}<br>length %{{y}}<br>depth %{{x}}<br>accuracy %{{z:.2f}}<extra></extra>",
+            ), row=1, col=i)
+            fig.update_xaxes(title_text="depth", type="category", row=1, col=i)
+        fig.update_yaxes(title_text="length (tokens)", type="category", row=1, col=1)
+        fig.update_layout(title=f"{name}: accuracy heatmap (length x depth) per method", height=360 + 30 * len(lengths))
+        rep.fig(fig)
+        line = go.Figure()
+        for label in labels:
+            line.add_trace(go.Scatter(x=[d * 100 for d in depths],
+                                      y=[_metric(by.get((label, d), []), "score") for d in depths],
+                                      mode="lines+markers", name=html.escape(label),
+                                      line={"color": _color(labels, label)}))
+        line.update_layout(title=f"{name}: accuracy vs depth", xaxis_title="needle depth (%)",
+                           yaxis_title="accuracy", yaxis_range=[-0.05, 1.05], height=360)
+        rep.fig(line)
+
+
+def _fidelity_section(rep: Report, rows: list[Row]) -> None:
+    group = [r for r in rows if r.task == "fidelity"]
+    if not group:
+        return
+    rep.h2("Fidelity on captured activations")
+    t = Table("Fidelity against exact attention (q, k, v captured from the model on real text)",
+              ["method", "layer", "length", "rel. error", "mass recall", "density", "method s", "n"],
+              note="rel. error = ||o - o*|| / ||o*||; mass recall = share of the exact softmax mass inside the "
+                   "method's allowed set; density = allowed / causal pairs.")
+    labels = _labels(group)
+    by = _group(group, lambda r: (r.label, r.variant, r.length))
+    for (label, variant, length) in sorted(by, key=lambda k: (labels.index(k[0]), _variant_key(k[1]), k[2])):
+        rs = by[(label, variant, length)]
+        t.add(label, variant.removeprefix("layer"), length, _fmt(_metric(rs, "rel_error")),
+              _fmt(_metric(rs, "recall")), _fmt(_metric(rs, "density")), _fmt(_metric(rs, "method_seconds")), len(rs))
+    rep.table(t)
+
+
+def _perplexity_section(rep: Report, rows: list[Row]) -> None:
+    group = [r for r in rows if r.task == "perplexity"]
+    if not group:
+        return
+    rep.h2("Perplexity")
+    t = Table("Token-level perplexity of real text (lower is better)",
+              ["method", "text", "length", "perplexity", "first half", "second half", "n"])
+    labels = _labels(group)
+    by = _group(group, lambda r: (r.label, r.variant, r.length))
+    for (label, variant, length) in sorted(by, key=lambda k: (labels.index(k[0]), k[1], k[2])):
+        rs = by[(label, variant, length)]
+        t.add(label, variant, length, _fmt(_metric(rs, "perplexity"), 4), _fmt(_metric(rs, "perplexity_first_half"), 4),
+              _fmt(_metric(rs, "perplexity_second_half"), 4), len(rs))
+    rep.table(t)
+
+
+def _speed_section(rep: Report, rows: list[Row]) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    group = [r for r in rows if r.task == "model_speed"]
+    if not group:
+        return
+    rep.h2("Model speed and memory")
+    labels = _labels(group)
+    by = _group(group, lambda r: (r.label, r.length))
+    t = Table("Prefill, decode and KV cache (means over samples)",
+              ["method", "length", "prefill s", "speedup vs full", "decode ms/token", "KV cache MiB", "n"])
+    full = {n: _metric(rs, "prefill_seconds") for (label, n), rs in by.items() if label == "full"}
+    for (label, length) in sorted(by, key=lambda k: (labels.index(k[0]), k[1])):
+        rs = by[(label, length)]
+        pre = _metric(rs, "prefill_seconds")
+        speedup = full.get(length) / pre if full.get(length) and pre else None
+        kv = _metric(rs, "kv_cache_bytes")
+        t.add(label, length, _fmt(pre), _fmt(speedup), _fmt(_metric(rs, "decode_ms_per_token")),
+              _fmt(kv / 2**20 if kv is not None else None), len(rs))
+    rep.table(t)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["prefill seconds", "decode ms / token"])
+    for label in labels:
+        lengths = sorted(n for (lab, n) in by if lab == label)
+        fig.add_trace(go.Scatter(x=lengths, y=[_metric(by[(label, n)], "prefill_seconds") for n in lengths],
+                                 mode="lines+markers", name=html.escape(label), legendgroup=label,
+                                 line={"color": _color(labels, label)}), row=1, col=1)
+        fig.add_trace(go.Scatter(x=lengths, y=[_metric(by[(label, n)], "decode_ms_per_token") for n in lengths],
+                                 mode="lines+markers", name=html.escape(label), legendgroup=label, showlegend=False,
+                                 line={"color": _color(labels, label)}), row=1, col=2)
+    fig.update_xaxes(type="log", title_text="length (tokens)")
+    fig.update_yaxes(type="log")
+    fig.update_layout(title="Speed vs length (log-log)", height=400)
+    rep.fig(fig)
+
+
+def pareto_points(rows: list[Row]) -> tuple[list[dict[str, Any]], str, str]:
+    """Per method: (speedup, accuracy) and what each axis measured.
+
+    speedup: full's prefill seconds / the method's, geometric mean over lengths measured
+    for both (model_speed); without speed rows, 1 / density (fidelity). accuracy: mean
+    retrieval accuracy; without retrieval rows, mean mass recall (fidelity).
+    """
+    speed = _group([r for r in rows if r.task == "model_speed"], lambda r: (r.label, r.length))
+    retrieval = [r for r in rows if r.task in RETRIEVAL]
+    fidelity = [r for r in rows if r.task == "fidelity"]
+    x_name = "prefill speedup vs full" if speed else "1 / density"
+    y_name = "retrieval accuracy" if retrieval else "attention-mass recall"
+    points = []
+    for label in _labels(rows):
+        if speed:
+            ratios = []
+            for (lab, n), rs in speed.items():
+                if lab == label and ("full", n) in speed:
+                    a, b = _metric(speed[("full", n)], "prefill_seconds"), _metric(rs, "prefill_seconds")
+                    if a and b:
+                        ratios.append(math.log(a / b))
+            x = math.exp(sum(ratios) / len(ratios)) if ratios else None
+        else:
+            density = _metric([r for r in fidelity if r.label == label], "density")
+            x = 1 / density if density else None
+        if retrieval:
+            y = _metric([r for r in retrieval if r.label == label], "score")
+        else:
+            y = _metric([r for r in fidelity if r.label == label], "recall")
+        if x is not None and y is not None:
+            points.append({"label": label, "speedup": x, "accuracy": y})
+    for p in points:
+        p["frontier"] = not any(q is not p and q["speedup"] >= p["speedup"] and q["accuracy"] >= p["accuracy"]
+                                and (q["speedup"] > p["speedup"] or q["accuracy"] > p["accuracy"]) for q in points)
+    return points, x_name, y_name
+
+
+def _pareto_section(rep: Report, rows: list[Row]) -> None:
+    import plotly.graph_objects as go
+
+    points, x_name, y_name = pareto_points(rows)
+    if not points:
+        return
+    rep.h2("Accuracy vs speedup")
+    t = Table("Pareto frontier", ["method", x_name, y_name, "on frontier"])
+    for p in sorted(points, key=lambda p: -p["speedup"]):
+        t.add(p["label"], _fmt(p["speedup"]), _fmt(p["accuracy"]), "yes" if p["frontier"] else "")
+    rep.table(t)
+    fig = go.Figure()
+    front = sorted((p for p in points if p["frontier"]), key=lambda p: p["speedup"])
+    fig.add_trace(go.Scatter(x=[p["speedup"] for p in front], y=[p["accuracy"] for p in front], mode="lines",
+                             line={"dash": "dot", "color": "#888"}, name="frontier", line_shape="hv"))
+    labels = [p["label"] for p in points]
+    for p in points:
+        fig.add_trace(go.Scatter(x=[p["speedup"]], y=[p["accuracy"]], mode="markers+text", name=html.escape(p["label"]),
+                                 text=[html.escape(p["label"])], textposition="top center",
+                                 marker={"size": 12, "color": _color(labels, p["label"])}, cliponaxis=False))
+    fig.update_layout(title="Accuracy vs speedup (Pareto frontier: up and right is better)", xaxis_title=x_name,
+                      yaxis_title=y_name, xaxis_type="log", height=420)
+    rep.fig(fig)
+
+
+def _errors_section(rep: Report, store: Store) -> None:
+    cur = store.conn.execute("SELECT task, label, error FROM errors ORDER BY id")
+    errs = cur.fetchall()
+    if not errs:
+        return
+    rep.h2("Failed measurements")
+    t = Table(f"{len(errs)} failed (retried by running the same command again)", ["task", "method", "error"])
+    for task, label, error in errs[-50:]:
+        t.add(task, label, error[:300])
+    rep.table(t)
+
+
+def build(run_dir: str | Path) -> Report:
+    """The Report of a run directory (reads ``results.sqlite``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.sqlite").is_file():
+        raise FileNotFoundError(f"{run_dir} has no results.sqlite: run `attnkit bench --out {run_dir}` first")
+    with Store(run_dir) as store:
+        rows = store.rows()
+        rep = Report(f"attnkit benchmark: {run_dir.name}")
+        _run_section(rep, store, rows)
+        _retrieval_section(rep, rows)
+        _fidelity_section(rep, rows)
+        _perplexity_section(rep, rows)
+        _speed_section(rep, rows)
+        _pareto_section(rep, rows)
+        _errors_section(rep, store)
+    return rep
+
+
+def write(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``run_dir``; returns their paths."""
+    run_dir = Path(run_dir)
+    rep = build(run_dir)
+    md, page = run_dir / "report.md", run_dir / "report.html"
+    md.write_text(rep.markdown(), encoding="utf-8")
+    page.write_text(rep.html(), encoding="utf-8")
+    return md, page
+
+
+def summary_json(run_dir: str | Path) -> str:
+    """One JSON line of headline numbers per (task, method) for scripts."""
+    with Store(run_dir) as store:
+        rows = store.rows()
+    out = {f"{task}/{label}": _metric(rs, "score") for (task, label), rs in _group(rows, lambda r: (r.task, r.label)).items()}
+    return json.dumps(out, sort_keys=True)

@@ -1,0 +1,213 @@
+"""Run a benchmark: every (task case x method) not yet in the run directory's database.
+
+    from attnkit.bench import config, runner
+    cfg = config.build_config({"tasks": ["niah"], "methods": "full,streaming(window=256)"})
+    runner.run(cfg, "runs/demo")
+
+Each result is committed the moment it is measured; starting the same run again skips
+the finished rows (a failed measurement is logged in ``errors`` and retried next time).
+A rich progress bar with a live per-(task, method) summary shows on a terminal; without
+one (CI, pipes) the runner prints one plain line per result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import BenchConfig, MethodSpec, TaskSpec
+from .store import Row, Store, row_key
+from .tasks import TASKS, Case, Context, Task
+
+
+@dataclass
+class Work:
+    task: Task
+    spec: TaskSpec
+    case: Case
+    method: MethodSpec
+    key: str
+
+
+@dataclass
+class Outcome:
+    """What one invocation did."""
+
+    run_dir: Path
+    total: int
+    skipped: int  # already in the database
+    measured: int
+    failed: int
+    seconds: float
+    summary: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+
+def plan(cfg: BenchConfig) -> list[Work]:
+    """Every (task, case, method) of ``cfg``, in run order (methods innermost, so a case's
+    prompt or captured activations are built once)."""
+    work = []
+    for spec in cfg.tasks:
+        task = TASKS[spec.name]()
+        for case in task.cases(spec, cfg.seed):
+            for method in spec.methods:
+                key = row_key(cfg.model, spec.name, case.variant, method.name, method.config_json, case.length,
+                              case.depth, case.sample)
+                work.append(Work(task, spec, case, method, key))
+    return work
+
+
+def run(cfg: BenchConfig, run_dir: str | Path, progress: Optional[bool] = None, command: Optional[str] = None,
+        console: Any = None, lm: Any = None) -> Outcome:
+    """Measure what is missing from ``run_dir`` and store it. ``progress``: None = a live
+    display on a terminal and plain lines otherwise; False = silent. ``lm``: an already
+    loaded ``attnkit.models.LoadedModel`` of ``cfg.model`` (loaded on first use otherwise)."""
+    from rich.console import Console
+
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    store = Store(run_dir)
+    try:
+        store.start_run(cfg.to_dict(), command)
+        work = plan(cfg)
+        done = store.done_keys()
+        todo = [w for w in work if w.key not in done]
+        outcome = Outcome(Path(run_dir), len(work), len(work) - len(todo), 0, 0, 0.0)
+        for row in store.rows():
+            outcome.summary.setdefault((row.task, row.label), []).append(row.score)
+        ctx = Context(cfg.model, cfg.seed, progress=progress is not False, _lm=lm)
+        if any(w.task.needs_model for w in todo):
+            if progress is not False:
+                console.print(f"attnkit bench: loading {cfg.model}", highlight=False)
+            ctx.lm  # noqa: B018 - load before the live display starts, and outside row timings
+        if not todo:
+            if progress is not False:
+                console.print(f"attnkit bench: all {len(work)} results are already in {store.path}")
+        elif progress is False:
+            for w in todo:
+                _one(store, ctx, cfg, w, outcome)
+        elif console.is_terminal:
+            _run_live(store, ctx, cfg, todo, outcome, console)
+        else:
+            _run_plain(store, ctx, cfg, todo, outcome, console)
+        store.finish_run()
+    finally:
+        store.close()
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def _one(store: Store, ctx: Context, cfg: BenchConfig, w: Work, outcome: Outcome) -> Optional[Row]:
+    start = time.perf_counter()
+    try:
+        metrics = w.task.measure(ctx, w.case, w.method, w.spec)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one failing (case, method) must not end a long run
+        store.conn.execute(
+            "INSERT INTO errors (key, run_id, task, label, error, traceback, created) VALUES (?,?,?,?,?,?,?)",
+            (w.key, store.run_id, w.spec.name, w.method.label, f"{type(exc).__name__}: {exc}",
+             traceback.format_exc(), time.time()),
+        )
+        store.conn.commit()
+        outcome.failed += 1
+        return None
+    seconds = time.perf_counter() - start
+    score = metrics.get("score")
+    row = Row(model=cfg.model, task=w.spec.name, variant=w.case.variant, method=w.method.name,
+              config=w.method.config_json, label=w.method.label, length=w.case.length, depth=w.case.depth,
+              sample=w.case.sample, score=score, metrics=metrics, seconds=seconds)
+    store.add(row)
+    outcome.measured += 1
+    outcome.summary.setdefault((w.spec.name, w.method.label), []).append(score)
+    return row
+
+
+def _describe(w: Work) -> str:
+    depth = "" if w.case.depth is None else f" depth={w.case.depth:.0%}"
+    variant = "" if w.case.variant == "default" else f" {w.case.variant}"
+    return f"{w.spec.name}{variant} L={w.case.length}{depth} #{w.case.sample} {w.method.label}"
+
+
+def _score_text(task: str, scores: list) -> str:
+    vals = [s for s in scores if s is not None]
+    if not vals:
+        return "-"
+    name = TASKS[task].score_name if task in TASKS else "score"
+    return f"{name}={sum(vals) / len(vals):.4g}"
+
+
+def summary_table(outcome: Outcome) -> Any:
+    from rich.table import Table
+
+    table = Table(title="live summary (mean headline score)", expand=False)
+    for col in ("task", "method", "rows", "mean"):
+        table.add_column(col)
+    for (task, label), scores in sorted(outcome.summary.items()):
+        table.add_row(task, label, str(len(scores)), _score_text(task, scores))
+    if outcome.failed:
+        table.caption = f"{outcome.failed} failed (see the errors table; retried on the next run)"
+    return table
+
+
+def _run_live(store: Store, ctx: Context, cfg: BenchConfig, todo: list[Work], outcome: Outcome, console: Any) -> None:
+    from rich.console import Group
+    from rich.live import Live
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), TextColumn("{task.description}"), console=console)
+    job = bar.add_task("", total=outcome.total, completed=outcome.skipped)
+    with Live(Group(bar, summary_table(outcome)), console=console, refresh_per_second=4) as live:
+        for w in todo:
+            bar.update(job, description=_describe(w))
+            _one(store, ctx, cfg, w, outcome)
+            bar.advance(job)
+            live.update(Group(bar, summary_table(outcome)))
+    console.print(f"results: {store.path}")
+
+
+def _run_plain(store: Store, ctx: Context, cfg: BenchConfig, todo: list[Work], outcome: Outcome, console: Any) -> None:
+    if outcome.skipped:
+        console.print(f"attnkit bench: resuming, {outcome.skipped} of {outcome.total} results already stored")
+    n = outcome.skipped
+    for w in todo:
+        row = _one(store, ctx, cfg, w, outcome)
+        n += 1
+        if row is None:
+            result = "FAILED (see errors table)"
+        else:
+            metric = TASKS[w.spec.name].score_name
+            result = f"{metric}={row.score:.4g}" if row.score is not None else "no score"
+            result += f" ({row.seconds:.1f}s)"
+        console.print(f"[{n}/{outcome.total}] {_describe(w)}: {result}", highlight=False, markup=False, soft_wrap=True)
+    console.print(summary_table(outcome))
+    console.print(f"results: {store.path}")
+
+
+def errors(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Failed measurements of a run directory (latest last)."""
+    with Store(run_dir) as store:
+        cur = store.conn.execute("SELECT key, task, label, error, created FROM errors ORDER BY id")
+        return [dict(zip(("key", "task", "label", "error", "created"), r)) for r in cur.fetchall()]
+
+
+def to_json(outcome: Outcome) -> str:
+    """One JSON line with the counts (for scripts)."""
+    return json.dumps({"run_dir": str(outcome.run_dir), "total": outcome.total, "skipped": outcome.skipped,
+                       "measured": outcome.measured, "failed": outcome.failed,
+                       "seconds": round(outcome.seconds, 2)})

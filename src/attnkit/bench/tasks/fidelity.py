@@ -1,0 +1,176 @@
+"""Operator fidelity on real activations: q, k, v captured from chosen layers of the model
+on real text, then each method against exact attention.
+
+Capture goes through transformers' own extension point: a temporary attention function
+registered with ``AttentionInterface`` records q, k, v exactly as attention receives them
+(RoPE applied, GQA heads not repeated) and computes exact attention; the forward stops
+after the last chosen layer. Per (layer, method):
+
+- ``rel_error`` = ||o - o*|| / ||o*|| over all heads and rows, o* in float64;
+- ``recall`` = share of the exact softmax mass inside the method's allowed set
+  (``stats.pattern``), averaged over query rows and heads, computed in row chunks so
+  memory stays O(chunk x N);
+- ``density`` = allowed pairs / causal pairs (``stats.density``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..config import MethodSpec, TaskSpec
+from . import Case, Context, Task, case_seed, register_task
+from .perplexity import token_ids
+
+CAPTURE = "attnkit_capture"
+
+
+class _Stop(Exception):
+    """Raised by the capture function after the last wanted layer: the rest is not needed."""
+
+
+def capture_qkv(model: Any, input_ids: torch.Tensor, layers: list[int]) -> dict[int, dict[str, Any]]:
+    """{layer: {"q": (B, Hq, N, D), "k", "v": (B, Hkv, N, D), "scale": float}} of one forward."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    wanted, last = set(layers), max(layers)
+    found: dict[int, dict[str, Any]] = {}
+
+    def capture(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        idx = getattr(module, "layer_idx", None)
+        if idx in wanted:
+            found[idx] = {"q": query.detach().clone(), "k": key.detach().clone(), "v": value.detach().clone(),
+                          "scale": scaling}
+        if idx == last:
+            raise _Stop
+        t, t_kv = query.shape[2], key.shape[2]
+        causal = attention_mask is None and t > 1 and t == t_kv
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=causal,
+                                             scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(CAPTURE, capture)
+    AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(CAPTURE)
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    except _Stop:
+        pass
+    finally:
+        model.set_attn_implementation(before)
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ValueError(f"tasks.fidelity.layers: layers {missing} were not reached; "
+                         f"the model has layers 0..{model.config.num_hidden_layers - 1}")
+    return found
+
+
+def allowed_rows(pattern: Any, r0: int, r1: int, heads: int) -> torch.Tensor:
+    """(heads, r1 - r0, Nk) bool: rows r0..r1 of ``pattern``'s allowed set (batch 0)."""
+    from ...kernels.pattern import block_mask_from_lists
+
+    bq, bk = pattern.block_q, pattern.block_k
+    qb0, qb1 = r0 // bq, (r1 - 1) // bq + 1
+    listed = block_mask_from_lists(pattern.kv_blocks[:1, :, qb0:qb1], pattern.num_kv_blocks)
+    listed = listed.repeat_interleave(bq, dim=2)[:, :, r0 - qb0 * bq: r1 - qb0 * bq]
+    listed = listed.repeat_interleave(bk, dim=3)[..., : pattern.kv_len]
+    allowed = listed.expand(1, heads, r1 - r0, pattern.kv_len)
+    if pattern.mask_mod is not None:
+        device = listed.device
+        b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+        h = torch.arange(heads, device=device)[None, :, None, None]
+        q_pos = torch.arange(r0, r1, device=device)[None, None, :, None] + pattern.q_offset
+        k_pos = torch.arange(pattern.kv_len, device=device)[None, None, None, :]
+        allowed = allowed & pattern.mask_mod(b, h, q_pos, k_pos)
+    return allowed[0].expand(heads, r1 - r0, pattern.kv_len)
+
+
+def compare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, pattern: Any,
+            scale: float, chunk: int = 256) -> dict[str, Optional[float]]:
+    """Relative error of ``out`` against exact causal attention (float64) and the exact
+    softmax mass inside ``pattern`` (None: every causal pair allowed; batch 0 only).
+
+    q: (1, Hq, N, D); k, v: (1, Hkv, N, D); out: (1, Hq, N, D).
+    """
+    hq, n = q.shape[1], q.shape[2]
+    group = hq // k.shape[1]
+    k64 = k[0].double().repeat_interleave(group, dim=0)  # (Hq, N, D)
+    v64 = v[0].double().repeat_interleave(group, dim=0)
+    err_sq, ref_sq, mass = 0.0, 0.0, 0.0
+    for r0 in range(0, n, chunk):
+        r1 = min(r0 + chunk, n)
+        logits = torch.einsum("hqd,hkd->hqk", q[0, :, r0:r1].double(), k64) * scale
+        causal = torch.arange(n)[None, :] <= torch.arange(r0, r1)[:, None] + (k.shape[2] - n)
+        logits = logits.masked_fill(~causal, -math.inf)
+        p = torch.softmax(logits, dim=-1)
+        ref = p @ v64
+        err_sq += (out[0, :, r0:r1].double() - ref).pow(2).sum().item()
+        ref_sq += ref.pow(2).sum().item()
+        if pattern is not None:
+            mass += (p * allowed_rows(pattern, r0, r1, hq)).sum().item()
+        else:
+            mass += float(hq * (r1 - r0))
+    return {"rel_error": math.sqrt(err_sq / max(ref_sq, 1e-300)), "recall": mass / (hq * n)}
+
+
+@register_task("fidelity")
+class Fidelity(Task):
+    score_name = "rel_error"
+    higher_is_better = False
+
+    @dataclass
+    class Params:
+        layers: list[int] = field(default_factory=lambda: [2, 15])
+        haystack: str = "licenses"
+
+        def check(self) -> None:
+            if isinstance(self.layers, int) or not all(isinstance(x, int) and x >= 0 for x in self.layers):
+                raise ValueError(f"tasks.fidelity.layers: must be a list of layer indices >= 0, got {self.layers!r}")
+
+    def variants(self, spec: TaskSpec) -> list[str]:
+        return [f"layer{i}" for i in spec.params.layers]
+
+    def captured(self, ctx: Context, case: Case, spec: TaskSpec) -> dict[int, dict[str, Any]]:
+        # One forward per (length, sample) captures every chosen layer; the seed must not
+        # depend on the variant (layer) so all layers see the same text.
+        key = ("fidelity", case.length, case.sample)
+        if key not in ctx.memo:
+            for old in [k for k in ctx.memo if isinstance(k, tuple) and k[:1] == ("fidelity",)]:
+                del ctx.memo[old]
+            seed = case_seed(ctx.seed, "fidelity", case.length, case.sample)
+            ids = torch.tensor([token_ids(ctx.lm.tokenizer, case.length, seed, spec.params.haystack)])
+            ctx.memo[key] = capture_qkv(ctx.lm.model, ids, list(spec.params.layers))
+        return ctx.memo[key]
+
+    def measure(self, ctx: Context, case: Case, method: MethodSpec, spec: TaskSpec) -> dict[str, Any]:
+        from ... import api
+
+        layer = int(case.variant.removeprefix("layer"))
+        cap = self.captured(ctx, case, spec)[layer]
+        q, k, v, scale = cap["q"], cap["k"], cap["v"], cap["scale"]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out, stats = api.attention(q, k, v, method=method.name, causal=True, scale=scale, return_stats=True,
+                                       **method.kwargs)
+        seconds = time.perf_counter() - start
+        result = compare(q, k, v, out, stats.pattern, scale if scale is not None else q.shape[-1] ** -0.5)
+        if stats.pattern is None and stats.density < 1.0:
+            result["recall"] = None  # no pattern to measure coverage against
+        return {
+            "score": result["rel_error"],
+            **result,
+            "density": stats.density,
+            "method_seconds": seconds,
+            "estimator_seconds": stats.estimator_seconds,
+            "backend": stats.backend,
+            "heads": int(q.shape[1]),
+            "kv_heads": int(k.shape[1]),
+        }

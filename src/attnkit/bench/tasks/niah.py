@@ -1,0 +1,211 @@
+"""Needle in a haystack on a chat model, RULER-style (Hsieh et al. 2024, arXiv 2404.06654).
+
+Variants:
+
+- ``single``: one needle "The special magic number is 58213." asked back;
+- ``multikey``: ``needles`` needles "The special magic number for amber-falcon is ...",
+  one key asked (the others are distractors);
+- ``multivalue``: ``needles`` values for one key, all asked;
+- ``multiquery``: ``needles`` keys, ``queries`` of them asked at once.
+
+The asked needle (the first asked, for several) sits at the case's depth: 0 = start of
+the haystack, 1 = just before the question; the other needles at seeded random depths.
+The prompt is the haystack followed by the question, as one user turn in the model's
+chat template, about ``length`` tokens in all. The answer is ``new_tokens`` greedy tokens
+(SmolLM2 answers in a sentence, so >= 24); score = share of the asked values that appear
+in it as whole numbers.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import haystack
+from ..config import MethodSpec, TaskSpec
+from . import Case, Context, Task, register_task
+
+VARIANTS = ("single", "multikey", "multivalue", "multiquery")
+
+_ADJ = ("amber", "brisk", "cobalt", "dusty", "eager", "frosty", "gentle", "hollow", "ivory", "jolly",
+        "lunar", "mellow", "noble", "olive", "quiet", "rusty", "silver", "tidal", "velvet", "windy")
+_NOUN = ("falcon", "harbor", "lantern", "meadow", "orchid", "pebble", "quartz", "raven", "saddle",
+         "thistle", "willow", "anchor", "beacon", "canyon", "ember", "glacier", "island", "juniper")
+
+
+@dataclass
+class Sample:
+    """A generated prompt: ``user_text`` (haystack + question), the ``answers`` to find,
+    and where the needles went (character offsets in ``user_text``, asked ones first)."""
+
+    user_text: str
+    answers: list[str]
+    needles: list[str]
+    offsets: list[int]
+    context_chars: int  # the haystack (with needles) is user_text[:context_chars]
+
+
+def _number(rng: random.Random) -> str:
+    return str(rng.randint(10000, 99999))
+
+
+def _keys(rng: random.Random, n: int) -> list[str]:
+    pairs = rng.sample([(a, b) for a in _ADJ for b in _NOUN], n)
+    return [f"{a}-{b}" for a, b in pairs]
+
+
+def make_sample(
+    tokenizer: Any,
+    length: int,
+    depth: float,
+    seed: int,
+    variant: str = "single",
+    kind: str = "licenses",
+    needles: int = 4,
+    queries: int = 2,
+    template: Callable[[str], str] = lambda s: s,
+) -> Sample:
+    """A seeded NIAH prompt of about ``length`` tokens (counted with ``template`` applied:
+    pass the chat template so the whole prompt fits). Deterministic per arguments."""
+    if variant not in VARIANTS:
+        raise ValueError(f"niah: unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    rng = random.Random(seed)
+    if variant == "single":
+        value = _number(rng)
+        placed = [(depth, f"The special magic number is {value}.")]
+        answers = [value]
+        question = "What is the special magic number mentioned in the text above?"
+    elif variant == "multikey":
+        keys = _keys(rng, needles)
+        values = [_number(rng) for _ in keys]
+        placed = [(depth, f"The special magic number for {keys[0]} is {values[0]}.")]
+        placed += [(rng.random(), f"The special magic number for {k} is {v}.") for k, v in zip(keys[1:], values[1:])]
+        answers = [values[0]]
+        question = f"What is the special magic number for {keys[0]} mentioned in the text above?"
+    elif variant == "multivalue":
+        key = _keys(rng, 1)[0]
+        values = [_number(rng) for _ in range(needles)]
+        depths = [depth] + [rng.random() for _ in values[1:]]
+        placed = [(d, f"One of the special magic numbers for {key} is {v}.") for d, v in zip(depths, values)]
+        answers = values
+        question = f"What are all the special magic numbers for {key} mentioned in the text above?"
+    else:  # multiquery
+        keys = _keys(rng, needles)
+        values = [_number(rng) for _ in keys]
+        depths = [depth] + [rng.random() for _ in keys[1:]]
+        placed = [(d, f"The special magic number for {k} is {v}.") for d, k, v in zip(depths, keys, values)]
+        asked = min(max(queries, 1), needles)
+        answers = values[:asked]
+        question = ("What are the special magic numbers for " + ", ".join(keys[:asked])
+                    + " mentioned in the text above?")
+    return build(tokenizer, length, seed, kind, placed, question, answers, template)
+
+
+def build(tokenizer: Any, length: int, seed: int, kind: str, placed: list[tuple[float, str]], question: str,
+          answers: list[str], template: Callable[[str], str], preamble: str = "") -> Sample:
+    """Haystack of the right size + needles at their depths + question."""
+    fixed = template(preamble + " ".join(s for _, s in placed) + "\n\n" + question)
+    budget = max(length - len(haystack.encode(tokenizer, fixed)), 0)
+    text = haystack.context(tokenizer, budget, seed=seed, kind=kind)
+    text, offsets = haystack.insert(text, placed)
+    user_text = f"{preamble}{text}\n\n{question}"
+    offsets = [o + len(preamble) for o in offsets]
+    return Sample(user_text, answers, [s for _, s in placed], offsets, len(preamble) + len(text))
+
+
+def found(value: str, answer: str) -> bool:
+    """``value`` appears in ``answer`` as a whole token (58213 does not match 582130)."""
+    if value.isdigit():
+        return re.search(rf"(?<!\d){re.escape(value)}(?!\d)", answer) is not None
+    return re.search(rf"(?<![\w]){re.escape(value)}(?![\w])", answer) is not None
+
+
+def score(answers: list[str], answer: str) -> float:
+    """Share of ``answers`` found in the model's ``answer``."""
+    if not answers:
+        return 0.0
+    return sum(found(a, answer) for a in answers) / len(answers)
+
+
+def generate(ctx: Context, method: MethodSpec, user_text: str, new_tokens: int) -> dict[str, Any]:
+    """Greedy answer of the chat model to ``user_text`` with ``method`` on every layer's prefill."""
+    import torch
+
+    from ... import patching
+
+    lm = ctx.lm
+    prompt = lm.chat_prompt(user_text)
+    enc = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    start = time.perf_counter()
+    with torch.inference_mode(), patching.patch(lm.model, prefill=method.name, **method.kwargs):
+        out = lm.model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                                temperature=None, top_p=None, top_k=None)
+    seconds = time.perf_counter() - start
+    n_prompt = enc["input_ids"].shape[1]
+    answer = lm.tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True)
+    return {"answer": answer, "prompt_tokens": int(n_prompt), "generate_seconds": seconds}
+
+
+@register_task("niah")
+class NIAH(Task):
+    uses_depth = True
+    score_name = "accuracy"
+
+    @dataclass
+    class Params:
+        variants: list[str] = field(default_factory=lambda: ["single"])
+        haystack: str = "licenses"
+        needles: int = 4
+        queries: int = 2
+        new_tokens: int = 24
+
+        def check(self) -> None:
+            if isinstance(self.variants, str):
+                self.variants = [v.strip() for v in self.variants.split(",") if v.strip()]
+            for v in self.variants:
+                if v not in VARIANTS:
+                    raise ValueError(f"tasks.niah.variants: unknown {v!r}; allowed: {', '.join(VARIANTS)}")
+            if self.haystack not in haystack.KINDS:
+                raise ValueError(f"tasks.niah.haystack: unknown {self.haystack!r}; allowed: {', '.join(haystack.KINDS)}")
+            for name in ("needles", "queries", "new_tokens"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"tasks.niah.{name}: must be an integer >= 1, got {value!r}")
+
+    def variants(self, spec: TaskSpec) -> list[str]:
+        return list(spec.params.variants)
+
+    def sample(self, ctx: Context, case: Case, spec: TaskSpec) -> Sample:
+        p = spec.params
+        key = ("niah", case)
+        if key not in ctx.memo:
+            ctx.memo[key] = make_sample(ctx.lm.tokenizer, case.length, case.depth or 0.0, case.seed, case.variant,
+                                        p.haystack, p.needles, p.queries, template=ctx.lm.chat_prompt)
+        return ctx.memo[key]
+
+    def measure(self, ctx: Context, case: Case, method: MethodSpec, spec: TaskSpec) -> dict[str, Any]:
+        s = self.sample(ctx, case, spec)
+        new_tokens = spec.params.new_tokens
+        if len(s.answers) > 1:
+            new_tokens = max(new_tokens, 12 * len(s.answers) + 12)
+        return answer_metrics(ctx, generate(ctx, method, s.user_text, new_tokens), s)
+
+
+def answer_metrics(ctx: Context, result: dict[str, Any], s: Sample) -> dict[str, Any]:
+    """Metrics of one answer; ``tokens_after_needle``: how far back from the question
+    (the end of the user text) the first asked needle starts."""
+    value = score(s.answers, result["answer"])
+    return {
+        "score": value,
+        "accuracy": value,
+        "correct": value == 1.0,
+        "answer": result["answer"],
+        "expected": s.answers,
+        "prompt_tokens": result["prompt_tokens"],
+        "tokens_after_needle": len(haystack.encode(ctx.lm.tokenizer, s.user_text[s.offsets[0]:])),
+        "generate_seconds": result["generate_seconds"],
+    }

@@ -1,0 +1,98 @@
+"""Benchmark configuration: method strings, lengths, files, and errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnkit.bench import config
+
+
+def test_parse_methods():
+    specs = config.parse_methods("full, streaming(sink=4,window=256), sliding_window( window = 128 )")
+    assert [s.name for s in specs] == ["full", "streaming", "sliding_window"]
+    assert specs[1].kwargs == {"sink": 4, "window": 256}
+    assert specs[1].label == "streaming(sink=4,window=256)"
+    assert config.parse_method(specs[1].label) == specs[1]
+    assert specs[0].label == "full" and specs[0].config_json == "{}"
+
+
+def test_parse_methods_mapping_form():
+    specs = config.parse_methods([{"name": "streaming", "sink": 2, "window": 64}, "full"])
+    assert specs[0] == config.parse_method("streaming(window=64,sink=2)")
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("streamin", "streaming"),                    # unknown method: close match listed
+    ("streaming(sinks=4)", "sink=4, window="),    # unknown field: valid fields listed
+    ("streaming(sink=a)", "sink"),                # wrong type names the field
+    ("streaming(sink=4", "unbalanced"),
+    ("streaming(4)", "field=value"),
+    ("", "empty"),
+])
+def test_method_errors_name_the_problem(text, needle):
+    with pytest.raises((ValueError, TypeError), match=needle.replace("(", r"\(")):
+        config.parse_methods(text)
+
+
+def test_lengths_and_depths():
+    assert config.parse_lengths("1k,2k,1.5k,4096") == [1024, 2048, 1536, 4096]
+    assert config.parse_depths("0,0.5,1") == [0.0, 0.5, 1.0]
+    assert config.parse_depths("0%,50%,100%") == [0.0, 0.5, 1.0]
+    assert config.parse_depths([0, 25, 100]) == [0.0, 0.25, 1.0]
+    with pytest.raises(ValueError, match="lengths: '2q'"):
+        config.parse_lengths("2q")
+    with pytest.raises(ValueError, match="depths"):
+        config.parse_depths("-0.5")
+
+
+def test_build_config_per_task_sections():
+    cfg = config.build_config({
+        "methods": "full,streaming(window=64)", "lengths": ["1k"], "samples": 2,
+        "tasks": {"niah": {"depths": [0, 1], "variants": ["single", "multikey"]},
+                  "fidelity": {"lengths": [512], "layers": [0, 3], "methods": ["full"]}},
+    })
+    niah, fid = cfg.tasks
+    assert niah.lengths == [1024] and niah.depths == [0.0, 1.0] and niah.samples == 2
+    assert niah.params.variants == ["single", "multikey"]
+    assert fid.lengths == [512] and fid.params.layers == [0, 3] and [m.name for m in fid.methods] == ["full"]
+    assert [m.name for m in cfg.methods()] == ["full", "streaming"]
+    assert config.build_config(cfg.to_dict() | {"tasks": cfg.to_dict()["tasks"]}).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(("data", "needles"), [
+    ({"modle": "x"}, ["'modle'", "allowed fields", "model", "methods"]),
+    ({"tasks": ["niah", "nope"]}, ["'nope'", "allowed", "fidelity", "perplexity"]),
+    ({"tasks": {"niah": {"variant": ["single"]}}}, ["tasks.niah", "'variant'", "variants", "depths"]),
+    ({"tasks": {"niah": {"variants": ["double"]}}}, ["tasks.niah.variants", "'double'", "single, multikey"]),
+    ({"tasks": {"niah": {"haystack": "web"}}}, ["tasks.niah.haystack", "licenses, noise"]),
+    ({"samples": 0}, ["samples", ">= 1"]),
+    ({"methods": ["snapkv"]}, ["cache policy", "prefill"]),
+])
+def test_config_errors_name_field_and_allowed_values(data, needles):
+    with pytest.raises(ValueError) as info:
+        config.build_config(data)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_config_files(tmp_path):
+    y = tmp_path / "sweep.yaml"
+    y.write_text("methods: ['full', 'streaming(sink=4, window=256)']\nlengths: [2k]\n"
+                 "tasks:\n  niah: {depths: [0, 50, 100]}\n  perplexity: {}\n")
+    cfg = config.build_config(config.load_file(y))
+    assert cfg.tasks[0].depths == [0.0, 0.5, 1.0] and cfg.tasks[1].name == "perplexity"
+    t = tmp_path / "sweep.toml"
+    t.write_text('methods = ["full"]\nlengths = ["1k"]\n[tasks.fidelity]\nlayers = [1]\n')
+    assert config.build_config(config.load_file(t)).tasks[0].params.layers == [1]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks:\n  niah: {colour: red}\n")
+    with pytest.raises(ValueError, match="'colour'"):
+        config.build_config(config.load_file(bad))
+
+
+def test_cli_overrides_preset():
+    data = config.merge_cli(config.QUICK, tasks="niah", methods="full", lengths="1k", samples=3)
+    cfg = config.build_config(data)
+    assert [t.name for t in cfg.tasks] == ["niah"]
+    assert cfg.tasks[0].lengths == [1024] and cfg.tasks[0].samples == 3 and cfg.tasks[0].depths == [0.0, 0.5, 1.0]
+    assert config.build_config(config.QUICK).tasks  # the preset itself is valid

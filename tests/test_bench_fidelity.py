@@ -1,0 +1,54 @@
+"""Fidelity metrics against the float64 reference, on random tensors (no model needed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.bench.tasks.fidelity import allowed_rows, compare
+
+CASES = [("streaming", {"sink": 3, "window": 17}), ("sliding_window", {"window": 40}),
+         ("dilated", {"window": 8, "dilation": 3}), ("block_local_global", {"block": 16, "window_blocks": 3, "global_tokens": 4, "random_blocks": 1})]
+
+
+@pytest.mark.parametrize(("name", "cfg"), CASES, ids=[c[0] for c in CASES])
+def test_allowed_rows_match_dense_mask(name, cfg):
+    q, k, v = torch.randn(1, 6, 130, 16), torch.randn(1, 2, 130, 16), torch.randn(1, 2, 130, 16)
+    _, stats = attnkit.attention(q, k, v, method=name, causal=True, return_stats=True, **cfg)
+    dense = stats.pattern.dense_mask(1, 6)[0]
+    for r0, r1 in [(0, 130), (0, 7), (33, 100), (129, 130)]:
+        assert torch.equal(allowed_rows(stats.pattern, r0, r1, 6), dense[:, r0:r1])
+
+
+@pytest.mark.parametrize(("name", "cfg"), CASES + [("full", {})], ids=[c[0] for c in CASES] + ["full"])
+def test_compare_against_reference(name, cfg):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 97, 16), torch.randn(1, 3, 97, 16), torch.randn(1, 3, 97, 16)
+    scale = 0.25
+    out, stats = attnkit.attention(q, k, v, method=name, causal=True, scale=scale, return_stats=True, **cfg)
+    got = compare(q, k, v, out, stats.pattern, scale, chunk=32)
+    # Independent computation: dense float64 softmax and the reference of the exact output.
+    exact = _dense(q, k, v, scale)[0]
+    err = (out.double() - exact).norm() / exact.norm()
+    assert got["rel_error"] == pytest.approx(err.item(), rel=1e-6, abs=1e-9)
+    p = _dense(q, k, v, scale)[1]
+    mask = torch.ones(6, 97, 97, dtype=torch.bool) if stats.pattern is None else stats.pattern.dense_mask(1, 6)[0]
+    recall = (p * mask).sum().item() / (6 * 97)
+    assert got["recall"] == pytest.approx(recall, rel=1e-9)
+    if name == "full":
+        assert got["rel_error"] < 1e-5 and got["recall"] == pytest.approx(1.0)
+    else:
+        assert 0 < got["recall"] < 1 and got["rel_error"] > 1e-4
+
+
+def _dense(q, k, v, scale):
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    logits = q.double() @ kk.transpose(-1, -2) * scale
+    n = q.shape[2]
+    logits = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -math.inf)
+    p = logits.softmax(-1)
+    return p @ vv, p[0]

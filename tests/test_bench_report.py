@@ -1,0 +1,117 @@
+"""Reports from a run directory: Markdown, self-contained HTML, escaping, and a headless
+Chromium check that the page loads without console errors and the plots render."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from attnkit.bench import report
+from attnkit.bench.store import Row, Store
+
+EVIL = "evil(tag=\"<script>alert(1)</script>\")"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _fill(run_dir: Path) -> None:
+    """A small synthetic run: every section of the report has rows."""
+    labels = [("full", "full", "{}"), ("streaming", "streaming(sink=4,window=256)", '{"sink": 4, "window": 256}'),
+              ("evil", EVIL, '{"tag": "<script>"}')]
+    with Store(run_dir) as store:
+        store.start_run({"model": "m"}, command="attnkit bench --quick")
+        for method, label, cfg in labels:
+            base = dict(model="m", method=method, config=cfg, label=label)
+            for length in (1024, 2048):
+                for depth in (0.0, 0.5, 1.0):
+                    acc = 1.0 if method == "full" or depth >= 0.5 else 0.0
+                    store.add(Row(task="niah", variant="single", length=length, depth=depth, sample=0, score=acc,
+                                  metrics={"score": acc, "answer": "</script><b>42</b>"}, **base))
+                seconds = length / 1000 * (1.0 if method == "full" else 0.6)
+                store.add(Row(task="model_speed", variant="default", length=length, depth=None, sample=0,
+                              score=seconds, metrics={"prefill_seconds": seconds, "decode_ms_per_token": 20.0,
+                                                      "kv_cache_bytes": 1e6 * length}, **base))
+                store.add(Row(task="fidelity", variant="layer2", length=length, depth=None, sample=0, score=0.1,
+                              metrics={"rel_error": 0.1, "recall": 0.9, "density": 0.3, "method_seconds": 0.01},
+                              **base))
+                store.add(Row(task="perplexity", variant="licenses", length=length, depth=None, sample=0, score=9.0,
+                              metrics={"perplexity": 9.0, "perplexity_first_half": 10.0,
+                                       "perplexity_second_half": 8.0}, **base))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    _fill(run_dir)
+    md, page = report.write(run_dir)
+    return run_dir, md.read_text(), page.read_text()
+
+
+def test_markdown_tables(written):
+    _, md, _ = written
+    for heading in ("Retrieval accuracy", "Fidelity", "Perplexity", "Model speed", "Pareto frontier"):
+        assert heading in md
+    assert "| streaming(sink=4,window=256) | 0 | 1 | 1 |" in md
+    assert "evil(tag=\"<script>alert(1)<\\/script>\")" not in md  # pipes escaped, no raw breakage
+    assert re.search(r"\| full \| 1 \| 1 \| 1 \| 1 \| 6 \|", md)
+
+
+def test_html_self_contained_and_escaped(written):
+    _, _, page = written
+    bundle = report._plotly_js()
+    assert bundle in page  # plotly.js inlined once
+    ours = page.replace(bundle, "")
+    assert "<script src" not in ours and "cdn.plot.ly" not in ours and "http" not in ours
+    assert ours.count("Plotly.newPlot(") == 4  # heatmap, accuracy vs depth, speed, pareto
+    assert '"type":"heatmap"' in page
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_pareto_frontier(written):
+    run_dir, _, _ = written
+    with Store(run_dir) as store:
+        points, x_name, y_name = report.pareto_points(store.rows())
+    by = {p["label"]: p for p in points}
+    assert x_name.startswith("prefill speedup") and y_name == "retrieval accuracy"
+    assert by["full"]["speedup"] == pytest.approx(1.0) and by["full"]["accuracy"] == 1.0
+    assert by["streaming(sink=4,window=256)"]["speedup"] == pytest.approx(1 / 0.6)
+    assert by["full"]["frontier"] and by["streaming(sink=4,window=256)"]["frontier"]
+
+
+def test_report_needs_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="attnkit bench --out"):
+        report.write(tmp_path)
+
+
+def chromium_check(page: Path, shot: Path) -> tuple[str, list[str]]:
+    """Load ``page`` in headless Chromium: (rendered DOM, console messages); writes a screenshot."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0",
+             "--window-size=1200,2000"]
+    url = page.resolve().as_uri()
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+                              "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
+                       capture_output=True, text=True, timeout=120)
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    return dom.stdout, console
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_html_renders_in_chromium(written, tmp_path):
+    run_dir, _, page = written
+    dom, console = chromium_check(run_dir / "report.html", tmp_path / "shot.png")
+    assert console == [], console
+    n_figures = page.count("Plotly.newPlot('fig")
+    # plotly draws each figure into an <svg class="main-svg">: the plots rendered.
+    assert dom.count('class="main-svg"') >= n_figures
+    assert "heatmaplayer" in dom
+    shot = tmp_path / "shot.png"
+    assert shot.exists() and shot.stat().st_size > 30_000  # a blank page compresses to a few KB
