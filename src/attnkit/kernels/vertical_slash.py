@@ -16,9 +16,8 @@ How it runs, per (batch, head), for chunks of query blocks (all zero-padding mas
 
 1. runs: slashes closer than ``block`` apart merge into groups [dlo, dhi]; group g gives
    every query block the key run [p0 - dhi, p0 + block - 1 - dlo], a sliding window, so
-   the runs of all blocks are strided views of K. The part before p0 (visible to every
-   row of the block) is concatenated per block and run as one fused SDPA call with the
-   blocks as the batch dimension;
+   the part before p0 (visible to every row of the block) is one row gather of K/V per
+   chunk of blocks, run as one fused SDPA call with the blocks as the batch dimension;
 2. the diagonal tile [p0, p0 + block): one causal SDPA call (d = 0 is a slash);
 3. columns before p0 that no run of the block covers: one SDPA call over the gathered
    columns, shared by all blocks, with a per-block key mask;
@@ -31,14 +30,15 @@ the selected keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .pattern import BlockPattern, cdiv, causal_mod, lists_from_block_mask
+from .pattern import BlockPattern, causal_mod, cdiv, lists_from_block_mask
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _MASKED = -1e30  # finite: -inf in an additive mask sends the CPU kernel down a slow path
-DEFAULT_BUDGET_ELEMS = 1 << 23  # floats of gathered K/V per chunk step (~32 MiB fp32)
+DEFAULT_BUDGET_ELEMS = 1 << 25  # floats of gathered K/V per chunk step (~128 MiB fp32): few, large calls
 
 
 @dataclass
@@ -204,17 +204,20 @@ def _one_head(qh, kp, vp, cols, slashes, p0, pad_front, nk, block, scale, budget
         tk = kp.as_strided((n, 1, block, d), (block * d, 0, d, 1), base * d)
         tv = vp.as_strided((n, 1, block, dv), (block * dv, 0, dv, 1), base * dv)
         parts = [_flash(qc, tk, tv, 0.0, True, scale=scale)[:2]]
-        # 1. slash runs before p0, concatenated per block.
+        # 1. slash runs before p0, gathered per block (one row gather: a cat of the
+        # overlapping strided views is much slower on the CPU).
         if width:
-            keys = torch.cat([kp.as_strided((n, 1, length, d), (block * d, 0, d, 1), (base + s) * d) for s, length in runs], dim=2)
-            vals = torch.cat([vp.as_strided((n, 1, length, dv), (block * dv, 0, dv, 1), (base + s) * dv) for s, length in runs], dim=2)
+            rows = (p0[c0:c1, None] + pad_front + offsets[None, :]).flatten()
+            keys = kp.index_select(0, rows).view(n, 1, width, d)
+            vals = vp.index_select(0, rows).view(n, 1, width, dv)
             mask = None if run_mask is None else run_mask[c0:c1]
             parts.append(_flash(qc, keys, vals, 0.0, False, attn_mask=mask, scale=scale)[:2])
         # 3. columns before p0 that no run of the block covers.
         if col_mask is not None and bool(col_live[c0:c1].any()):
-            ck = col_k.expand(n, 1, *col_k.shape)
-            cv = col_v.expand(n, 1, *col_v.shape)
-            parts.append(_flash(qc, ck, cv, 0.0, False, attn_mask=col_mask[c0:c1], scale=scale)[:2])
+            upto = int(torch.searchsorted(cols, p0[c1 - 1]))  # later columns are hidden from the whole chunk
+            ck = col_k[:upto].expand(n, 1, upto, d)
+            cv = col_v[:upto].expand(n, 1, upto, dv)
+            parts.append(_flash(qc, ck, cv, 0.0, False, attn_mask=col_mask[c0:c1, :, :, :upto], scale=scale)[:2])
         out[c0:c1] = _merge(parts)
     return out
 
@@ -235,6 +238,68 @@ def _merge(parts):
         merged = o * w if merged is None else merged.addcmul_(o, w)
         norm = w if norm is None else norm + w
     return merged.div_(norm)
+
+
+def aligned_blocks_supported(pattern: BlockPattern) -> bool:
+    """Whether ``block_attention`` can run the pattern: square blocks, block-aligned causal
+    geometry (Nk - Nq a multiple of the block), every listed tile either wholly causal or
+    the diagonal tile."""
+    return pattern.block_q == pattern.block_k and pattern.q_offset % pattern.block_k == 0
+
+
+def block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, budget_elems: int = DEFAULT_BUDGET_ELEMS
+) -> torch.Tensor:
+    """Causal block-sparse attention with per-(batch, head) block lists, on fused SDPA calls.
+
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D) (one KV head per query head; repeat for GQA).
+    The pattern's element rule must be plain causality (``aligned_blocks_supported``).
+    Per head and chunk of query blocks: the listed off-diagonal key blocks are gathered
+    into one (blocks, keys) batch and run as one SDPA call (padding slots masked), the
+    diagonal tile as one causal call; the two merge by log-sum-exp.
+    """
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    block = pattern.block_q
+    nqb, nkb = pattern.num_q_blocks, pattern.num_kv_blocks
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    diag_of = torch.arange(nqb, device=q.device) + pattern.q_offset // block  # key block of each diagonal tile
+    pad_q, pad_k = nqb * block - nq, nkb * block - nk
+    lists = pattern.kv_blocks
+    out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
+    for bb in range(b):
+        for hh in range(h):
+            lst = lists[bb if lists.shape[0] > 1 else 0, hh if lists.shape[1] > 1 else 0]  # (nQB, K)
+            off = torch.where(lst == diag_of[:, None], torch.full_like(lst, -1), lst)  # off-diagonal slots
+            qh = F.pad(q[bb, hh].to(compute), (0, 0, 0, pad_q)).view(nqb, 1, block, d)
+            kb = F.pad(k[bb, hh].to(compute), (0, 0, 0, pad_k)).view(nkb, block, d)
+            vb = F.pad(v[bb, hh].to(compute), (0, 0, 0, pad_k)).view(nkb, block, dv)
+            res = torch.empty(nqb, 1, block, dv, dtype=compute, device=q.device)
+            width = max(1, int((off >= 0).sum(-1).max()))
+            chunk = max(1, min(nqb, budget_elems // (width * block * (d + dv))))
+            for c0 in range(0, nqb, chunk):
+                c1 = min(nqb, c0 + chunk)
+                n = c1 - c0
+                slots = off[c0:c1]
+                order = torch.sort(torch.where(slots >= 0, slots, nkb), dim=-1).values[:, :width]
+                live = order < nkb
+                idx = order.clamp(max=nkb - 1)
+                parts = []
+                dk = diag_of[c0:c1]
+                tk, tv = kb[dk].view(n, 1, block, d), vb[dk].view(n, 1, block, dv)
+                parts.append(_flash(qh[c0:c1], tk, tv, 0.0, True, scale=scale)[:2])
+                if bool(live.any()):
+                    keys = kb[idx].view(n, 1, width * block, d)
+                    vals = vb[idx].view(n, 1, width * block, dv)
+                    mask = None
+                    if not bool(live.all()):
+                        mask = torch.zeros(n, 1, 1, width, block, dtype=compute, device=q.device)
+                        mask.masked_fill_(~live.view(n, 1, 1, width, 1), _MASKED)
+                        mask = mask.view(n, 1, 1, width * block)
+                    parts.append(_flash(qh[c0:c1], keys, vals, 0.0, False, attn_mask=mask, scale=scale)[:2])
+                res[c0:c1] = _merge(parts)
+            out[bb, hh] = res.view(nqb * block, dv)[:nq].to(q.dtype)
+    return out
 
 
 def to_block_pattern(index: VerticalSlashIndex, block_k: int = 64) -> BlockPattern:
@@ -292,4 +357,4 @@ def to_block_pattern(index: VerticalSlashIndex, block_k: int = 64) -> BlockPatte
     )
 
 
-__all__ = ["VerticalSlashIndex", "count_pairs", "slash_groups", "to_block_pattern", "vertical_slash_attention"]
+__all__ = ["VerticalSlashIndex", "aligned_blocks_supported", "block_attention", "count_pairs", "slash_groups", "to_block_pattern", "vertical_slash_attention"]
