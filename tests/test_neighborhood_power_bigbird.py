@@ -260,7 +260,7 @@ def test_power_block_granularity_matches_paper_kernel_defaults():
     # Last query block (block 127 of 256 tokens): sink + 5 window blocks + distances 8, 16, 32, 64.
     assert mask[-1].sum().item() == 10 * per_block
     small = power({}, 600, 600, True) & torch.ones(600, 600, dtype=torch.bool).tril()
-    assert torch.equal(m.block_mask(600, 600, True, torch.device("cpu")), _tiles(small, 64, 64))
+    assert torch.equal(m.block_mask(600, 600, True, torch.device("cpu")), _tiles(small, *m.block_size()))
 
 
 def test_power_config_errors():

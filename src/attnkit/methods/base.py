@@ -112,7 +112,7 @@ class PatternMethod(Method):
     granularity; the default evaluates the rule on every pair, which is O(N^2) time).
     """
 
-    block_q: ClassVar[int] = 64
+    block_q: ClassVar[int] = 256  # query rows per kernel call: large blocks amortise the fused SDPA calls
     block_k: ClassVar[int] = 64
 
     def __init__(self, config: Any = None, **kwargs: Any) -> None:

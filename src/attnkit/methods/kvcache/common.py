@@ -275,3 +275,27 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
     c = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
     return c.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+
+
+# --- decode-time selection helpers (tokenselect, recycled, retrieval, infllm) -----------
+
+
+def decode_logits(view: LayerView, q: torch.Tensor) -> torch.Tensor:
+    """(B, Hq, L) float32 scaled q.k of the newest query q: (B, Hq, T, D) over the slots;
+    invalid slots are -inf."""
+    g = q.shape[1] // view.keys.shape[1]
+    k = view.keys.repeat_interleave(g, dim=1) if g > 1 else view.keys
+    logits = torch.matmul(q[:, :, -1:].to(k.dtype), k.transpose(2, 3))[:, :, 0].float() * view.scale
+    valid = view.valid.repeat_interleave(g, dim=1) if g > 1 else view.valid
+    return logits.masked_fill(~valid, float("-inf"))
+
+
+def decode_probs(view: LayerView, q: torch.Tensor) -> torch.Tensor:
+    """(B, Hq, L) float32 softmax attention of the newest query over the valid slots."""
+    return torch.softmax(decode_logits(view, q), dim=-1).nan_to_num(0.0)
+
+
+def mask_state(view: LayerView, name: str) -> Optional[torch.Tensor]:
+    """A per-slot 0/1 policy state as (B, Hkv, L) bool (None if absent)."""
+    s = view.state.get(name)
+    return None if s is None else s > 0.5
