@@ -23,6 +23,10 @@ def _config_text(config: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in config.items()) or "-"
 
 
+def _arxiv_link(arxiv: str) -> str:
+    return f"[{arxiv}](https://arxiv.org/abs/{arxiv})" if arxiv else "-"
+
+
 def methods_markdown() -> str:
     """The method table of the README, generated from the registry."""
     lines = [
@@ -31,7 +35,7 @@ def methods_markdown() -> str:
     ]
     for info in registry.methods():
         lines.append(
-            f"| `{info.name}` | {info.family} | {info.paper} | [{info.arxiv}](https://arxiv.org/abs/{info.arxiv}) "
+            f"| `{info.name}` | {info.family} | {info.paper} | {_arxiv_link(info.arxiv)} "
             f"| {info.year} | {', '.join(info.supports)} | {_config_text(info.config)} |"
         )
     return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""HiP: hierarchical top-k pruning of key chunks per query block.
+
+Paper: Lee et al., "A Training-Free Sub-quadratic Cost Transformer Model Serving Framework
+with Hierarchically Pruned Attention" (first version: "HiP Attention: Sparse Sub-Quadratic
+Attention with Hierarchical Attention Pruning"), arXiv:2406.09827 (2024). Relying on
+"attention locality" (neighbouring keys get similar scores), HiP estimates the top-k keys of
+a block of queries with a tree search: split the keys into 2k chunks, score each chunk by
+its representative (centre) key against the query block (max over the block's queries),
+keep the k best chunks, split each of them in two, score, keep the k best, ... until the
+chunks are single key blocks. Cost O(N k log N) per head, never N x N.
+
+Algorithm here (per batch, query head, query block of ``block_size`` queries):
+1. candidates: causal -> the key blocks strictly between the first block and the query
+   block's diagonal block (those two are always kept); non-causal -> all key blocks;
+2. if there are at most ``topk`` candidates keep all; otherwise divide them into 2 topk
+   contiguous chunks and repeat: score = max over the block's queries of q . k_centre
+   (k_centre = the key at the centre of the chunk), keep the topk best chunks, halve each
+   kept chunk (a one-block chunk stays whole), until every kept chunk is one block;
+3. run the shared block-sparse kernel on the kept blocks.
+
+Deliberate deviations: the paper descends to tiny key blocks (1-4 tokens) and its kernel
+gathers them; here the finest chunk is the kernel's key block (64 tokens), so the final
+level scores each block by its centre key. HiP's sink/sliding-window extras of later
+versions are reduced to the forced first and diagonal blocks. Defaults: block_size 64,
+topk 8 blocks = 512 keys (the paper's k = 512).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ... import validate
+from ...kernels.pattern import cdiv
+from ...registry import register
+from .common import DynamicMethod, block_pattern, diagonal_block_mask
+
+
+@register(
+    "hip",
+    family="dynamic_sparse",
+    paper="A Training-Free Sub-quadratic Cost Transformer Model Serving Framework with Hierarchically Pruned Attention",
+    arxiv="2406.09827",
+    year=2024,
+)
+class HiP(DynamicMethod):
+    """Tree search for the top-k key blocks of each query block, scored by chunk-centre keys."""
+
+    @dataclass
+    class Config:
+        block_size: int = 64
+        topk: int = 8
+
+    def check_config(self) -> None:
+        validate.check_positive(self.name, block_size=self.config.block_size, topk=self.config.topk)
+
+    def estimate(self, q, k, causal, scale):
+        bs, topk = self.config.block_size, self.config.topk
+        b, hq, nq, d = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        group = hq // hkv
+        nqb, nkb = cdiv(nq, bs), cdiv(nk, bs)
+        device = q.device
+        off = nk - nq
+
+        # Candidate key blocks [base, base + count) per query block.
+        if causal:
+            diag = ((torch.arange(nqb, device=device) * bs + off + bs - 1).clamp(max=nk - 1)) // bs
+            base, count = 1, (diag - 1).clamp(min=0)  # blocks 1 .. diag-1
+        else:
+            base, count = 0, torch.full((nqb,), nkb, device=device, dtype=torch.long)
+        count = count.view(1, 1, nqb, 1).expand(b, hq, nqb, 1)
+
+        q_tiles = F.pad(q.float(), (0, 0, 0, nqb * bs - nq)).view(b, hq, nqb, bs, d)
+        row_ok = (torch.arange(nqb * bs, device=device) < nq).view(1, 1, nqb, bs, 1)
+        keys = k.float().repeat_interleave(group, dim=1) if group > 1 else k.float()
+
+        chunks = 2 * topk
+        i = torch.arange(chunks + 1, device=device)
+        edges = (i * count) // chunks  # (B, Hq, nQB, 2k+1)
+        lo, hi = edges[..., :-1], edges[..., 1:]
+        while True:
+            score = self._chunk_scores(q_tiles, row_ok, keys, lo, hi, base, bs, scale)
+            keep = score.topk(min(topk, score.shape[-1]), dim=-1).indices
+            lo, hi = lo.gather(-1, keep), hi.gather(-1, keep)
+            if bool(((hi - lo) <= 1).all()):
+                break
+            mid = (lo + hi + 1) // 2
+            lo, hi = torch.cat([lo, mid], dim=-1), torch.cat([mid, hi], dim=-1)
+
+        chosen = torch.zeros(b, hq, nqb, nkb + 1, dtype=torch.bool, device=device)
+        chosen.scatter_(-1, torch.where(hi > lo, lo + base, nkb), True)
+        chosen = chosen[..., :nkb]
+        if causal:
+            chosen = chosen | diagonal_block_mask(nq, nk, bs, bs, device)
+            chosen[..., 0] = True
+        return block_pattern(chosen, bs, bs, nq, nk, causal)
+
+    @staticmethod
+    def _chunk_scores(q_tiles, row_ok, keys, lo, hi, base, bs, scale):
+        """max over a query block's queries of q . k at the centre of each chunk; -inf for empty chunks.
+
+        lo, hi: (B, Hq, nQB, C) chunk bounds in candidate blocks. Returns (B, Hq, nQB, C).
+        """
+        b, hq, nqb, c = lo.shape
+        nk, d = keys.shape[2], keys.shape[3]
+        centre = ((lo + hi) * bs // 2 + base * bs).clamp(0, nk - 1)
+        rep = torch.gather(keys, 2, centre.view(b, hq, nqb * c, 1).expand(b, hq, nqb * c, d)).view(b, hq, nqb, c, d)
+        s = torch.matmul(q_tiles, rep.transpose(-1, -2)) * scale  # (B, Hq, nQB, bs, C)
+        s = s.masked_fill(~row_ok, float("-inf")).amax(dim=3)
+        return s.masked_fill(hi <= lo, float("-inf"))

@@ -1,0 +1,211 @@
+"""HyperAttention: sortLSH blocks for the large entries + uniform key sampling for the rest.
+
+Paper: Han, Jayaram, Karbasi, Mirrokni, Woodruff, Zandieh, "HyperAttention: Long-context
+Attention in Near-Linear Time", arXiv:2310.05453 (ICLR 2024); reference code
+github.com/insuhan/hyper-attn. Non-causal attention is approximated in two parts:
+1. sortLSH: queries and keys are hashed with an angular LSH of ``lsh_bits`` random
+   hyperplanes, bucket codes ordered along a Gray code (adjacent buckets differ in one
+   bit), and queries and keys sorted by bucket. The sorted sequences are cut into
+   ``num_blocks`` = ceil(Nk / block_size) equal chunks and query chunk c attends exactly to
+   key chunk c — the entries LSH says are large.
+2. the rest of each row is estimated from ``sample_size`` keys drawn uniformly: their
+   exp-scores (excluding keys already in the query's LSH chunk, to avoid double counting)
+   are weighted by Nk / sample_size.
+Both parts are softmax partial results (output, log-sum-exp) merged as FlashAttention
+merges tiles. Causal attention uses the paper's recursion: split the sequence in halves;
+the two diagonal halves are causal sub-problems (exact below ``min_seq_len``), the
+bottom-left quarter is a non-causal HyperAttention call.
+
+This method is approximate by design and runs its own computation (not the block kernel).
+Estimator properties (tested): keys are sampled *without* replacement, so each key is
+included with probability m / Nk and the weighted sum is an unbiased estimate of the
+un-normalised remainder (numerator and denominator); sampling every key, or one LSH
+chunk holding every key, gives exact attention.
+
+Deliberate deviations: uniform sampling as in the reference code (the paper's analysis
+also allows sampling proportional to the squared norms of V rows); sampling without
+replacement (the reference samples with replacement); fixed ``seed`` so results are
+reproducible. ``stats.pattern`` is None (the computed pairs are not a block pattern; the
+density counts LSH-chunk pairs + sampled pairs + exact causal pairs). Defaults from the
+reference: lsh_bits 7, block_size 256, sample_size 256, min_seq_len 4096.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ... import validate
+from ...kernels.pattern import cdiv
+from ...registry import register
+from ..base import AttentionStats, Method, full_pairs
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_EXACT_CHUNK = 1 << 22  # scores per step of the exact fallback
+
+
+@register(
+    "hyper",
+    family="dynamic_sparse",
+    paper="HyperAttention: Long-context Attention in Near-Linear Time",
+    arxiv="2310.05453",
+    year=2023,
+)
+class HyperAttention(Method):
+    """sortLSH block-diagonal attention plus uniformly sampled keys for the remainder (approximate)."""
+
+    @dataclass
+    class Config:
+        lsh_bits: int = 7
+        block_size: int = 256
+        sample_size: int = 256
+        min_seq_len: int = 4096
+        seed: int = 0
+
+    def check_config(self) -> None:
+        c = self.config
+        validate.check_positive(self.name, lsh_bits=c.lsh_bits, block_size=c.block_size, min_seq_len=c.min_seq_len)
+        if isinstance(c.sample_size, bool) or not isinstance(c.sample_size, int) or c.sample_size < 0:
+            raise ValueError(f"sample_size of method {self.name!r} must be an integer >= 0, got {c.sample_size!r}")
+        if c.lsh_bits > 30:
+            raise ValueError(f"lsh_bits of method {self.name!r} must be <= 30, got {c.lsh_bits}")
+
+    def forward(self, q, k, v, causal, scale, backend, want_stats):
+        group = q.shape[1] // k.shape[1]
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        kx = k.to(compute).repeat_interleave(group, dim=1)
+        vx = v.to(compute).repeat_interleave(group, dim=1)
+        run = _Run(self.config, scale, q.device)
+        qx = q.to(compute)
+        nq, nk = q.shape[2], k.shape[2]
+        if not causal:
+            out, _ = run.non_causal(qx, kx, vx)
+        else:
+            off = nk - nq
+            out, lse = run.causal(qx, kx[:, :, off:], vx[:, :, off:])
+            if off > 0:
+                out, _ = merge((out, lse), run.non_causal(qx, kx[:, :, :off], vx[:, :, :off]))
+        density = run.pairs / full_pairs(nq, nk, causal) if want_stats else float("nan")
+        return out.to(q.dtype), AttentionStats(self.name, density, None, run.estimator_seconds, "hyper")
+
+
+class _Run:
+    """One HyperAttention call: seeded randomness, pair count and estimator time."""
+
+    def __init__(self, config, scale: float, device) -> None:
+        self.c, self.scale, self.device = config, scale, device
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.pairs = 0.0  # per (batch, head), summed over parts
+        self.estimator_seconds = 0.0
+
+    def causal(self, q, k, v):
+        """Causal attention of q: (B, H, n, D) over k, v of the same n positions -> (out, lse)."""
+        n = q.shape[2]
+        if n <= self.c.min_seq_len:
+            self.pairs += n * (n + 1) / 2
+            return exact(q, k, v, self.scale, causal=True)
+        half = n // 2
+        top = self.causal(q[:, :, :half], k[:, :, :half], v[:, :, :half])
+        diag = self.causal(q[:, :, half:], k[:, :, half:], v[:, :, half:])
+        left = self.non_causal(q[:, :, half:], k[:, :, :half], v[:, :, :half])
+        bottom = merge(diag, left)
+        return torch.cat([top[0], bottom[0]], dim=2), torch.cat([top[1], bottom[1]], dim=2)
+
+    def non_causal(self, q, k, v):
+        """HyperAttention of q: (B, H, Nq, D) over k, v: (B, H, Nk, D) -> (out, lse (B, H, Nq))."""
+        b, h, nq, d = q.shape
+        nk = k.shape[2]
+        start = time.perf_counter()
+        nb = cdiv(nk, self.c.block_size)
+        bsq, bsk = cdiv(nq, nb), cdiv(nk, nb)
+        planes = torch.randn(d, self.c.lsh_bits, generator=self.gen).to(device=q.device, dtype=q.dtype)
+        q_order = lsh_rank(q, planes).argsort(dim=-1, stable=True)
+        k_order = lsh_rank(k, planes).argsort(dim=-1, stable=True)
+        m = min(self.c.sample_size, nk)
+        sample = torch.rand(b, h, nk, generator=self.gen).argsort(dim=-1)[..., :m].to(q.device)
+        self.estimator_seconds += time.perf_counter() - start
+
+        # 1. LSH chunks: sorted query chunk c attends to sorted key chunk c.
+        qs = _pad(_take(q, q_order), nb * bsq).view(b, h, nb, bsq, d)
+        ks = _pad(_take(k, k_order), nb * bsk).view(b, h, nb, bsk, d)
+        vs = _pad(_take(v, k_order), nb * bsk).view(b, h, nb, bsk, v.shape[-1])
+        scores = torch.matmul(qs, ks.transpose(-1, -2)) * self.scale
+        key_real = (torch.arange(nb * bsk, device=q.device) < nk).view(nb, 1, bsk)
+        scores = scores.masked_fill(~key_real, float("-inf"))
+        lse_blk = torch.logsumexp(scores, dim=-1)
+        out_blk = torch.matmul(torch.softmax(scores, dim=-1), vs)
+        out_blk = _untake(out_blk.reshape(b, h, nb * bsq, -1)[:, :, :nq], q_order)
+        lse_blk = _untake(lse_blk.reshape(b, h, nb * bsq, 1)[:, :, :nq], q_order)[..., 0]
+        real_q = torch.minimum(torch.full((nb,), bsq), (nq - torch.arange(nb) * bsq).clamp(min=0))
+        real_k = torch.minimum(torch.full((nb,), bsk), (nk - torch.arange(nb) * bsk).clamp(min=0))
+        self.pairs += float((real_q * real_k).sum())
+        if m == 0:
+            return out_blk, lse_blk
+
+        # 2. sampled keys for the rest of each row, weighted by Nk / m.
+        k_slot = torch.empty_like(k_order).scatter_(-1, k_order, torch.arange(nk, device=q.device).expand_as(k_order))
+        q_slot = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(nq, device=q.device).expand_as(q_order))
+        same = (q_slot // bsq).unsqueeze(-1) == (k_slot.gather(-1, sample) // bsk).unsqueeze(-2)  # (B, H, Nq, m)
+        s = torch.matmul(q, _take(k, sample).transpose(-1, -2)) * self.scale
+        s = s.masked_fill(same, float("-inf"))
+        lse_smp = torch.logsumexp(s, dim=-1) + math.log(nk / m)
+        out_smp = torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0), _take(v, sample))
+        self.pairs += float((~same).sum()) / (b * h)
+        return merge((out_blk, lse_blk), (out_smp, lse_smp))
+
+
+def lsh_rank(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """Angular LSH bucket of each token, as its rank along a Gray code. x: (B, H, N, D) -> (B, H, N)."""
+    bits = (torch.matmul(x, planes) > 0).long()
+    code = (bits << torch.arange(planes.shape[1], device=x.device)).sum(-1)
+    rank = code.clone()  # inverse Gray code: buckets adjacent in rank differ in one hyperplane
+    shift = 1
+    while shift < planes.shape[1]:
+        rank ^= rank >> shift
+        shift <<= 1
+    return rank
+
+
+def exact(q, k, v, scale: float, causal: bool):
+    """Exact attention with its log-sum-exp. q: (B, H, Nq, D); k, v: (B, H, Nk, D) -> (out, lse (B, H, Nq)).
+
+    Causal is top-left aligned here (Nq == Nk in the recursion)."""
+    if q.device.type == "cpu" and q.dtype == torch.float32:
+        out, lse = _flash(q, k, v, 0.0, causal, scale=scale)[:2]
+        return out, lse
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    chunk = max(1, _EXACT_CHUNK // max(1, b * h * nk))
+    outs, lses = [], []
+    for q0 in range(0, nq, chunk):
+        q1 = min(nq, q0 + chunk)
+        s = torch.matmul(q[:, :, q0:q1], k.transpose(-1, -2)) * scale
+        if causal:
+            s = s.masked_fill(torch.arange(nk, device=q.device)[None, :] > torch.arange(q0, q1, device=q.device)[:, None], float("-inf"))
+        lses.append(torch.logsumexp(s, dim=-1))
+        outs.append(torch.matmul(torch.softmax(s, dim=-1), v))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def merge(a, b):
+    """Merge two softmax partial results (out, lse) over disjoint key sets."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = torch.logaddexp(lse_a, lse_b)
+    wa = torch.exp(lse_a - lse).nan_to_num(0.0).unsqueeze(-1)
+    wb = torch.exp(lse_b - lse).nan_to_num(0.0).unsqueeze(-1)
+    return out_a * wa + out_b * wb, lse
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+
+def _untake(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x).scatter_(2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]), x)
+
+
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[2]))
