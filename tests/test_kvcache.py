@@ -3,19 +3,16 @@ here from the paper's rule, outputs against ``reference_attention`` over the kep
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnkit as ak
-from attnkit.kvcache import CACHE_LAYER_ATTR, KVCache
+from attnkit.kvcache import KVCache
 from attnkit.reference import reference_attention
 
-B, HQ, HKV, N, D = 2, 4, 2, 40, 8
-G = HQ // HKV
-SCALE = 1 / math.sqrt(D)
+from kv_helpers import B, D, G, HKV, HQ, N, SCALE, _qkv, _step  # noqa: F401
 POLICIES = [m.name for m in ak.methods(kind="cache")]
 # Policies that keep every token (quantize it, or select per step, or keep it on retrieval
 # heads): their kept-set and budget checks live in tests/test_kvcache_more.py.
@@ -23,28 +20,8 @@ FULL_CACHE = {"quantized", "quest", "duo", "tokenselect", "recycled", "retrieval
 DROPPING = [p for p in POLICIES if p not in FULL_CACHE]
 
 
-def _qkv(n=N, b=B, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, HQ, n, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(b, HKV, n, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(b, HKV, n, D, generator=gen, dtype=torch.float64)
-    return q, k, v
 
 
-def _step(cache: KVCache, q, k, v, mask=None, layer=0):
-    """One forward of one layer as a model runs it: update, then attnkit's attention."""
-    keys, values = cache.update(k, v, layer)
-    cache_layer = getattr(keys, CACHE_LAYER_ATTR)
-    t = q.shape[2]
-
-    def default():
-        m = torch.ones(t, keys.shape[2], dtype=torch.bool).tril(keys.shape[2] - t)
-        if mask is not None:
-            m = (m & mask[:, 0, :, -keys.shape[2]:])[:, None]
-        return F.scaled_dot_product_attention(q, keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1),
-                                              attn_mask=m, scale=SCALE)
-
-    return cache_layer.attention(q, mask, SCALE, default)
 
 
 def _kept_mask(cache: KVCache, n: int, layer=0) -> torch.Tensor:

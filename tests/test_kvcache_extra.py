@@ -4,39 +4,19 @@ tensors: each against a reference written here from the paper's rule; outputs ag
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from attnkit.kvcache import CACHE_LAYER_ATTR, KVCache
+from attnkit.kvcache import KVCache
 from attnkit.reference import reference_attention
 
-B, HQ, HKV, N, D = 2, 4, 2, 40, 8
-G = HQ // HKV
-SCALE = 1 / math.sqrt(D)
+from kv_helpers import B, D, G, HKV, HQ, N, SCALE, _qkv, _step  # noqa: F401
 
 
-def _qkv(n=N, b=B, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, HQ, n, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(b, HKV, n, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(b, HKV, n, D, generator=gen, dtype=torch.float64)
-    return q, k, v
 
 
-def _step(cache, q, k, v, layer=0):
-    keys, values = cache.update(k, v, layer)
-    cache_layer = getattr(keys, CACHE_LAYER_ATTR)
-    t = q.shape[2]
-
-    def default():
-        m = torch.ones(t, keys.shape[2], dtype=torch.bool).tril(keys.shape[2] - t)
-        return F.scaled_dot_product_attention(q, keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1),
-                                              attn_mask=m, scale=SCALE)
-
-    return cache_layer.attention(q, None, SCALE, default)
 
 
 def _check_output(out, q1, k, v, sel):

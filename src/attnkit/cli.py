@@ -160,7 +160,7 @@ def speed_table(rows) -> Table:
     for r in rows:
         flex = f"{r.flex_seconds:.3f} ({r.flex_compile_seconds:.1f})" if r.flex_seconds else "-"
         table.add_row(
-            r.method, str(r.length), r.backend, f"{r.density:.3f}", f"{r.seconds:.3f}",
+            r.method + ("" if r.extra.get("causal", True) else " (non-causal)"), str(r.length), r.backend, f"{r.density:.3f}", f"{r.seconds:.3f}",
             f"{r.speedup_vs_sdpa:.2f}" if r.speedup_vs_sdpa else "-", flex,
             f"{r.speedup_vs_flex:.2f}" if r.speedup_vs_flex else "-", f"{r.peak_mib:.0f}",
         )

@@ -148,14 +148,24 @@ def measure(
     q, k, v = make_inputs(length, heads, kv_heads, dim, dtype)
     method = ak.get(name, **config)
     is_causal = causal and "causal" in method.info.supports
+    try:
+        _, stats = method(q, k, v, causal=is_causal, return_stats=True)
+    except ValueError as err:
+        if not is_causal or "causal" not in str(err):
+            raise
+        is_causal = False  # e.g. a 2D neighborhood: causality is not defined on a grid
+        _, stats = method(q, k, v, causal=False, return_stats=True)
     run = lambda: method(q, k, v, causal=is_causal, check_finite=False)  # noqa: E731
-    _, stats = method(q, k, v, causal=is_causal, return_stats=True)
     with PeakMemory() as mem:
         run()
     runs = median_seconds(run, repeats=repeats, warmup=0)
     row = SpeedRow(spec, length, stats.backend, statistics.median(runs), runs, mem.grown / 2**20, stats.density)
+    row.extra["causal"] = is_causal
     if flex and stats.pattern is not None:
-        _measure_flex(row, method, q, k, v, is_causal, repeats)
+        try:
+            _measure_flex(row, method, q, k, v, is_causal, repeats)
+        except (RuntimeError, MemoryError) as err:  # a compile failure must not lose the row
+            row.extra["flex_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     return row
 
 

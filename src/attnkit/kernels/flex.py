@@ -28,6 +28,11 @@ def available() -> tuple[bool, str]:
 def _compiled() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Every (pattern, shape) compiles once; past dynamo's default limit of 8 it would
+    # silently fall back to the unfused eager path, which builds the N x N scores.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -1,0 +1,39 @@
+"""Small-tensor harness shared by the KV-cache policy tests: inputs and one layer step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.kvcache import CACHE_LAYER_ATTR, KVCache
+
+B, HQ, HKV, N, D = 2, 4, 2, 40, 8
+G = HQ // HKV
+SCALE = 1 / math.sqrt(D)
+
+
+def _qkv(n=N, b=B, seed=0):
+    """q: (b, HQ, n, D), k, v: (b, HKV, n, D), float64."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, HQ, n, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, HKV, n, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, HKV, n, D, generator=gen, dtype=torch.float64)
+    return q, k, v
+
+
+def _step(cache: KVCache, q, k, v, mask=None, layer=0):
+    """One forward of one layer as a model runs it: update, then attnkit's attention."""
+    keys, values = cache.update(k, v, layer)
+    cache_layer = getattr(keys, CACHE_LAYER_ATTR)
+    t = q.shape[2]
+
+    def default():
+        m = torch.ones(t, keys.shape[2], dtype=torch.bool).tril(keys.shape[2] - t)
+        if mask is not None:
+            m = (m & mask[:, 0, :, -keys.shape[2]:])[:, None]
+        return F.scaled_dot_product_attention(q, keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1),
+                                              attn_mask=m, scale=SCALE)
+
+    return cache_layer.attention(q, mask, SCALE, default)
