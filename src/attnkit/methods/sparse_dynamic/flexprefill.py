@@ -49,7 +49,6 @@ from ...kernels.pattern import cdiv
 from ...kernels.vertical_slash import VerticalSlashIndex
 from ...registry import register
 from .common import (
-    DynamicMethod,
     block_pattern,
     causal_block_mask,
     cumulative_mask,
@@ -61,9 +60,7 @@ from .common import (
 )
 from .vertical_slash import (
     MixedIndex,
-    mixed_attention,
-    mixed_block_pattern,
-    mixed_count_pairs,
+    MixedPatternMethod,
 )
 
 
@@ -200,7 +197,7 @@ def _query_aware_blocks(q, k, scale, heads, group, block, gamma, max_budget):
     year=2025,
     supports=("causal", "gqa"),
 )
-class FlexPrefill(DynamicMethod):
+class FlexPrefill(MixedPatternMethod):
     """FlexPrefill: JS divergence picks query-aware vs vertical-slash per head; gamma-coverage budgets."""
 
     @dataclass
@@ -227,11 +224,3 @@ class FlexPrefill(DynamicMethod):
         self.last_decision = decision  # for inspection and tests
         return index
 
-    def attend(self, q, k, v, pattern, scale, backend):
-        return mixed_attention(q, k, v, pattern, scale, backend, self.name)
-
-    def count_pairs(self, pattern, batch, heads):
-        return mixed_count_pairs(pattern, batch)
-
-    def to_block_pattern(self, pattern):
-        return mixed_block_pattern(pattern)

@@ -304,8 +304,22 @@ def estimate_heads(q: torch.Tensor, k: torch.Tensor, scale: float, head_patterns
     return MixedIndex(vs, vs_heads, bs, bs_heads, hq)
 
 
+class MixedPatternMethod(DynamicMethod):
+    """A dynamic method whose estimate is a ``MixedIndex`` (vertical-slash heads plus
+    block-sparse heads), run by the mixed kernel."""
+
+    def attend(self, q, k, v, pattern, scale, backend):
+        return mixed_attention(q, k, v, pattern, scale, backend, self.name)
+
+    def count_pairs(self, pattern, batch, heads):
+        return mixed_count_pairs(pattern, batch)
+
+    def to_block_pattern(self, pattern):
+        return mixed_block_pattern(pattern)
+
+
 @register("minference", family="dynamic_sparse", paper=PAPER, arxiv=ARXIV, year=2024, supports=("causal", "gqa"))
-class MInference(DynamicMethod):
+class MInference(MixedPatternMethod):
     """MInference with per-head patterns (A-shape / vertical-slash / block-sparse) from a plan."""
 
     @dataclass
@@ -333,14 +347,6 @@ class MInference(DynamicMethod):
     def estimate(self, q, k, causal, scale):
         return estimate_heads(q, k, scale, self.head_patterns, self.config.last_q)
 
-    def attend(self, q, k, v, pattern, scale, backend):
-        return mixed_attention(q, k, v, pattern, scale, backend, self.name)
-
-    def count_pairs(self, pattern, batch, heads):
-        return mixed_count_pairs(pattern, batch)
-
-    def to_block_pattern(self, pattern):
-        return mixed_block_pattern(pattern)
 
 
 def mixed_attention(q, k, v, index: MixedIndex, scale: float, backend: str, method: str) -> tuple[torch.Tensor, str]:
