@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import functools
 import random
+import weakref
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -89,17 +90,21 @@ def context(tokenizer: Any, n_tokens: int, seed: int = 0, kind: str = "licenses"
     return text.strip()
 
 
-_ENCODED: dict[tuple[int, int], tuple[int, ...]] = {}
+# Per tokenizer (weakly held: an id() of a dead tokenizer may be reused by a new one).
+_ENCODED: "weakref.WeakKeyDictionary[Any, dict[str, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
 
 
 def _encoded(tokenizer: Any, text: str) -> tuple[int, ...]:
     """Token ids of ``text``, memoised per (tokenizer, text): contexts share one source."""
-    key = (id(tokenizer), hash(text))
-    if key not in _ENCODED:
-        if len(_ENCODED) > 32:
-            _ENCODED.clear()
-        _ENCODED[key] = tuple(encode(tokenizer, text))
-    return _ENCODED[key]
+    try:
+        memo = _ENCODED.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no memo
+        return tuple(encode(tokenizer, text))
+    if text not in memo:
+        if len(memo) > 32:
+            memo.clear()
+        memo[text] = tuple(encode(tokenizer, text))
+    return memo[text]
 
 
 def insert(text: str, items: Sequence[tuple[float, str]]) -> tuple[str, list[int]]:
