@@ -159,7 +159,7 @@ def _planted(n=512, d=32, q_block=(448, 512), k_block=(128, 192), strength=4.0, 
         ("block_topk", {"threshold": 0.5}),
         ("moba", {"block_size": 64, "topk": 2}),
         ("moba", {"block_size": 64, "topk": 2, "granularity": "token"}),
-        ("hip", {"topk": 1}),
+        ("hip", {"topk": 1, "local": 0}),
         ("sea", {"topk": 1}),
         ("pbs", {"segment_size": 128, "threshold": 0.5}),
     ],
@@ -209,7 +209,8 @@ def test_moba_gates_each_token_like_the_paper():
     block forced, causal inside."""
     n, d, mb, topk = 150, 8, 16, 3
     q, k, v = _inputs(1, 2, 1, n, n, d, seed=8)
-    _, stats = ak.attention(q, k, v, method="moba", block_size=mb, topk=topk, granularity="token", causal=True, return_stats=True)
+    _, stats = ak.attention(q, k, v, method="moba", block_size=mb, topk=topk, granularity="token", sink=0, causal=True,
+                            return_stats=True)
     mask = stats.pattern.dense_mask(1, 2)
     for h in range(2):
         for t in range(n):
@@ -223,7 +224,8 @@ def test_moba_gates_each_token_like_the_paper():
 def test_moba_default_density_scales_as_topk_blocks():
     q, k, v = _inputs(1, 1, 1, 4096, 4096, 16, seed=9)
     _, stats = ak.attention(q, k, v, method="moba", causal=True, return_stats=True)
-    # 3 blocks of 512 per token (fewer for the first tokens): density ~ 3*512 / (N/2) = 0.75 at 4k.
+    # 12 blocks of 128 per token (fewer for the first tokens) + 64 sink keys: density
+    # ~ (12*128 + 64) / (N/2) = 0.78 at 4k.
     assert 0.5 < stats.density < 0.8
 
 
@@ -265,7 +267,7 @@ def test_peak_memory_at_16k_is_far_below_n_squared(name, config):
 
 
 def test_math_of_defaults():
-    assert ak.method_info("moba").config == {"block_size": 512, "topk": 3, "granularity": "block"}
+    assert ak.method_info("moba").config == {"block_size": 128, "topk": 12, "granularity": "block", "sink": 64, "local": 0}
     assert ak.get("routing").num_clusters(16384) == round(math.sqrt(16384))
 
 

@@ -159,6 +159,13 @@ def check_positive(method: str, **values: Any) -> None:
             raise ValueError(f"{key} of method {method!r} must be an integer >= 1, got {value!r}")
 
 
+def check_non_negative(method: str, **values: Any) -> None:
+    """Each named integer hyper-parameter must be >= 0."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key} of method {method!r} must be an integer >= 0, got {value!r}")
+
+
 def check_choice(method: str, key: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise ValueError(

@@ -14,7 +14,8 @@ Helpers (all shapes documented; none builds an Nq x Nk tensor):
   all keys (the MInference / FlexPrefill estimate), (B, Hq, L, Nk).
 - ``diagonal_sums(probs, kv_len)``: mass of the estimate along each diagonal d = q - k.
 - ``topk_mask`` / ``cumulative_mask``: top-k or smallest-set-reaching-gamma selection.
-- ``causal_block_mask``, ``diagonal_block_mask``: block geometry of causal attention.
+- ``causal_block_mask``, ``diagonal_block_mask``: block geometry of causal attention;
+  ``anchor_block_mask``: the tiles of a sink + local band (forced by several estimators).
 - ``block_pattern(block_mask, ...)``: a (B|1, H|1, nQB, nKB) bool block mask -> the
   BlockPattern the kernels run, with the causal element rule and full-tile hints.
 
@@ -40,6 +41,7 @@ from ..base import AttentionStats, Method, full_pairs
 
 __all__ = [
     "DynamicMethod",
+    "anchor_block_mask",
     "block_pattern",
     "causal_block_mask",
     "cumulative_mask",
@@ -236,6 +238,22 @@ def diagonal_block_mask(q_len: int, kv_len: int, block_q: int, block_k: int, dev
     q_lo, q_hi, k_lo, k_hi = _block_bounds(q_len, kv_len, block_q, block_k, device)
     q_lo, q_hi = q_lo.clamp(0, kv_len - 1), q_hi.clamp(0, kv_len - 1)
     return (k_lo <= q_hi) & (k_hi >= q_lo)
+
+
+def anchor_block_mask(
+    q_len: int, kv_len: int, block_q: int, block_k: int, sink: int, local: int, device=None
+) -> torch.Tensor:
+    """(nQB, nKB) bool: tiles holding one of the first ``sink`` keys, or a key within
+    ``local`` positions before (or at) one of the tile's queries: the attention-sink
+    columns and the local band that StreamingLLM keeps (arXiv:2309.17453), in tiles.
+
+    ``sink = local = 0`` gives no tile. Geometry is causal (keys at or before queries);
+    the caller intersects with its causal mask.
+    """
+    q_lo, q_hi, k_lo, k_hi = _block_bounds(q_len, kv_len, block_q, block_k, device)
+    sink_tiles = (k_lo < sink).expand(q_lo.shape[0], -1)
+    band = (k_hi >= q_lo - local + 1) & (k_lo <= q_hi) if local > 0 else torch.zeros_like(sink_tiles)
+    return sink_tiles | band
 
 
 def _full_causal_tiles(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> torch.Tensor:

@@ -10,8 +10,9 @@ keep the k best chunks, split each of them in two, score, keep the k best, ... u
 chunks are single key blocks. Cost O(N k log N) per head, never N x N.
 
 Algorithm here (per batch, query head, query block of ``block_size`` queries):
-1. candidates: causal -> the key blocks strictly between the first block and the query
-   block's diagonal block (those two are always kept); non-causal -> all key blocks;
+1. candidates: causal -> the key blocks strictly between the first block (or the sink)
+   and the local band / diagonal block of the query block (those are always kept);
+   non-causal -> all key blocks;
 2. if there are at most ``topk`` candidates keep all; otherwise divide them into 2 topk
    contiguous chunks and repeat: score = max over the block's queries of q . k_centre
    (k_centre = the key at the centre of the chunk), keep the topk best chunks, halve each
@@ -20,9 +21,12 @@ Algorithm here (per batch, query head, query block of ``block_size`` queries):
 
 Deliberate deviations: the paper descends to tiny key blocks (1-4 tokens) and its kernel
 gathers them; here the finest chunk is the kernel's key block (64 tokens), so the final
-level scores each block by its centre key. HiP's sink/sliding-window extras of later
-versions are reduced to the forced first and diagonal blocks. Defaults: block_size 64,
-topk 8 blocks = 512 keys (the paper's k = 512).
+level scores each block by its centre key. ``sink`` / ``local`` are the reference code's
+``sink_token_size`` / ``sliding_window_size`` (it runs with windows of 128-1024 keys):
+the first ``sink`` keys (at least the first block) and the tiles of the ``local`` keys up
+to each query are always attended, and the tree search runs over the blocks between
+them (step 1). Defaults: block_size 64, topk 8 blocks = 512 keys (the paper's k = 512),
+sink 0 (the first block is kept anyway), local 256.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 from ... import validate
 from ...kernels.pattern import cdiv
 from ...registry import register
-from .common import DynamicMethod, block_pattern, diagonal_block_mask
+from .common import DynamicMethod, anchor_block_mask, block_pattern, diagonal_block_mask
 
 
 @register(
@@ -52,12 +56,17 @@ class HiP(DynamicMethod):
     class Config:
         block_size: int = 64
         topk: int = 8
+        sink: int = 0
+        local: int = 256
 
     def check_config(self) -> None:
-        validate.check_positive(self.name, block_size=self.config.block_size, topk=self.config.topk)
+        c = self.config
+        validate.check_positive(self.name, block_size=c.block_size, topk=c.topk)
+        validate.check_non_negative(self.name, sink=c.sink, local=c.local)
 
     def estimate(self, q, k, causal, scale):
-        bs, topk = self.config.block_size, self.config.topk
+        c = self.config
+        bs, topk = c.block_size, c.topk
         b, hq, nq, d = q.shape
         hkv, nk = k.shape[1], k.shape[2]
         group = hq // hkv
@@ -65,10 +74,16 @@ class HiP(DynamicMethod):
         device = q.device
         off = nk - nq
 
-        # Candidate key blocks [base, base + count) per query block.
+        forced = anchor_block_mask(nq, nk, bs, bs, c.sink, c.local, device)
         if causal:
-            diag = ((torch.arange(nqb, device=device) * bs + off + bs - 1).clamp(max=nk - 1)) // bs
-            base, count = 1, (diag - 1).clamp(min=0)  # blocks 1 .. diag-1
+            forced = forced | diagonal_block_mask(nq, nk, bs, bs, device)
+            forced[..., 0] = True
+            # Candidate blocks [base, base + count): between the first block / sink and the
+            # local band / diagonal block of the query block (those are kept anyway).
+            base = cdiv(max(c.sink, bs), bs)
+            q_lo = torch.arange(nqb, device=device) * bs + off
+            end = torch.minimum(q_lo - max(c.local - 1, 0), (q_lo // bs) * bs) // bs
+            count = (end - base).clamp(min=0)
         else:
             base, count = 0, torch.full((nqb,), nkb, device=device, dtype=torch.long)
         count = count.view(1, 1, nqb, 1).expand(b, hq, nqb, 1)
@@ -93,10 +108,7 @@ class HiP(DynamicMethod):
         chosen = torch.zeros(b, hq, nqb, nkb + 1, dtype=torch.bool, device=device)
         chosen.scatter_(-1, torch.where(hi > lo, lo + base, nkb), True)
         chosen = chosen[..., :nkb]
-        if causal:
-            chosen = chosen | diagonal_block_mask(nq, nk, bs, bs, device)
-            chosen[..., 0] = True
-        return block_pattern(chosen, bs, bs, nq, nk, causal)
+        return block_pattern(chosen | forced, bs, bs, nq, nk, causal)
 
     @staticmethod
     def _chunk_scores(q_tiles, row_ok, keys, lo, hi, base, bs, scale):
@@ -111,3 +123,4 @@ class HiP(DynamicMethod):
         s = torch.matmul(q_tiles, rep.transpose(-1, -2)) * scale  # (B, Hq, nQB, bs, C)
         s = s.masked_fill(~row_ok, float("-inf")).amax(dim=3)
         return s.masked_fill(hi <= lo, float("-inf"))
+

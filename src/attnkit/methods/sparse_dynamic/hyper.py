@@ -25,7 +25,14 @@ chunk holding every key, gives exact attention.
 Deliberate deviations: uniform sampling as in the reference code (the paper's analysis
 also allows sampling proportional to the squared norms of V rows); sampling without
 replacement (the reference samples with replacement); fixed ``seed`` so results are
-reproducible. ``stats.pattern`` is None (the computed pairs are not a block pattern; the
+reproducible; ``sink`` (default 64) and ``local`` (default 256): the first ``sink`` keys
+are attended exactly and kept out of the LSH chunks and the sample, and in each
+off-diagonal quarter of the causal recursion the last ``local`` keys (the local band of
+the queries next to the split) are attended exactly by all its queries. A pretrained
+LLM puts most of each row's mass on the first token (StreamingLLM, arXiv:2309.17453);
+LSH rarely buckets it with the query and a uniform sample either misses it or weights it
+Nk / m times, so on SmolLM2 q/k/v at 8k the paper's estimator has relative error 0.18,
+with the sink 0.045, with the sink and the band 0.026 (``sink=0, local=0`` is the paper). ``stats.pattern`` is None (the computed pairs are not a block pattern; the
 density counts LSH-chunk pairs + sampled pairs + exact causal pairs). Defaults from the
 reference: lsh_bits 7, block_size 256, sample_size 256, min_seq_len 4096.
 """
@@ -64,12 +71,14 @@ class HyperAttention(Method):
         sample_size: int = 256
         min_seq_len: int = 4096
         seed: int = 0
+        sink: int = 64
+        local: int = 256
 
     def check_config(self) -> None:
         c = self.config
         validate.check_positive(self.name, lsh_bits=c.lsh_bits, block_size=c.block_size, min_seq_len=c.min_seq_len)
-        if isinstance(c.sample_size, bool) or not isinstance(c.sample_size, int) or c.sample_size < 0:
-            raise ValueError(f"sample_size of method {self.name!r} must be an integer >= 0, got {c.sample_size!r}")
+        validate.check_non_negative(self.name, sample_size=c.sample_size)
+        validate.check_non_negative(self.name, sink=c.sink, local=c.local)
         if c.lsh_bits > 30:
             raise ValueError(f"lsh_bits of method {self.name!r} must be <= 30, got {c.lsh_bits}")
 
@@ -85,7 +94,7 @@ class HyperAttention(Method):
             out, _ = run.non_causal(qx, kx, vx)
         else:
             off = nk - nq
-            out, lse = run.causal(qx, kx[:, :, off:], vx[:, :, off:])
+            out, lse = run.causal(qx, kx[:, :, off:], vx[:, :, off:], off)
             if off > 0:
                 out, _ = merge((out, lse), run.non_causal(qx, kx[:, :, :off], vx[:, :, :off]))
         density = run.pairs / full_pairs(nq, nk, causal) if want_stats else float("nan")
@@ -101,21 +110,48 @@ class _Run:
         self.pairs = 0.0  # per (batch, head), summed over parts
         self.estimator_seconds = 0.0
 
-    def causal(self, q, k, v):
-        """Causal attention of q: (B, H, n, D) over k, v of the same n positions -> (out, lse)."""
+    def causal(self, q, k, v, start: int = 0):
+        """Causal attention of q: (B, H, n, D) over k, v of the same n positions -> (out, lse).
+
+        ``start``: absolute position of the first key (where the sink keys lie)."""
         n = q.shape[2]
         if n <= self.c.min_seq_len:
             self.pairs += n * (n + 1) / 2
             return exact(q, k, v, self.scale, causal=True)
         half = n // 2
-        top = self.causal(q[:, :, :half], k[:, :, :half], v[:, :, :half])
-        diag = self.causal(q[:, :, half:], k[:, :, half:], v[:, :, half:])
-        left = self.non_causal(q[:, :, half:], k[:, :, :half], v[:, :, :half])
+        top = self.causal(q[:, :, :half], k[:, :, :half], v[:, :, :half], start)
+        diag = self.causal(q[:, :, half:], k[:, :, half:], v[:, :, half:], start + half)
+        left = self.off_diagonal(q[:, :, half:], k[:, :, :half], v[:, :, :half], start)
         bottom = merge(diag, left)
         return torch.cat([top[0], bottom[0]], dim=2), torch.cat([top[1], bottom[1]], dim=2)
 
-    def non_causal(self, q, k, v):
-        """HyperAttention of q: (B, H, Nq, D) over k, v: (B, H, Nk, D) -> (out, lse (B, H, Nq))."""
+    def off_diagonal(self, q, k, v, start: int):
+        """The bottom-left quarter of the causal recursion: every query after every key.
+
+        The last ``local`` keys (the local band of the queries next to the split) are
+        attended exactly by all queries of the quarter; the rest goes to ``non_causal``."""
+        band = min(self.c.local, k.shape[2])
+        if band == 0:
+            return self.non_causal(q, k, v, start)
+        self.pairs += q.shape[2] * band
+        near = exact(q, k[:, :, -band:], v[:, :, -band:], self.scale, causal=False)
+        if band == k.shape[2]:
+            return near
+        return merge(self.non_causal(q, k[:, :, :-band], v[:, :, :-band], start), near)
+
+    def non_causal(self, q, k, v, start: int = 0):
+        """HyperAttention of q: (B, H, Nq, D) over k, v: (B, H, Nk, D) -> (out, lse (B, H, Nq)).
+
+        Keys at absolute positions below ``sink`` (``start``: position of k's first key) are
+        attended exactly and left out of the LSH chunks and the sample."""
+        exact_keys = min(max(self.c.sink - start, 0), k.shape[2])
+        if exact_keys:
+            self.pairs += q.shape[2] * exact_keys
+            sink_part = exact(q, k[:, :, :exact_keys], v[:, :, :exact_keys], self.scale, causal=False)
+            if exact_keys == k.shape[2]:
+                return sink_part
+            rest = self.non_causal(q, k[:, :, exact_keys:], v[:, :, exact_keys:], start + exact_keys)
+            return merge(sink_part, rest)
         b, h, nq, d = q.shape
         nk = k.shape[2]
         start = time.perf_counter()

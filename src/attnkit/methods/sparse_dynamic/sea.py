@@ -18,13 +18,17 @@ the compressed-resolution row SEA decodes. Nothing N x N is built: the estimate 
 query block is (sum_{i in block} phi(q_i) / phi(q_i) . S_all(i)) . S_J, a
 (nQB x m) @ (m x nKB) product.
 
-Then per query block: keep the ``topk`` key blocks of largest estimated mass (causal:
-plus the diagonal block and the first block), and run the shared block-sparse kernel.
+Then per query block: keep the ``topk`` key blocks of largest estimated mass among those
+not kept anyway (causal: the diagonal block, the first block and, when set, the tiles of
+the first ``sink`` keys and of the ``local`` keys up to each query), and run the shared
+block-sparse kernel.
 
 Deliberate deviations: no trained estimator/decoder (random features instead); top-k is
 taken per query *block* of 64 (the kernel's tile) from the block-summed per-query
 estimates instead of per query; random features use a fixed seed (``seed``) so the
-pattern is deterministic. Defaults: block_size 64, topk 16 blocks, features 64.
+pattern is deterministic; the optional ``sink`` / ``local`` anchors (StreamingLLM's) are
+not in the paper and are off by default. Defaults: block_size 64, topk 16 blocks,
+features 64, sink 0, local 0.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from ... import validate
 from ...kernels.pattern import cdiv
 from ...registry import register
-from .common import DynamicMethod, block_pattern, causal_block_mask, diagonal_block_mask, topk_mask
+from .common import DynamicMethod, anchor_block_mask, block_pattern, causal_block_mask, diagonal_block_mask, topk_mask
 
 
 @register(
@@ -56,21 +60,28 @@ class SEA(DynamicMethod):
         topk: int = 16
         features: int = 64
         seed: int = 0
+        sink: int = 0
+        local: int = 0
 
     def check_config(self) -> None:
         c = self.config
         validate.check_positive(self.name, block_size=c.block_size, topk=c.topk, features=c.features)
+        validate.check_non_negative(self.name, sink=c.sink, local=c.local)
 
     def estimate(self, q, k, causal, scale):
         c = self.config
         bs = c.block_size
         nq, nk = q.shape[2], k.shape[2]
         mass = estimated_block_mass(q, k, bs, scale, causal, c.features, c.seed)
-        allowed = causal_block_mask(nq, nk, bs, bs, q.device) if causal else None
+        allowed = None
+        if causal:
+            # The top-k are picked among the blocks not kept anyway (sink, local band, diagonal).
+            forced = diagonal_block_mask(nq, nk, bs, bs, q.device) | anchor_block_mask(nq, nk, bs, bs, c.sink, c.local, q.device)
+            forced[..., 0] = True
+            allowed = causal_block_mask(nq, nk, bs, bs, q.device) & ~forced
         keep = topk_mask(mass, c.topk, allowed)
         if causal:
-            keep = keep | diagonal_block_mask(nq, nk, bs, bs, q.device)
-            keep[..., 0] = True
+            keep = keep | forced
         return block_pattern(keep, bs, bs, nq, nk, causal)
 
 
