@@ -194,7 +194,6 @@ def _query_aware_blocks(q, k, scale, heads, group, block, gamma, max_budget, res
     the pooled selection fills what the reserved tiles leave."""
     nq = q.shape[2]
     nk = k.shape[2]
-    _nqb, nkb = cdiv(nq, block), cdiv(nk, block)
     device = q.device
     kv_for = torch.tensor([h // group for h in heads], device=device)
     scores = gqa_scores(pool(q[:, heads], block), pool(k[:, kv_for], block), scale)  # (B, H', nQB, nKB)

@@ -41,7 +41,14 @@ import torch.nn.functional as F
 from ... import validate
 from ...kernels.pattern import cdiv
 from ...registry import register
-from .common import DynamicMethod, anchor_block_mask, block_pattern, causal_block_mask, diagonal_block_mask, topk_mask
+from .common import (
+    DynamicMethod,
+    anchor_block_mask,
+    block_pattern,
+    causal_block_mask,
+    diagonal_block_mask,
+    topk_mask,
+)
 
 
 @register(
