@@ -32,7 +32,8 @@ the queries next to the split) are attended exactly by all its queries. A pretra
 LLM puts most of each row's mass on the first token (StreamingLLM, arXiv:2309.17453);
 LSH rarely buckets it with the query and a uniform sample either misses it or weights it
 Nk / m times, so on SmolLM2 q/k/v at 8k the paper's estimator has relative error 0.18,
-with the sink 0.045, with the sink and the band 0.026 (``sink=0, local=0`` is the paper). ``stats.pattern`` is None (the computed pairs are not a block pattern; the
+with the sink 0.045, with the sink and the band 0.026 (``sink=0, local=0`` is the paper).
+``stats.pattern`` is None (the computed pairs are not a block pattern; the
 density counts LSH-chunk pairs + sampled pairs + exact causal pairs). Defaults from the
 reference: lsh_bits 7, block_size 256, sample_size 256, min_seq_len 4096.
 """

@@ -67,10 +67,7 @@ class BlockLocalGlobal(PatternMethod):
                 f"window_blocks of method {self.name!r} must be odd (the query block plus (w - 1) / 2 "
                 f"blocks on each side), got {c.window_blocks}"
             )
-        for key in ("global_tokens", "random_blocks"):
-            value = getattr(c, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{key} of method {self.name!r} must be an integer >= 0, got {value!r}")
+        validate.check_non_negative(self.name, global_tokens=c.global_tokens, random_blocks=c.random_blocks)
         if isinstance(c.seed, bool) or not isinstance(c.seed, int):
             raise ValueError(f"seed of method {self.name!r} must be an integer, got {c.seed!r}")
 

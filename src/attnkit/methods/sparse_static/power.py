@@ -51,9 +51,7 @@ class Power(PatternMethod):
 
     def check_config(self) -> None:
         validate.check_positive(self.name, block=self.config.block, window_blocks=self.config.window_blocks)
-        sink = self.config.sink_blocks
-        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
-            raise ValueError(f"sink_blocks of method {self.name!r} must be an integer >= 0, got {sink!r}")
+        validate.check_non_negative(self.name, sink_blocks=self.config.sink_blocks)
 
     def mask_mod(self, causal: bool, kv_len: Optional[int] = None, device: Optional[torch.device] = None):
         g, window, sink = self.config.block, self.config.window_blocks, self.config.sink_blocks
