@@ -16,6 +16,16 @@ def test_parse_methods():
     assert specs[0].label == "full" and specs[0].config_json == "{}"
 
 
+def test_dense_layers_is_a_model_field_not_a_method_field():
+    spec = config.parse_method("vertical_slash(dense_layers=10,vertical_size=500)")
+    assert spec.dense_layers == 10 and spec.method_config == {"vertical_size": 500}
+    assert spec.kwargs == {"dense_layers": 10, "vertical_size": 500}  # what attnkit.patch receives
+    assert config.parse_method(spec.label) == spec
+    assert config.parse_method("vertical_slash(dense_layers=0)") == config.parse_method("vertical_slash")
+    with pytest.raises(ValueError, match="dense_layers"):
+        config.parse_method("vertical_slash(dense_layers=-2)")
+
+
 def test_parse_methods_mapping_form():
     specs = config.parse_methods([{"name": "streaming", "sink": 2, "window": 64}, "full"])
     assert specs[0] == config.parse_method("streaming(window=64,sink=2)")

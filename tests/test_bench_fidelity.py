@@ -72,3 +72,23 @@ def _dense(q, k, v, scale):
     logits = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -math.inf)
     p = logits.softmax(-1)
     return p @ vv, p[0]
+
+
+def test_dense_layers_run_full_on_the_layers_they_cover():
+    """A method spec with dense_layers=N measures `full` on layers below N (as the model
+    patch runs them) and the method on the others; no model needed (captured q/k/v given)."""
+    from attnkit.bench.config import TaskSpec, parse_method
+    from attnkit.bench.tasks import Case, Context
+    from attnkit.bench.tasks.fidelity import Fidelity
+
+    torch.manual_seed(1)
+    cap = {"q": torch.randn(1, 6, 97, 16), "k": torch.randn(1, 3, 97, 16), "v": torch.randn(1, 3, 97, 16), "scale": None}
+    ctx = Context("none", memo={("fidelity", 97, 0): {2: cap, 5: cap}})
+    task = Fidelity()
+    spec = TaskSpec("fidelity", [97], [], 1, [], params=Fidelity.Params(layers=[2, 5]))
+    method = parse_method("streaming(sink=2,window=8,dense_layers=3)")
+    below = task.measure(ctx, Case("layer2", 97, None, 0, 0), method, spec)
+    above = task.measure(ctx, Case("layer5", 97, None, 0, 0), method, spec)
+    assert below["density"] == 1.0 and below["rel_error"] < 1e-6
+    plain = task.measure(ctx, Case("layer5", 97, None, 0, 0), parse_method("streaming(sink=2,window=8)"), spec)
+    assert above["density"] == plain["density"] < 0.5 and above["rel_error"] == plain["rel_error"] > 1e-3

@@ -132,3 +132,83 @@ def test_flexprefill_query_aware_heads_get_the_reference_vertical_slash_blocks()
 def test_negative_anchor_sizes_are_refused(name, field):
     with pytest.raises(ValueError, match=f"{field} of method '{name}' must be an integer >= 0"):
         ak.get(name, **{field: -1})
+
+
+# --- log-sum-exp merging and routing's anchors -------------------------------------------
+
+
+def _random_pattern(nq, nk, block, density, seed, heads=2):
+    from attnkit.methods.sparse_dynamic.common import block_pattern
+
+    g = torch.Generator().manual_seed(seed)
+    tiles = torch.rand(1, heads, -(-nq // block), -(-nk // block), generator=g) < density
+    return block_pattern(tiles, block, block, nq, nk, causal=True)
+
+
+@pytest.mark.parametrize("budget", [1 << 22, 64], ids=["one-pass", "online-softmax"])
+def test_block_sparse_lse_is_the_oracle_logsumexp_and_empty_rows_are_zero(budget):
+    from attnkit.kernels.block_sparse import block_sparse_attention
+
+    q, k, v = _inputs(2, 2, 1, 77, 77, 16, seed=20)
+    pattern = _random_pattern(77, 77, 16, 0.4, seed=21)
+    out, lse = block_sparse_attention(q, k, v, pattern, 0.25, return_lse=True, budget_elems=budget)
+    mask = pattern.dense_mask(2, 2)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    scores = scores.masked_fill(~mask, float("-inf"))
+    expected_lse = torch.logsumexp(scores, dim=-1)
+    empty = ~mask.any(-1)
+    assert empty.any(), "the random pattern should leave some rows empty"
+    assert torch.isinf(lse[empty]).all() and (lse[empty] < 0).all()
+    assert (lse[~empty].double() - expected_lse[~empty]).abs().max() < 1e-4
+    assert (out[empty] == 0).all()
+    expected = reference_attention(q, k, v, mask=mask | empty.unsqueeze(-1))  # any key for empty rows
+    assert (out[~empty].double() - expected[~empty]).abs().max() < 1e-4
+
+
+def test_merging_disjoint_parts_is_attention_over_their_union():
+    from attnkit.kernels import merge_partials
+    from attnkit.kernels.block_sparse import block_sparse_attention
+    from attnkit.kernels.pattern import BlockPattern
+
+    q, k, v = _inputs(1, 4, 2, 130, 130, 16, seed=22)
+    full = _random_pattern(130, 130, 16, 1.0, seed=0, heads=1)
+    split = torch.Generator().manual_seed(23)
+    coin = torch.rand(130, 130, generator=split) < 0.5
+
+    def half(keep):
+        rule = full.mask_mod
+        return BlockPattern(kv_blocks=full.kv_blocks, block_q=16, block_k=16, q_len=130, kv_len=130,
+                            mask_mod=lambda b, h, qp, kp: rule(b, h, qp, kp) & (coin[qp.clamp(0, 129), kp.clamp(0, 129)] == keep))
+
+    parts = [block_sparse_attention(q, k, v, half(flag), 0.25, return_lse=True) for flag in (True, False)]
+    out, lse = merge_partials(parts)
+    expected = reference_attention(q, k, v, causal=True, scale=0.25)
+    assert (out.double() - expected).abs().max() < 1e-5
+    scores = ((q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25).masked_fill(~causal_mask(130, 130), float("-inf"))
+    assert (lse.double() - torch.logsumexp(scores, -1)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_routing_with_anchors_is_clusters_or_sink_or_band(causal):
+    """Planted clusters plus anchors: the pattern is exactly "same cluster, or one of the
+    first `sink` keys, or within `local` of the query" (causal when asked), and the output
+    is the oracle's on that set — each pair counted once although both parts hold some."""
+    n, d, sink, local = 256, 32, 3, 10
+    g = torch.Generator().manual_seed(7)  # a seed where k-means recovers the 4 planted directions
+    dirs = torch.nn.functional.normalize(torch.randn(4, d, generator=g), dim=1) * 5
+    label_q = torch.randint(0, 4, (n,), generator=g)
+    label_k = torch.randint(0, 4, (n,), generator=g)
+    q = (dirs[label_q] + 0.1 * torch.randn(n, d, generator=g)).view(1, 1, n, d)
+    k = (dirs[label_k] + 0.1 * torch.randn(n, d, generator=g)).view(1, 1, n, d)
+    v = torch.randn(1, 1, n, d, generator=g)
+    out, stats = ak.attention(q, k, v, method="routing", clusters=4, sink=sink, local=local, block_size=16,
+                              membership="nearest", causal=causal, return_stats=True)
+    qp, kp = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    band = (qp - kp < local) & ((qp >= kp) if causal else (kp - qp < local))
+    expected = (label_q[:, None] == label_k[None, :]) | (kp < sink) | band
+    if causal:
+        expected &= kp <= qp
+    assert torch.equal(stats.pattern.dense_mask()[0, 0], expected)
+    assert stats.density == pytest.approx(expected.sum().item() / (n * (n + 1) // 2 if causal else n * n))
+    ref = reference_attention(q.double(), k.double(), v.double(), mask=expected)
+    assert (out.double() - ref).abs().max() < 1e-4

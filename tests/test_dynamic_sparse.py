@@ -23,7 +23,9 @@ SMALL = [
     ("moba", {"block_size": 16, "topk": 2, "granularity": "token"}, "moba-token"),
     ("hip", {"block_size": 16, "topk": 2}, "hip"),
     ("sea", {"block_size": 16, "topk": 2}, "sea"),
-    ("routing", {"block_size": 16, "clusters": 4}, "routing"),
+    ("routing", {"block_size": 16, "clusters": 4, "sink": 0, "local": 0}, "routing-paper"),
+    ("routing", {"block_size": 16, "clusters": 5, "sink": 0, "local": 0, "membership": "nearest"}, "routing-nearest"),
+    ("routing", {"block_size": 16, "clusters": 4, "sink": 5, "local": 19}, "routing-anchored"),
     ("pbs", {"block_size": 16, "segment_size": 32, "threshold": 0.5}, "pbs"),
 ]
 # configs whose budget covers every key
@@ -125,6 +127,7 @@ def test_biformer_refuses_bad_geometry():
         ("hip", {"topk": -1}),
         ("sea", {"features": 0}),
         ("routing", {"clusters": -2}),
+        ("routing", {"membership": "top"}),
         ("pbs", {"segment_size": 100, "block_size": 64}),
         ("biformer", {"regions": (0, 3)}),
     ],
@@ -198,10 +201,37 @@ def test_routing_clusters_contain_planted_matching_pairs():
     q = (dirs[label_q] + 0.1 * torch.randn(n, d, generator=g)).view(1, 1, n, d)
     k = (dirs[label_k] + 0.1 * torch.randn(n, d, generator=g)).view(1, 1, n, d)
     v = torch.randn(1, 1, n, d, generator=g)
-    _, stats = ak.attention(q, k, v, method="routing", clusters=4, causal=False, return_stats=True)
+    _, stats = ak.attention(q, k, v, method="routing", clusters=4, sink=0, local=0, membership="nearest", causal=False,
+                            return_stats=True)
     expected = label_q[:, None] == label_k[None, :]
     expected[:, 0] = True
     assert torch.equal(stats.pattern.dense_mask()[0, 0], expected)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_routing_balanced_clusters_take_each_centroids_nearest_keys(causal):
+    """Balanced membership (the paper's code): each centroid takes its N / C nearest keys.
+    Keys in 4 equal groups of 64 around 4 directions, queries around the same directions
+    but shifted by a common offset (as a pretrained model's q and k sit apart): every
+    query still gets exactly the keys of its direction, plus key 0."""
+    n, d = 256, 32
+    g = torch.Generator().manual_seed(7)
+    dirs = torch.nn.functional.normalize(torch.randn(4, d, generator=g), dim=1) * 5
+    label_k = torch.arange(n)[torch.randperm(n, generator=g)] % 4
+    label_q = torch.randint(0, 4, (n,), generator=g)
+    shift = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0) * 2
+    q = (dirs[label_q] + shift + 0.1 * torch.randn(n, d, generator=g)).view(1, 1, n, d)
+    k = (dirs[label_k] + 0.1 * torch.randn(n, d, generator=g)).view(1, 1, n, d)
+    v = torch.randn(1, 1, n, d, generator=g)
+    out, stats = ak.attention(q, k, v, method="routing", clusters=4, sink=0, local=0, causal=causal, block_size=16,
+                              return_stats=True)
+    expected = label_q[:, None] == label_k[None, :]
+    expected[:, 0] = True
+    if causal:
+        expected &= torch.ones(n, n, dtype=torch.bool).tril()
+    assert torch.equal(stats.pattern.dense_mask()[0, 0], expected)
+    ref = reference_attention(q.double(), k.double(), v.double(), mask=expected)
+    assert (out.double() - ref).abs().max() < 1e-4
 
 
 def test_moba_gates_each_token_like_the_paper():

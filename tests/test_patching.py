@@ -77,6 +77,19 @@ def test_layers_subset(smollm2, ids, exact_logits):
     assert (one_layer - exact_logits[300]).abs().max().item() > 1e-3
 
 
+def test_dense_layers_keep_the_first_layers_exact(smollm2, ids, exact_logits):
+    """dense_layers=N (MInference's starting_layer): layers 0..N-1 exact, the rest patched;
+    with N = all layers the model is exact."""
+    model = smollm2.model
+    n_layers = model.config.num_hidden_layers
+    with ak.patch(model, prefill="streaming", dense_layers=2, sink=4, window=16):
+        plan = patching.current_plan(model)
+        assert plan[0] is None and plan[1] is None
+        assert all(plan[i] == LayerMethod("streaming", {"sink": 4, "window": 16}) for i in range(2, n_layers))
+    with ak.patch(model, prefill="streaming", dense_layers=n_layers, sink=4, window=16):
+        assert (logits(model, ids[:, :300]) - exact_logits[300]).abs().max().item() < 1e-4
+
+
 def test_apply_plan_forms(smollm2):
     model = smollm2.model
     try:
@@ -109,8 +122,11 @@ def test_restored_after_exception(smollm2):
         (dict(prefill="streaming", no_such_field=1), "no_such_field"),
         (dict(prefill="full", cache="snapkv"), "needs budget"),
         (dict(prefill="full", layers=[30]), "layers"),
+        (dict(prefill="full", dense_layers=-1), "dense_layers"),
+        (dict(prefill="full", layers=[3], dense_layers=2), "dense_layers"),
     ],
-    ids=["unknown-method", "unknown-field", "cache-policy-without-budget", "layer-out-of-range"],
+    ids=["unknown-method", "unknown-field", "cache-policy-without-budget", "layer-out-of-range", "negative-dense-layers",
+         "layers-and-dense-layers"],
 )
 def test_bad_arguments_raise_at_patch_time(smollm2, kwargs, match):
     with pytest.raises(ValueError, match=match):

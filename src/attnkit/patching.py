@@ -362,14 +362,18 @@ def _split_config(prefill: Optional[str], cache: Optional[str], config: dict[str
 
 
 def _plan_from_args(prefill: Optional[str], cache: Optional[str], layers: Optional[Iterable[int]],
-                    config: dict[str, Any]) -> PlanLike:
+                    config: dict[str, Any], dense_layers: int = 0) -> PlanLike:
+    if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
+        raise ValueError(f"dense_layers must be an integer >= 0 (the first layers that keep exact attention), got {dense_layers!r}")
     if prefill is None:
         if config:
             raise ValueError(f"config fields {sorted(config)} were given without a prefill method")
         return {"default": None}
     spec = LayerMethod(prefill, dict(config))
     if layers is None:
-        return {"default": spec}
+        return {"default": spec, "layers": {i: None for i in range(dense_layers)}}
+    if dense_layers:
+        raise ValueError("give either layers (the layers that use the method) or dense_layers (the first layers that stay exact), not both")
     return {int(i): spec for i in layers}
 
 
@@ -383,12 +387,15 @@ def patch(
     cache: Optional[str] = None,
     layers: Optional[Iterable[int]] = None,
     cache_config: Optional[Mapping[str, Any]] = None,
+    dense_layers: int = 0,
     **config: Any,
 ) -> Iterator[torch.nn.Module]:
     """Run ``model`` with an attnkit prefill method inside a ``with`` block.
 
     ``prefill``: registered method name for prefill attention (None: exact everywhere);
     ``layers``: layer indices that use it (default all; the others stay exact);
+    ``dense_layers``: or keep the first ``dense_layers`` layers exact and use the method
+    on all later ones (MInference's ``starting_layer``);
     ``config``: the method's config fields, e.g. ``sink=4, window=1024``; ``cache``: a
     KV-cache policy (``attnkit.KVCache``): inside the block ``model.generate`` without
     ``past_key_values`` gets a fresh ``KVCache(cache, ...)``. Routing: ``budget``,
@@ -405,7 +412,7 @@ def patch(
         from .kvcache import KVCache
 
         KVCache(policy=cache, **cache_kw)  # a bad policy or field fails before anything changes
-    saved = _install(model, _plan_from_args(prefill, None, layers, method_config))
+    saved = _install(model, _plan_from_args(prefill, None, layers, method_config, dense_layers))
     try:
         if cache is None:
             yield model

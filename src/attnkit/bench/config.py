@@ -44,7 +44,18 @@ class MethodSpec:
 
     @property
     def kwargs(self) -> dict[str, Any]:
+        """Config fields plus ``dense_layers`` (for ``attnkit.patch``)."""
         return dict(self.config)
+
+    @property
+    def method_config(self) -> dict[str, Any]:
+        """The method's own config fields (for ``attnkit.attention``)."""
+        return {k: v for k, v in self.config if k not in MODEL_FIELDS}
+
+    @property
+    def dense_layers(self) -> int:
+        """How many first layers keep exact attention in model tasks (0: none)."""
+        return int(dict(self.config).get("dense_layers", 0))
 
     @property
     def label(self) -> str:
@@ -255,17 +266,29 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
 _METHOD_RE = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\((.*)\))?\s*$", re.S)
 
 
+MODEL_FIELDS = ("dense_layers",)  # method-spec fields for the model patch, not the method
+
+
 def parse_method(text: str) -> MethodSpec:
     """``"streaming(sink=4, window=256)"`` -> MethodSpec, validated by ``attnkit.get``."""
     return method_spec(*_read_call(text, "method"))
 
 
 def method_spec(name: str, config: Mapping[str, Any]) -> MethodSpec:
-    """Validate ``name`` and ``config`` with ``attnkit.get`` (errors list the valid choices)."""
+    """Validate ``name`` and ``config`` with ``attnkit.get`` (errors list the valid choices).
+
+    ``dense_layers=N`` (not a method field) keeps the first N layers exact in every task
+    (``attnkit.patch(..., dense_layers=N)``; in ``fidelity``, layers below N run ``full``).
+    """
     from .. import api, registry
 
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    api.get(name, **config)
+    dense = config.get("dense_layers", 0)
+    if isinstance(dense, bool) or not isinstance(dense, int) or dense < 0:
+        raise ValueError(f"dense_layers of {name!r} must be an integer >= 0 (the first layers kept exact), got {dense!r}")
+    if dense == 0:
+        config.pop("dense_layers", None)
+    api.get(name, **{k: v for k, v in config.items() if k not in MODEL_FIELDS})
     kinds = registry.method_info(name).kinds
     if "prefill" not in kinds:
         prefill = [m.name for m in registry.methods(kind="prefill")]

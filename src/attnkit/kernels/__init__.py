@@ -14,7 +14,7 @@ import torch
 from .. import validate
 from . import flex as _flex
 from . import ranges as _ranges
-from .block_sparse import block_sparse_attention, check_no_empty_rows, count_allowed_pairs
+from .block_sparse import block_sparse_attention, check_no_empty_rows, count_allowed_pairs, merge_partials
 from .dense import masked_sdpa, sdpa
 from .pattern import BlockPattern, MaskMod, and_mods, causal_mod, lists_from_block_mask
 

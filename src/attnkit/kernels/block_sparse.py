@@ -30,11 +30,16 @@ def block_sparse_attention(
     scale: float,
     method: str = "?",
     budget_elems: int = DEFAULT_BUDGET_ELEMS,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over the pattern's allowed pairs.
 
     q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv) in q's dtype.
-    Raises ValueError naming the first query row that the pattern leaves without a key.
+    Raises ValueError naming the first query row that the pattern leaves without a key,
+    unless ``return_lse``: then returns (out, lse) with lse (B, Hq, Nq) the log-sum-exp of
+    each row's scaled scores (float32, float64 for float64 inputs), and a row without keys
+    gets out 0 and lse -inf, so partial results over disjoint pairs can be combined with
+    ``merge_partials``.
     """
     b, hq, nq, d = q.shape
     hkv, dv = k.shape[1], v.shape[3]
@@ -59,18 +64,45 @@ def block_sparse_attention(
     q_chunk = max(1, min(nqb, budget_elems // max(1, per_qblock)))
 
     out = torch.empty(b, heads, nqb, rows, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, heads, nqb, rows, 1, dtype=compute, device=q.device) if return_lse else None
     for q0 in range(0, nqb, q_chunk):
         q1 = min(nqb, q0 + q_chunk)
         qc = q_tiles[:, :, q0:q1].to(compute) * scale
         q_pos = geometry.query_positions(q0, q1) + pattern.q_offset
         if slot_chunk == slots:
             scores, values = _tile_scores(qc, k_blocks, v_blocks, pattern, partial, q0, q1, 0, slots, q_pos, geometry)
+            row_lse = torch.logsumexp(scores, dim=-1, keepdim=True) if lse is not None else None
             result = torch.matmul(torch.softmax(scores, dim=-1), values)
         else:
-            result = _online_softmax(qc, k_blocks, v_blocks, pattern, partial, q0, q1, slot_chunk, q_pos, geometry)
-        _check_rows(result, geometry.query_positions(q0, q1) < nq, q0, bq, group, fold, method)
+            result, row_lse = _online_softmax(qc, k_blocks, v_blocks, pattern, partial, q0, q1, slot_chunk, q_pos, geometry)
+        if lse is None:
+            _check_rows(result, geometry.query_positions(q0, q1) < nq, q0, bq, group, fold, method)
+        else:
+            result = result.nan_to_num(nan=0.0)
+            lse[:, :, q0:q1] = row_lse
         out[:, :, q0:q1] = result.to(q.dtype)
-    return _untile(out, b, hq, hkv, nq, nqb, bq, dv, fold)
+    out = _untile(out, b, hq, hkv, nq, nqb, bq, dv, fold)
+    if lse is None:
+        return out
+    return out, _untile(lse, b, hq, hkv, nq, nqb, bq, 1, fold)[..., 0]
+
+
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a union of disjoint pair sets from the (out, lse) of each set.
+
+    out: (B, H, N, Dv), lse: (B, H, N) as returned by ``block_sparse_attention(...,
+    return_lse=True)``: out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i.
+    A row empty in every part comes out NaN (the caller reports it); returns (out, lse).
+    """
+    lses = torch.stack([lse for _, lse in parts])
+    total = torch.logsumexp(lses, dim=0)
+    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    merged = None
+    for out, part_lse in parts:
+        term = out.to(lses.dtype) * torch.exp(part_lse - safe).unsqueeze(-1)
+        merged = term if merged is None else merged + term
+    merged = merged.masked_fill(torch.isinf(total).unsqueeze(-1), float("nan"))
+    return merged.to(parts[0][0].dtype), total
 
 
 class _Geometry:
@@ -148,7 +180,9 @@ def _mask_tile(tiles, idx, slot, pattern, q_pos, geometry) -> None:
 
 
 def _online_softmax(qc, k_blocks, v_blocks, pattern, partial, q0, q1, slot_chunk, q_pos, geometry):
-    """Softmax over many key slots in chunks, merged with a running max (FlashAttention)."""
+    """Softmax over many key slots in chunks, merged with a running max (FlashAttention).
+
+    Returns (out (B, H, c, rows, Dv), lse (B, H, c, rows, 1))."""
     b, heads, c, rows, _ = qc.shape
     dv = v_blocks.shape[-1]
     acc = torch.zeros(b, heads, c, rows, dv, dtype=qc.dtype, device=qc.device)
@@ -165,7 +199,7 @@ def _online_softmax(qc, k_blocks, v_blocks, pattern, partial, q0, q1, slot_chunk
         row_sum = row_sum * rescale + probs.sum(dim=-1, keepdim=True)
         acc = acc * rescale + torch.matmul(probs, values)
         row_max = new_max
-    return acc / row_sum  # 0/0 = NaN marks rows without keys
+    return acc / row_sum, row_max + row_sum.log()  # 0/0 = NaN (and lse -inf) marks rows without keys
 
 
 def _check_rows(result, q_valid, q0, bq, group, fold, method) -> None:

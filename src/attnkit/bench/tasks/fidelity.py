@@ -191,9 +191,9 @@ class Fidelity(Task):
         cap = self.captured(ctx, case, spec)[layer]
         q, k, v, scale = cap["q"], cap["k"], cap["v"], cap["scale"]
         start = time.perf_counter()
+        name, config = (method.name, method.method_config) if layer >= method.dense_layers else ("full", {})
         with torch.inference_mode():
-            out, stats = api.attention(q, k, v, method=method.name, causal=True, scale=scale, return_stats=True,
-                                       **method.kwargs)
+            out, stats = api.attention(q, k, v, method=name, causal=True, scale=scale, return_stats=True, **config)
         seconds = time.perf_counter() - start
         scale = scale if scale is not None else q.shape[-1] ** -0.5
         ref_key = ("fidelity_ref", case.length, case.sample, layer)

@@ -11,6 +11,13 @@ the timed estimator, the permuted kernel run and stats whose ``pattern`` is an
 equivalent pattern in the *original* token order (exact ``dense_mask()``, so attention
 mass recall can be computed against q, k as given).
 
+A permuted method may also keep *anchors* (``anchors()`` returns (sink, local) > 0):
+the first ``sink`` keys and a local band of ``local`` keys before each query, computed
+exactly in the original order. The permuted pattern then skips those pairs, both parts
+return their log-sum-exp, and ``merge_partials`` combines them into attention over the
+union — the local band cannot be one permuted block pattern (its keys are scattered
+across the permuted order).
+
 Positions are absolute: query i of Nq sits at Nk - Nq + i (bottom-right aligned).
 """
 
@@ -22,10 +29,12 @@ from typing import Optional
 
 import torch
 
-from ...kernels import BlockPattern, lists_from_block_mask, run_pattern
-from ...kernels.pattern import block_mask_from_lists
+from ...kernels import BlockPattern, lists_from_block_mask, merge_partials, run_pattern
+from ...kernels.block_sparse import block_sparse_attention
+from ...kernels.pattern import block_mask_from_lists, cdiv
+from ... import validate
 from ..base import AttentionStats, full_pairs
-from .common import DynamicMethod
+from .common import DynamicMethod, anchor_block_mask, block_pattern
 
 
 def lookup(table: torch.Tensor, b: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, group: int = 1) -> torch.Tensor:
@@ -46,11 +55,14 @@ def lookup_2d(table: torch.Tensor, b: torch.Tensor, h: torch.Tensor, row: torch.
 
 
 def gather_tokens(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
-    """x: (B, H, N, D), perm: (Bp, Hp, N) original index of each permuted slot -> (B, H, N, D)."""
+    """x: (B, H, N, D), perm: (Bp, Hp, S) original index of each slot -> (B, H, S, D).
+
+    S may differ from N (key slots of a method whose key lists repeat or skip tokens)."""
     if perm is None:
         return x
-    b, h, n, d = x.shape
-    idx = perm.expand(b, h, n).unsqueeze(-1).expand(b, h, n, d)
+    b, h, _, d = x.shape
+    s = perm.shape[-1]
+    idx = perm.expand(b, h, s).unsqueeze(-1).expand(b, h, s, d)
     return torch.gather(x, 2, idx)
 
 
@@ -73,19 +85,29 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 class Permutation:
     """Token orders of a permuted pattern: slot i holds original token ``perm[..., i]``.
 
-    q: (Bp, Hq|1, Nq) or None (queries not permuted); k: (Bp, Hkv|1, Nk) or None.
+    q: (Bp, Hq|1, Nq) permutation or None (queries not permuted); k: (Bp, Hkv|1, S) or
+    None. When ``k`` is not a permutation of the Nk keys (a key in several slots, or in
+    none), give ``kv_len`` = Nk and ``rule``: the pattern's element rule in the original
+    order, ``rule(b, h, q_pos, k_pos)`` with absolute positions (for stats).
     """
 
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
+    kv_len: Optional[int] = None
+    rule: Optional[object] = None
 
 
-def original_order_pattern(pattern: BlockPattern, perm: Permutation, group: int) -> BlockPattern:
+def original_order_pattern(pattern: BlockPattern, perm: Permutation, group: int, kv_len: int | None = None) -> BlockPattern:
     """The pattern of ``pattern`` (which lives in permuted order) in the original token order.
 
-    Lists every tile and decides each pair through the inverse permutations, so it is
-    exact but as slow as dense attention to *run*: it is for stats, tests and recall.
+    Lists every tile and decides each pair through the inverse permutations (or
+    ``perm.rule`` when given), so it is exact but as slow as dense attention to *run*: it
+    is for stats, tests and recall. ``kv_len``: the original key count (default: the
+    pattern's).
     """
+    if perm.rule is not None:
+        return _all_tiles(pattern.q_len, perm.kv_len or kv_len or pattern.kv_len, pattern.block_q, pattern.block_k,
+                          perm.rule, pattern.kv_blocks.device)
     nqb, nkb = pattern.num_q_blocks, pattern.num_kv_blocks
     listed = block_mask_from_lists(pattern.kv_blocks, nkb)  # (Bp, Hp, nQB, nKB), permuted order
     inv_q = None if perm.q is None else inverse_permutation(perm.q)
@@ -107,6 +129,13 @@ def original_order_pattern(pattern: BlockPattern, perm: Permutation, group: int)
     )
 
 
+def _all_tiles(q_len: int, kv_len: int, block_q: int, block_k: int, rule, device) -> BlockPattern:
+    """A pattern listing every tile, deciding pairs by ``rule`` (stats and tests only)."""
+    nqb, nkb = cdiv(q_len, block_q), cdiv(kv_len, block_k)
+    tiles = torch.arange(nkb, device=device).expand(1, 1, nqb, nkb).contiguous()
+    return BlockPattern(kv_blocks=tiles, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len, mask_mod=rule)
+
+
 def pattern_from_mask(mask: torch.Tensor, block_q: int, block_k: int, q_len: int, kv_len: int, mask_mod=None, full=None) -> BlockPattern:
     """BlockPattern from a (Bp, Hp, nQB, nKB) bool tile mask without any causal trimming
     (permuted orders have no positional block causality); ``full``: optional tile mask of
@@ -118,28 +147,116 @@ def pattern_from_mask(mask: torch.Tensor, block_q: int, block_k: int, q_len: int
     return BlockPattern(kv_blocks=lists, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len, mask_mod=mask_mod, full_tiles=full_tiles)
 
 
+def anchor_rule(sink: int, local: int, causal: bool):
+    """Element rule of the anchors: key among the first ``sink``, or within ``local``
+    positions of the query (before it when causal, either side otherwise)."""
+
+    def anchored(b, h, q_pos, k_pos):
+        dist = q_pos - k_pos
+        band = ((dist >= 0) if causal else (dist > -local)) & (dist < local)
+        return (k_pos < sink) | band
+
+    return anchored
+
+
+def anchor_pattern(q_len: int, kv_len: int, sink: int, local: int, causal: bool, block: int, device=None) -> BlockPattern:
+    """The anchors (sink columns + local band) as a BlockPattern in the original order."""
+    tiles = anchor_block_mask(q_len, kv_len, block, block, sink, local, device)
+    if not causal and local > 0:  # the band reaches ``local - 1`` keys past the query too
+        q_lo = (torch.arange(cdiv(q_len, block), device=device) * block + kv_len - q_len)[:, None]
+        k_lo = (torch.arange(cdiv(kv_len, block), device=device) * block)[None, :]
+        tiles = tiles | ((k_lo <= q_lo + block - 1 + local - 1) & (k_lo + block - 1 >= q_lo))
+    return block_pattern(tiles, block, block, q_len, kv_len, causal, mask_mod=anchor_rule(sink, local, causal))
+
+
+def _without_anchors(pattern: BlockPattern, perm: Permutation, sink: int, local: int, causal: bool, group: int,
+                     kv_len: int) -> BlockPattern:
+    """``pattern`` (permuted order) minus the anchor pairs, judged on original positions
+    (``kv_len``: the original key count)."""
+    rule, anchored, off = pattern.mask_mod, anchor_rule(sink, local, causal), pattern.q_offset
+    orig_off = kv_len - pattern.q_len
+
+    def not_anchored(b, h, q_pos, k_pos):
+        qs = q_pos - off + orig_off if perm.q is None else lookup(perm.q, b, h, q_pos - off) + orig_off
+        ks = k_pos if perm.k is None else lookup(perm.k, b, h, k_pos, group)
+        ok = ~anchored(b, h, qs, ks)
+        return ok if rule is None else ok & rule(b, h, q_pos, k_pos)
+
+    return BlockPattern(kv_blocks=pattern.kv_blocks, block_q=pattern.block_q, block_k=pattern.block_k,
+                        q_len=pattern.q_len, kv_len=pattern.kv_len, mask_mod=not_anchored)
+
+
+def _union(a: BlockPattern, b: BlockPattern) -> BlockPattern:
+    """Pattern allowing the pairs of either (both in the original order, same geometry)."""
+    nkb = a.num_kv_blocks
+    listed_a, listed_b = block_mask_from_lists(a.kv_blocks, nkb), block_mask_from_lists(b.kv_blocks, nkb)
+
+    def either(bb, h, q_pos, k_pos):
+        return _allowed(a, listed_a, bb, h, q_pos, k_pos) | _allowed(b, listed_b, bb, h, q_pos, k_pos)
+
+    return BlockPattern(kv_blocks=lists_from_block_mask(listed_a | listed_b), block_q=a.block_q, block_k=a.block_k,
+                        q_len=a.q_len, kv_len=a.kv_len, mask_mod=either)
+
+
+def _allowed(p: BlockPattern, listed: torch.Tensor, b, h, q_pos, k_pos):
+    """Whether ``p`` (its tiles: ``listed`` (Bp, Hp, nQB, nKB)) allows (q_pos, k_pos)."""
+    lb, lh = listed.shape[:2]
+    q_blk = ((q_pos - p.q_offset) // p.block_q).clamp(0, p.num_q_blocks - 1)
+    ok = listed[b % lb, h % lh, q_blk, (k_pos // p.block_k).clamp(0, p.num_kv_blocks - 1)]
+    return ok if p.mask_mod is None else ok & p.mask_mod(b, h, q_pos, k_pos)
+
+
 class PermutedMethod(DynamicMethod):
     """A dynamic method whose pattern lives in a permuted token order.
 
     Subclasses implement ``estimate_permuted(q, k, causal, scale) -> (pattern, Permutation)``;
     the pattern's element rule receives *permuted* positions (use ``lookup`` on original
-    position tables). ``stats.pattern`` is the equivalent pattern in the original order.
+    position tables). ``stats.pattern`` is the equivalent pattern in the *original* order.
+    Subclasses with anchors override ``anchors``.
     """
 
     def estimate_permuted(self, q, k, causal: bool, scale: float) -> tuple[BlockPattern, Permutation]:
         raise NotImplementedError
+
+    def anchors(self) -> tuple[int, int]:
+        """(sink, local): keys kept exactly beside the permuted pattern; (0, 0) for none."""
+        return 0, 0
 
     def forward(self, q, k, v, causal, scale, backend, want_stats):
         start = time.perf_counter()
         with torch.no_grad():
             pattern, perm = self.estimate_permuted(q, k, causal, scale)
         estimator_seconds = time.perf_counter() - start
+        sink, local = self.anchors()
+        group = q.shape[1] // k.shape[1]
         qp, kp, vp = gather_tokens(q, perm.q), gather_tokens(k, perm.k), gather_tokens(v, perm.k)
-        out, _, used = run_pattern(qp, kp, vp, pattern, scale, backend, count_pairs=False, method=self.name)
-        out = scatter_tokens(out, perm.q)
+        anchors = None
+        if sink > 0 or local > 0:
+            anchors = anchor_pattern(q.shape[2], k.shape[2], sink, local, causal, pattern.block_k, q.device)
+            pattern = _without_anchors(pattern, perm, sink, local, causal, group, k.shape[2])
+            out, used = self._attend_with_anchors(q, k, v, qp, kp, vp, pattern, anchors, perm, scale)
+        else:
+            out, _, used = run_pattern(qp, kp, vp, pattern, scale, backend, count_pairs=False, method=self.name)
+            out = scatter_tokens(out, perm.q)
         density, stats_pattern = float("nan"), pattern
         if want_stats:
             b, hq, nq = q.shape[:3]
-            density = self.count_pairs(pattern, b, hq) / (full_pairs(nq, k.shape[2], causal) * b * hq)
-            stats_pattern = original_order_pattern(pattern, perm, hq // k.shape[1])
+            pairs = self.count_pairs(pattern, b, hq)
+            stats_pattern = original_order_pattern(pattern, perm, group, k.shape[2])
+            if anchors is not None:
+                pairs += self.count_pairs(anchors, b, hq)
+                stats_pattern = _union(stats_pattern, anchors)
+            density = pairs / (full_pairs(nq, k.shape[2], causal) * b * hq)
         return out, AttentionStats(self.name, density, stats_pattern, estimator_seconds, used)
+
+    def _attend_with_anchors(self, q, k, v, qp, kp, vp, pattern, anchors, perm, scale):
+        """Permuted part and anchor part, each with its log-sum-exp, merged: (out, backend)."""
+        out_p, lse_p = block_sparse_attention(qp, kp, vp, pattern, scale, method=self.name, return_lse=True)
+        out_p, lse_p = scatter_tokens(out_p, perm.q), scatter_tokens(lse_p.unsqueeze(-1), perm.q)[..., 0]
+        out_a, lse_a = block_sparse_attention(q, k, v, anchors, scale, method=self.name, return_lse=True)
+        out, _ = merge_partials([(out_p, lse_p), (out_a, lse_a)])
+        empty = torch.isnan(out[..., 0])
+        if bool(empty.any()):
+            bb, hh, row = (int(x) for x in empty.nonzero()[0])
+            validate.empty_row_error(row, bb, hh, self.name)
+        return out, "gather"
