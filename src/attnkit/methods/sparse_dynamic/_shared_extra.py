@@ -29,10 +29,10 @@ from typing import Optional
 
 import torch
 
+from ... import validate
 from ...kernels import BlockPattern, lists_from_block_mask, merge_partials, run_pattern
 from ...kernels.block_sparse import block_sparse_attention
 from ...kernels.pattern import block_mask_from_lists, cdiv
-from ... import validate
 from ..base import AttentionStats, full_pairs
 from .common import DynamicMethod, anchor_block_mask, block_pattern
 
@@ -93,8 +93,8 @@ class Permutation:
 
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
-    kv_len: Optional[int] = None
-    rule: Optional[object] = None
+    kv_len: int | None = None
+    rule: object | None = None
 
 
 def original_order_pattern(pattern: BlockPattern, perm: Permutation, group: int, kv_len: int | None = None) -> BlockPattern:
