@@ -145,13 +145,18 @@ def _random_pattern(nq, nk, block, density, seed, heads=2):
     return block_pattern(tiles, block, block, nq, nk, causal=True)
 
 
-@pytest.mark.parametrize("budget", [1 << 22, 64], ids=["one-pass", "online-softmax"])
-def test_block_sparse_lse_is_the_oracle_logsumexp_and_empty_rows_are_zero(budget):
+@pytest.mark.parametrize("kernel", ["gather-one-pass", "gather-online-softmax", "ranges"])
+def test_kernel_lse_is_the_oracle_logsumexp_and_empty_rows_are_zero(kernel):
     from attnkit.kernels.block_sparse import block_sparse_attention
+    from attnkit.kernels.ranges import range_attention
 
     q, k, v = _inputs(2, 2, 1, 77, 77, 16, seed=20)
-    pattern = _random_pattern(77, 77, 16, 0.4, seed=21)
-    out, lse = block_sparse_attention(q, k, v, pattern, 0.25, return_lse=True, budget_elems=budget)
+    pattern = _random_pattern(77, 77, 16, 0.4, seed=21, heads=1 if kernel == "ranges" else 2)
+    if kernel == "ranges":
+        out, lse = range_attention(q, k, v, pattern, 0.25, return_lse=True)
+    else:
+        budget = 64 if kernel == "gather-online-softmax" else 1 << 22
+        out, lse = block_sparse_attention(q, k, v, pattern, 0.25, return_lse=True, budget_elems=budget)
     mask = pattern.dense_mask(2, 2)
     scores = (q.double() @ k.double().transpose(-1, -2)) * 0.25
     scores = scores.masked_fill(~mask, float("-inf"))

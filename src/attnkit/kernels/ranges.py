@@ -57,15 +57,22 @@ def key_ranges(pattern: BlockPattern, q_block: int) -> list[tuple[int, int, bool
 
 
 def range_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, method: str = "?"
-) -> torch.Tensor:
-    """Attention over a shared pattern. q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) -> (B, Hq, Nq, D)."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, method: str = "?",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a shared pattern. q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) -> (B, Hq, Nq, D).
+
+    ``return_lse``: also return the log-sum-exp of each row's scaled scores, (B, Hq, Nq)
+    float32; rows without keys then get out 0 and lse -inf instead of an error (as
+    ``block_sparse_attention(..., return_lse=True)``, for ``merge_partials``).
+    """
     b, hq, nq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     qg = q.view(b, hkv, group, nq, d)
     out = torch.empty(b, hkv, group, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((b, hkv, group, nq), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
     bq = pattern.block_q
     for qb in range(cdiv(nq, bq)):
         q0, q1 = qb * bq, min(nq, (qb + 1) * bq)
@@ -75,10 +82,20 @@ def range_attention(
             for start, end, full in key_ranges(pattern, qb)
         ]
         merged = _merge(parts)
-        if merged is None or bool(torch.isnan(merged[..., 0]).any()):
+        if lse is not None:
+            if merged is None:
+                out[:, :, :, q0:q1] = 0
+                continue
+            total = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
+            empty = total < _MASKED / 2
+            merged = merged.masked_fill(empty.unsqueeze(-1), 0.0)
+            lse[:, :, :, q0:q1] = total.masked_fill(empty, float("-inf")).view(b, hkv, group, q1 - q0)
+        elif merged is None or bool(torch.isnan(merged[..., 0]).any()):
             _raise_empty(merged, q0, q1, group, method)
         out[:, :, :, q0:q1] = merged.view(b, hkv, group, q1 - q0, -1).to(q.dtype)
-    return out.view(b, hq, nq, -1)
+    if lse is None:
+        return out.view(b, hq, nq, -1)
+    return out.view(b, hq, nq, -1), lse.view(b, hq, nq)
 
 
 def _part(rows, k, v, pattern, q0, q1, group, start, end, full, scale, compute):

@@ -32,6 +32,8 @@ import torch
 from ... import validate
 from ...kernels import BlockPattern, lists_from_block_mask, merge_partials, run_pattern
 from ...kernels.block_sparse import block_sparse_attention
+from ...kernels.ranges import range_attention
+from ...kernels.ranges import supports as ranges_supported
 from ...kernels.pattern import block_mask_from_lists, cdiv
 from ..base import AttentionStats, full_pairs
 from .common import DynamicMethod, anchor_block_mask, block_pattern
@@ -253,7 +255,10 @@ class PermutedMethod(DynamicMethod):
         """Permuted part and anchor part, each with its log-sum-exp, merged: (out, backend)."""
         out_p, lse_p = block_sparse_attention(qp, kp, vp, pattern, scale, method=self.name, return_lse=True)
         out_p, lse_p = scatter_tokens(out_p, perm.q), scatter_tokens(lse_p.unsqueeze(-1), perm.q)[..., 0]
-        out_a, lse_a = block_sparse_attention(q, k, v, anchors, scale, method=self.name, return_lse=True)
+        if ranges_supported(anchors, q)[0]:  # sink + band: a few fused flash calls per query block
+            out_a, lse_a = range_attention(q, k, v, anchors, scale, method=self.name, return_lse=True)
+        else:
+            out_a, lse_a = block_sparse_attention(q, k, v, anchors, scale, method=self.name, return_lse=True)
         out, _ = merge_partials([(out_p, lse_p), (out_a, lse_a)])
         empty = torch.isnan(out[..., 0])
         if bool(empty.any()):
