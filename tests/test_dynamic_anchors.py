@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from planted import planted_clusters
 
 import attnkit as ak
 from attnkit.methods.sparse_dynamic import flexprefill, hip, hyper, moba, sea  # noqa: F401  (register)
@@ -198,14 +199,8 @@ def test_routing_with_anchors_is_clusters_or_sink_or_band(causal):
     """Planted clusters plus anchors: the pattern is exactly "same cluster, or one of the
     first `sink` keys, or within `local` of the query" (causal when asked), and the output
     is the oracle's on that set — each pair counted once although both parts hold some."""
-    n, d, sink, local = 256, 32, 3, 10
-    g = torch.Generator().manual_seed(7)  # a seed where k-means recovers the 4 planted directions
-    dirs = torch.nn.functional.normalize(torch.randn(4, d, generator=g), dim=1) * 5
-    label_q = torch.randint(0, 4, (n,), generator=g)
-    label_k = torch.randint(0, 4, (n,), generator=g)
-    q = (dirs[label_q] + 0.1 * torch.randn(n, d, generator=g)).view(1, 1, n, d)
-    k = (dirs[label_k] + 0.1 * torch.randn(n, d, generator=g)).view(1, 1, n, d)
-    v = torch.randn(1, 1, n, d, generator=g)
+    n, sink, local = 256, 3, 10
+    q, k, v, label_q, label_k = planted_clusters(n)
     out, stats = ak.attention(q, k, v, method="routing", clusters=4, sink=sink, local=local, block_size=16,
                               membership="nearest", causal=causal, return_stats=True)
     qp, kp = torch.arange(n)[:, None], torch.arange(n)[None, :]

@@ -9,9 +9,18 @@ import math
 
 import pytest
 import torch
+from planted import planted_clusters
 
 import attnkit as ak
-from attnkit.methods.sparse_dynamic import biformer, block_topk, hip, moba, pbs, routing, sea  # noqa: F401  (register)
+from attnkit.methods.sparse_dynamic import (  # noqa: F401  (register)
+    biformer,
+    block_topk,
+    hip,
+    moba,
+    pbs,
+    routing,
+    sea,
+)
 from attnkit.reference import reference_attention
 
 # name, small-budget config (N ~ 100-260, block 16), id
@@ -193,14 +202,8 @@ def test_hip_follows_a_smooth_bump_down_the_tree():
 def test_routing_clusters_contain_planted_matching_pairs():
     """Four well-separated directions: queries and keys of one direction share a cluster and
     attend only to each other (plus key 0, the sink)."""
-    n, d = 256, 32
-    g = torch.Generator().manual_seed(7)
-    dirs = torch.nn.functional.normalize(torch.randn(4, d, generator=g), dim=1) * 5
-    label_q = torch.randint(0, 4, (n,), generator=g)
-    label_k = torch.randint(0, 4, (n,), generator=g)
-    q = (dirs[label_q] + 0.1 * torch.randn(n, d, generator=g)).view(1, 1, n, d)
-    k = (dirs[label_k] + 0.1 * torch.randn(n, d, generator=g)).view(1, 1, n, d)
-    v = torch.randn(1, 1, n, d, generator=g)
+    n = 256
+    q, k, v, label_q, label_k = planted_clusters(n)
     _, stats = ak.attention(q, k, v, method="routing", clusters=4, sink=0, local=0, membership="nearest", causal=False,
                             return_stats=True)
     expected = label_q[:, None] == label_k[None, :]

@@ -97,9 +97,10 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
     lses = torch.stack([lse for _, lse in parts])
     total = torch.logsumexp(lses, dim=0)
     safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    compute = torch.promote_types(parts[0][0].dtype, lses.dtype)
     merged = None
     for out, part_lse in parts:
-        term = out.to(lses.dtype) * torch.exp(part_lse - safe).unsqueeze(-1)
+        term = out.to(compute) * torch.exp(part_lse - safe).to(compute).unsqueeze(-1)
         merged = term if merged is None else merged + term
     merged = merged.masked_fill(torch.isinf(total).unsqueeze(-1), float("nan"))
     return merged.to(parts[0][0].dtype), total

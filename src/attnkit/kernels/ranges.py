@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import validate
+from .block_sparse import merge_partials
 from .pattern import BlockPattern, cdiv
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -81,15 +82,13 @@ def range_attention(
             _part(rows, k, v, pattern, q0, q1, group, start, end, full, scale, compute)
             for start, end, full in key_ranges(pattern, qb)
         ]
-        merged = _merge(parts)
+        merged, total = _merge(parts)
         if lse is not None:
             if merged is None:
                 out[:, :, :, q0:q1] = 0
                 continue
-            total = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
-            empty = total < _MASKED / 2
-            merged = merged.masked_fill(empty.unsqueeze(-1), 0.0)
-            lse[:, :, :, q0:q1] = total.masked_fill(empty, float("-inf")).view(b, hkv, group, q1 - q0)
+            merged = merged.nan_to_num(nan=0.0)
+            lse[:, :, :, q0:q1] = total.view(b, hkv, group, q1 - q0)
         elif merged is None or bool(torch.isnan(merged[..., 0]).any()):
             _raise_empty(merged, q0, q1, group, method)
         out[:, :, :, q0:q1] = merged.view(b, hkv, group, q1 - q0, -1).to(q.dtype)
@@ -118,20 +117,14 @@ def _part(rows, k, v, pattern, q0, q1, group, start, end, full, scale, compute):
 
 
 def _merge(parts):
-    """Merge (out, lse) pairs of disjoint key ranges: out = sum_i exp(lse_i - lse) out_i.
+    """Merge (out, lse) pairs of disjoint key ranges -> (out, lse), or (None, None) for no part.
 
-    Rows with no allowed key in any range come out as NaN (the caller reports them).
+    A range whose rows saw only masked keys (lse ~ -1e30) counts as empty; rows with no
+    allowed key in any range come out NaN with lse -inf (the caller reports them).
     """
     if not parts:
-        return None
-    lses = torch.stack([lse for _, lse in parts])
-    total = torch.logsumexp(lses, dim=0)
-    merged = None
-    for out, lse in parts:
-        term = out * torch.exp(lse - total).unsqueeze(-1)
-        merged = term if merged is None else merged + term
-    empty = (total < _MASKED / 2).unsqueeze(-1)
-    return merged.masked_fill(empty, float("nan"))
+        return None, None
+    return merge_partials([(out, lse.masked_fill(lse < _MASKED / 2, float("-inf"))) for out, lse in parts])
 
 
 def _raise_empty(merged, q0: int, q1: int, group: int, method: str) -> None:

@@ -110,25 +110,17 @@ def original_order_pattern(pattern: BlockPattern, perm: Permutation, group: int,
     if perm.rule is not None:
         return _all_tiles(pattern.q_len, perm.kv_len or kv_len or pattern.kv_len, pattern.block_q, pattern.block_k,
                           perm.rule, pattern.kv_blocks.device)
-    nqb, nkb = pattern.num_q_blocks, pattern.num_kv_blocks
-    listed = block_mask_from_lists(pattern.kv_blocks, nkb)  # (Bp, Hp, nQB, nKB), permuted order
+    listed = block_mask_from_lists(pattern.kv_blocks, pattern.num_kv_blocks)  # (Bp, Hp, nQB, nKB), permuted order
     inv_q = None if perm.q is None else inverse_permutation(perm.q)
     inv_k = None if perm.k is None else inverse_permutation(perm.k)
-    off, bq, bk, rule = pattern.q_offset, pattern.block_q, pattern.block_k, pattern.mask_mod
+    off = pattern.q_offset
 
     def in_original_order(b, h, q_pos, k_pos):
         qs = q_pos if inv_q is None else lookup(inv_q, b, h, q_pos - off) + off
         ks = k_pos if inv_k is None else lookup(inv_k, b, h, k_pos, group)
-        lb, lh = listed.shape[:2]
-        ok = listed[b % lb, h % lh, ((qs - off) // bq).clamp(0, nqb - 1), (ks // bk).clamp(0, nkb - 1)]
-        if rule is not None:
-            ok = ok & rule(b, h, qs, ks)
-        return ok
+        return _allowed(pattern, listed, b, h, qs, ks)
 
-    all_tiles = torch.arange(nkb, device=listed.device).expand(1, 1, nqb, nkb).contiguous()
-    return BlockPattern(
-        kv_blocks=all_tiles, block_q=bq, block_k=bk, q_len=pattern.q_len, kv_len=pattern.kv_len, mask_mod=in_original_order
-    )
+    return _all_tiles(pattern.q_len, pattern.kv_len, pattern.block_q, pattern.block_k, in_original_order, listed.device)
 
 
 def _all_tiles(q_len: int, kv_len: int, block_q: int, block_k: int, rule, device) -> BlockPattern:
