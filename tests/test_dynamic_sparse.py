@@ -134,6 +134,7 @@ def test_biformer_refuses_bad_geometry():
         ("moba", {"block_size": 0}),
         ("moba", {"granularity": "row"}),
         ("hip", {"topk": -1}),
+        ("hip", {"chunk": 4, "topk": 30}),
         ("sea", {"features": 0}),
         ("routing", {"clusters": -2}),
         ("routing", {"membership": "top"}),
@@ -171,7 +172,7 @@ def _planted(n=512, d=32, q_block=(448, 512), k_block=(128, 192), strength=4.0, 
         ("block_topk", {"threshold": 0.5}),
         ("moba", {"block_size": 64, "topk": 2}),
         ("moba", {"block_size": 64, "topk": 2, "granularity": "token"}),
-        ("hip", {"topk": 1, "local": 0}),
+        ("hip", {"topk": 128, "local": 0}),
         ("sea", {"topk": 1}),
         ("pbs", {"segment_size": 128, "threshold": 0.5}),
     ],
@@ -186,7 +187,7 @@ def test_dominant_key_block_is_always_selected(name, config, causal):
 
 def test_hip_follows_a_smooth_bump_down_the_tree():
     """HiP's premise (attention locality): scores vary smoothly along the keys; the tree
-    search must end at the peak block."""
+    search must end at the keys around the peak (position 700), for every query."""
     n, d = 2048, 32
     g = torch.Generator().manual_seed(6)
     u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
@@ -195,8 +196,35 @@ def test_hip_follows_a_smooth_bump_down_the_tree():
     k = (torch.randn(1, 1, n, d, generator=g) * 0.1 + bump[:, None] * u).contiguous()
     q = (torch.randn(1, 1, n, d, generator=g) * 0.1 + u).contiguous()
     v = torch.randn(1, 1, n, d, generator=g)
-    _, stats = ak.attention(q, k, v, method="hip", topk=2, causal=False, return_stats=True)
-    assert bool(stats.pattern.dense_mask()[0, 0, :, 640:704].all())
+    _, stats = ak.attention(q, k, v, method="hip", topk=64, sink=0, local=0, causal=False, return_stats=True)
+    mask = stats.pattern.dense_mask()[0, 0].clone()
+    mask[torch.arange(n), torch.arange(n)] = False  # local=0 still keeps each query's own key
+    kept = mask.nonzero()[:, 1]
+    assert int(mask.sum(1).max()) <= 64  # topk keys per query block, no more
+    assert 600 <= int(kept.min()) and int(kept.max()) <= 800
+    assert mask[:, 650:750].sum(1).float().mean() > 48  # most of them within 50 of the peak
+
+
+def test_hip_keeps_topk_keys_per_block_from_chunks_of_chunk_keys():
+    """The tree ends with topk / chunk chunks of at most ``chunk`` keys: each query block
+    attends to at most ``topk`` keys beside its sink and band, all before its first query."""
+    n, bs, topk, sink, local = 700, 32, 48, 8, 40
+    q, k, v = _inputs(1, 4, 2, n, n, 16, seed=12)
+    _, stats = ak.attention(q, k, v, method="hip", block_size=bs, topk=topk, chunk=4, sink=sink, local=local,
+                            causal=True, return_stats=True)
+    mask = stats.pattern.dense_mask(1, 4)[0]
+    qp, kp = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    content = mask & ~((kp < sink) | ((qp - kp >= 0) & (qp - kp < local)))
+    for b0 in range(0, n, bs):
+        rows = content[:, b0 : b0 + bs]
+        per_block = rows.any(1)  # (H, Nk): the block's tree keys (a row's sink and band excluded)
+        assert int(per_block.sum(-1).max()) <= topk
+        assert not bool(per_block[:, b0:].any())  # causal: all before the block
+        outside = max(b0 - local + 1, 0)  # keys outside every band of the block
+        assert bool((rows[..., :outside] == per_block[:, None, :outside]).all())  # one key set per block
+        if b0 + bs - local - sink > 2 * topk:  # many more candidates than topk: the budget is used
+            assert int(per_block.sum(-1).min()) >= topk // 2
+    assert torch.equal(content[0::2], content[1::2])  # shared by the query heads of a KV head
 
 
 def test_routing_clusters_contain_planted_matching_pairs():
