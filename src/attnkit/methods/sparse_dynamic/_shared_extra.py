@@ -166,7 +166,8 @@ def anchor_pattern(q_len: int, kv_len: int, sink: int, local: int, causal: bool,
 def _without_anchors(pattern: BlockPattern, perm: Permutation, sink: int, local: int, causal: bool, group: int,
                      kv_len: int) -> BlockPattern:
     """``pattern`` (permuted order) minus the anchor pairs, judged on original positions
-    (``kv_len``: the original key count)."""
+    (``kv_len``: the original key count). Its ``full_tiles`` are kept: a method with
+    anchors marks a tile full only when none of its pairs is an anchor pair."""
     rule, anchored, off = pattern.mask_mod, anchor_rule(sink, local, causal), pattern.q_offset
     orig_off = kv_len - pattern.q_len
 
@@ -177,7 +178,7 @@ def _without_anchors(pattern: BlockPattern, perm: Permutation, sink: int, local:
         return ok if rule is None else ok & rule(b, h, q_pos, k_pos)
 
     return BlockPattern(kv_blocks=pattern.kv_blocks, block_q=pattern.block_q, block_k=pattern.block_k,
-                        q_len=pattern.q_len, kv_len=pattern.kv_len, mask_mod=not_anchored)
+                        q_len=pattern.q_len, kv_len=pattern.kv_len, mask_mod=not_anchored, full_tiles=pattern.full_tiles)
 
 
 def _union(a: BlockPattern, b: BlockPattern) -> BlockPattern:
@@ -206,7 +207,9 @@ class PermutedMethod(DynamicMethod):
     Subclasses implement ``estimate_permuted(q, k, causal, scale) -> (pattern, Permutation)``;
     the pattern's element rule receives *permuted* positions (use ``lookup`` on original
     position tables). ``stats.pattern`` is the equivalent pattern in the *original* order.
-    Subclasses with anchors override ``anchors``.
+    Subclasses with anchors override ``anchors``; such a subclass may mark tiles of its
+    permuted pattern full (``full_tiles``, the kernel then skips their element rule) only
+    where every pair is allowed *and* none is an anchor pair.
     """
 
     def estimate_permuted(self, q, k, causal: bool, scale: float) -> tuple[BlockPattern, Permutation]:

@@ -87,7 +87,10 @@ class HiP(PermutedMethod):
         sink, local = self.anchors()
         base, count = candidate_ranges(nq, nk, bs, sink, local, causal, q.device)
         tokens, valid = select_keys(q, k, base, count, bs, c.topk, c.chunk, scale)
-        return slot_pattern(tokens, valid, nq, nk, bs, q.shape[1] // k.shape[1])
+        pattern, perm = slot_pattern(tokens, valid, nq, nk, bs, q.shape[1] // k.shape[1])
+        if causal:
+            pattern.full_tiles = clear_slot_tiles(tokens, valid, nq, nk, bs, sink, local)
+        return pattern, perm
 
 
 def candidate_ranges(nq: int, nk: int, block: int, sink: int, local: int, causal: bool, device=None):
@@ -198,6 +201,20 @@ def slot_pattern(tokens: torch.Tensor, valid: torch.Tensor, nq: int, nk: int, bl
     pattern = pattern_from_mask(mask, block, block, nq, nqb * slots, mask_mod=kept_slot)
     rule = _original_rule(tokens, valid, nq, nk, block, group)
     return pattern, Permutation(k=tokens.reshape(b, hkv, nqb * slots), kv_len=nk, rule=rule)
+
+
+def clear_slot_tiles(tokens: torch.Tensor, valid: torch.Tensor, nq: int, nk: int, block: int, sink: int,
+                     local: int) -> torch.Tensor:
+    """Causal slot tiles that need no element rule: (1, 1, nQB, S / block) bool, aligned with
+    ``slot_pattern``'s tile lists. A tile is clear when, for every batch and KV head, each of
+    its slots holds a kept key outside the sink and outside the local band of the block's
+    *first* query (hence of every query of the block). Candidates end at the band of the
+    block's last query, so only the last tiles of a block can hold band keys."""
+    b, hkv, nqb, slots = tokens.shape
+    first = torch.arange(nqb, device=tokens.device) * block + (nk - nq)
+    outside = (tokens >= sink) & (tokens <= (first - local).view(1, 1, nqb, 1))
+    clear = (valid & outside).view(b, hkv, nqb, slots // block, block).all(dim=-1)
+    return clear.all(dim=1, keepdim=True).all(dim=0, keepdim=True)
 
 
 def _original_rule(tokens, valid, nq, nk, block, group):
