@@ -319,7 +319,7 @@ def test_moba_default_density_scales_as_topk_blocks():
 
 
 def test_pbs_permutes_only_within_segments():
-    q, k, v = _inputs(1, 2, 2, 300, 300, 16, seed=10)
+    q, k, _ = _inputs(1, 2, 2, 300, 300, 16, seed=10)
     m = ak.get("pbs", block_size=16, segment_size=64)
     _, perm = m.estimate_permuted(q, k, True, 0.25)
     seg = torch.arange(300) // 64

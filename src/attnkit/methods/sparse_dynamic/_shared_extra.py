@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ... import validate
 from ...kernels import BlockPattern, lists_from_block_mask, merge_partials, run_pattern
 from ...kernels.block_sparse import block_sparse_attention
+from ...kernels.pattern import block_mask_from_lists, cdiv
 from ...kernels.ranges import range_attention
 from ...kernels.ranges import supports as ranges_supported
-from ...kernels.pattern import block_mask_from_lists, cdiv
 from ..base import AttentionStats, full_pairs
 from .common import DynamicMethod, anchor_block_mask, block_pattern
 
@@ -56,7 +55,7 @@ def lookup_2d(table: torch.Tensor, b: torch.Tensor, h: torch.Tensor, row: torch.
     return table[b % bt, h % ht, row.clamp(0, r - 1), col.clamp(0, c - 1)]
 
 
-def gather_tokens(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """x: (B, H, N, D), perm: (Bp, Hp, S) original index of each slot -> (B, H, S, D).
 
     S may differ from N (key slots of a method whose key lists repeat or skip tokens)."""
@@ -68,7 +67,7 @@ def gather_tokens(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor
     return torch.gather(x, 2, idx)
 
 
-def scatter_tokens(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+def scatter_tokens(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """Inverse of ``gather_tokens``: slot i of x goes back to original index perm[..., i]."""
     if perm is None:
         return x
@@ -93,8 +92,8 @@ class Permutation:
     order, ``rule(b, h, q_pos, k_pos)`` with absolute positions (for stats).
     """
 
-    q: Optional[torch.Tensor] = None
-    k: Optional[torch.Tensor] = None
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
     kv_len: int | None = None
     rule: object | None = None
 
