@@ -43,7 +43,7 @@ ANCHORED = [
     pytest.param("moba", {"block_size": 32, "topk": 1, "sink": 4, "local": 24}, id="moba"),
     pytest.param("moba", {"block_size": 32, "topk": 1, "sink": 4, "local": 24, "granularity": "token"}, id="moba-token"),
     pytest.param("hip", {"block_size": 16, "topk": 16, "sink": 20, "local": 40}, id="hip"),
-    pytest.param("sea", {"block_size": 16, "topk": 1, "sink": 20, "local": 40}, id="sea"),
+    pytest.param("sea", {"block_size": 16, "topk": 16, "chunk": 4, "sink": 20, "local": 40}, id="sea"),
 ]
 
 
@@ -63,7 +63,7 @@ def test_anchored_pattern_keeps_sink_and_band_and_is_exact(name, config, shape):
     assert stats.density < 0.9
 
 
-@pytest.mark.parametrize("name,config", [("moba", {"block_size": 32, "topk": 1}), ("hip", {"block_size": 16, "topk": 2}), ("sea", {"block_size": 16, "topk": 1})])
+@pytest.mark.parametrize("name,config", [("moba", {"block_size": 32, "topk": 1}), ("hip", {"block_size": 16, "topk": 2}), ("sea", {"block_size": 16, "topk": 8, "chunk": 4})])
 def test_anchors_only_add_pairs(name, config):
     q, k, v = _inputs(1, 2, 2, 200, 200, 16, seed=4)
     plain = ak.attention(q, k, v, method=name, causal=True, return_stats=True, **config, sink=0, local=0)[1]

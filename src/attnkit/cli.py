@@ -1,4 +1,4 @@
-"""The ``attnkit`` command line: list, info, speed (+ bench, report from attnkit.bench)."""
+"""The ``attnkit`` command line: list, info, speed, calibrate-sea (+ bench, report from attnkit.bench)."""
 
 from __future__ import annotations
 
@@ -165,6 +165,56 @@ def speed_table(rows) -> Table:
             f"{r.speedup_vs_flex:.2f}" if r.speedup_vs_flex else "-", f"{r.peak_mib:.0f}",
         )
     return table
+
+
+@app.command("calibrate-sea")
+def calibrate_sea(
+    out: str = typer.Option(..., help="Estimator file to write (torch format), e.g. sea-smollm2.pt."),
+    model: str = typer.Option("smollm2-135m", help="Model name or local checkpoint directory."),
+    tokens: int = typer.Option(8192, help="Calibration tokens (Python's pydoc text, not the benchmark's)."),
+    layers: str = typer.Option("all", help="Layer indices, e.g. 2,16, or all."),
+    features: int = typer.Option(64, help="Trained features M per map (the map has 2M)."),
+    steps: int = typer.Option(200, help="Adam steps per layer."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+) -> None:
+    """Train SEA's estimator on a model's own attention (distillation) for sea(estimator=OUT).
+
+    Example: attnkit calibrate-sea --layers 2,16 --out runs/sea-smollm2.pt, then
+    attnkit.apply(model, ("sea", {"estimator": "runs/sea-smollm2.pt"})) (each layer gets its
+    own maps) or sea(estimator=runs/sea-smollm2.pt) in a benchmark config.
+    """
+    import time
+
+    import torch
+    from rich.progress import Progress
+
+    from . import models
+    from .bench import haystack
+    from .bench.tasks.fidelity import capture_qkv
+    from .methods.sparse_dynamic import sea
+
+    if threads:
+        torch.set_num_threads(threads)
+    lm = models.load(model)
+    n_layers = lm.model.config.num_hidden_layers
+    chosen = list(range(n_layers)) if layers == "all" else [int(x) for x in layers.split(",") if x.strip()]
+    if not chosen or any(not 0 <= i < n_layers for i in chosen):
+        raise typer.BadParameter(f"layers must be 'all' or indices in 0..{n_layers - 1}, got {layers!r}")
+    ids = haystack.encode(lm.tokenizer, haystack.context(lm.tokenizer, tokens + 64, kind="pydoc"))[:tokens]
+    start = time.perf_counter()
+    with torch.no_grad():
+        captured = capture_qkv(lm.model, torch.tensor([ids]), chosen)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("calibrating", total=len(chosen) * steps)
+
+        def step(layer: int, i: int, loss: float) -> None:
+            bar.update(task, advance=1, description=f"layer {layer} loss {loss:.3f}")
+
+        est = sea.calibrate(captured, features=features, steps=steps, progress=step)
+    sea.save_estimator(out, est, model=model, tokens=len(ids), text="pydoc", steps=steps, features=features)
+    losses = {i: [round(float(x), 3) for x in e["loss"]] for i, e in est.items()}
+    typer.echo(json.dumps({"estimator": out, "layers": chosen, "loss_first_last": losses,
+                           "seconds": round(time.perf_counter() - start, 1)}))
 
 
 try:  # the benchmark's commands (bench, report) live with the benchmark

@@ -270,6 +270,18 @@ def _normalize(plan: PlanLike) -> tuple[Optional[LayerMethod], dict[int, Optiona
     return None, {int(i): _spec(s) for i, s in plan.items()}
 
 
+def _for_layer(spec: Optional[LayerMethod], idx: int) -> Optional[LayerMethod]:
+    """The layer's spec; a method calibrated per layer gets ``layer=idx`` (``registry.for_layer``)."""
+    if spec is None:
+        return None
+    try:
+        from . import registry
+    except ImportError:  # the operator API is not importable: attnkit.attention will check
+        return spec
+    config = registry.for_layer(spec.name, spec.config, idx)
+    return spec if config is spec.config else LayerMethod(spec.name, config)
+
+
 def _check_method(spec: Optional[LayerMethod]) -> None:
     """Validate a method name and its config now, not at the first forward."""
     if spec is None:
@@ -307,18 +319,19 @@ def _register() -> None:
 def _install(model: torch.nn.Module, plan: PlanLike) -> _Saved:
     """Record the plan on the attention modules and select the "attnkit" implementation."""
     default, layers = _normalize(plan)
-    for spec in [default, *layers.values()]:
-        _check_method(spec)
     modules = _attention_modules(model)
     unknown = sorted(set(layers) - set(modules))
     if unknown:
         raise ValueError(f"plan names layers {unknown}, but the model has layers 0..{max(modules)}")
+    chosen = {idx: _for_layer(layers.get(idx, default), idx) for idx in modules}
+    for spec in {repr(s): s for s in chosen.values()}.values():
+        _check_method(spec)
     _register()
     saved = _Saved(getattr(model.config, "_attn_implementation", None), [])
     for idx, group in modules.items():
         for module in group:
             saved.layer_attrs.append((module, hasattr(module, _LAYER_ATTR), getattr(module, _LAYER_ATTR, None)))
-            setattr(module, _LAYER_ATTR, layers.get(idx, default))
+            setattr(module, _LAYER_ATTR, chosen[idx])
     try:
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:

@@ -186,6 +186,18 @@ def methods(kind: str | None = None, family: str | None = None) -> list[MethodIn
     return sorted(infos, key=lambda i: (order[i.family], i.name))
 
 
+def for_layer(name: str, config: dict[str, Any], layer: int) -> dict[str, Any]:
+    """``config`` as used on layer ``layer`` of a model: a method calibrated per layer (one
+    with a ``layer`` config field: sea's trained estimator, minference's plan) gets the
+    layer's index unless ``config`` sets ``layer`` itself; other configs are unchanged."""
+    config_cls = getattr(method_class(name), "Config", None)
+    if "layer" in config or config_cls is None or not dataclasses.is_dataclass(config_cls):
+        return config
+    if "layer" not in {f.name for f in dataclasses.fields(config_cls)}:
+        return config
+    return {**config, "layer": layer}
+
+
 def method_info(name: str) -> MethodInfo:
     """The MethodInfo of one registered method."""
     return method_class(name).info

@@ -1,11 +1,14 @@
 """Long filler text for retrieval tasks, from files already on the machine (no downloads).
 
-Three kinds:
+Four kinds:
 
 - ``"licenses"``: real English prose: the license texts in ``/usr/share/common-licenses``
   (GPL-3, Apache-2.0, MPL-2.0, ...) concatenated, repeated as needed, from a seeded sentence;
 - ``"gpl3"``: the GPL-3 alone, always from its first line (7,658 SmolLM2 tokens; repeated
   beyond): the haystack of the KV-cache needle anchor (docs/kv-cache.md);
+- ``"pydoc"``: Python's own reference documentation (``pydoc_data.topics``, shipped with
+  every CPython), from its first topic: technical English prose that shares no text with
+  the licenses — the calibration text of trained estimators (``attnkit calibrate-sea``);
 - ``"noise"``: the repeated-essay noise of the passkey test ("The grass is green. The
   sky is blue. ..."), which carries no information a needle could be confused with.
 
@@ -26,7 +29,7 @@ from typing import Any, Sequence
 
 LICENSE_DIR = Path("/usr/share/common-licenses")
 LICENSE_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GPL-2", "GFDL-1.3", "Artistic", "CC0-1.0")
-KINDS = ("licenses", "noise", "gpl3")
+KINDS = ("licenses", "noise", "gpl3", "pydoc")
 
 NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
          "There and back again. ")
@@ -60,7 +63,17 @@ def gpl3_text() -> str:
     return path.read_text(encoding="utf-8", errors="replace").strip()
 
 
+@functools.cache
+def pydoc_text() -> str:
+    """Python's reference documentation topics (``pydoc_data.topics``), sorted by topic name."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name].strip() for name in sorted(topics))
+
+
 def source_text(kind: str) -> str:
+    if kind == "pydoc":
+        return pydoc_text()
     if kind == "licenses":
         return license_text()
     if kind == "gpl3":

@@ -185,13 +185,14 @@ class Fidelity(Task):
         return ctx.memo[key]
 
     def measure(self, ctx: Context, case: Case, method: MethodSpec, spec: TaskSpec) -> dict[str, Any]:
-        from ... import api
+        from ... import api, registry
 
         layer = int(case.variant.removeprefix("layer"))
         cap = self.captured(ctx, case, spec)[layer]
         q, k, v, scale = cap["q"], cap["k"], cap["v"], cap["scale"]
         start = time.perf_counter()
         name, config = (method.name, method.method_config) if layer >= method.dense_layers else ("full", {})
+        config = registry.for_layer(name, config, layer)  # per-layer calibrations (sea's estimator, plans)
         with torch.inference_mode():
             out, stats = api.attention(q, k, v, method=name, causal=True, scale=scale, return_stats=True, **config)
         seconds = time.perf_counter() - start

@@ -51,8 +51,8 @@ class KeySlotMethod(PermutedMethod):
         hi - lo <= chunk (hi == lo: an empty chunk)."""
         raise NotImplementedError
 
-    def group_width(self) -> int:
-        """Chunks scored per query block at once (sets how many blocks form a group)."""
+    def group_width(self, nk: int) -> int:
+        """Chunks scored per query block at once, of Nk keys (sets how many blocks form a group)."""
         return 2 * (self.config.topk // self.config.chunk)
 
     def estimate_permuted(self, q, k, causal, scale):
@@ -65,7 +65,7 @@ class KeySlotMethod(PermutedMethod):
         q_tiles = query_tiles(q, k.shape[1], bs)
         keys = k.float()
         b, hkv, nqb, _, d = q_tiles.shape
-        step = max(1, GROUP_ELEMS // max(1, b * hkv * self.group_width() * d))
+        step = max(1, GROUP_ELEMS // max(1, b * hkv * self.group_width(nk) * d))
         slots = cdiv(c.topk, bs) * bs
         tokens, valid = [], []
         for i in range(0, nqb, step):

@@ -1,39 +1,49 @@
 """SEA: a linear-attention estimate of the attention map, top-k per query, then sparse attention.
 
 Paper: Lee et al., "SEA: Sparse Linear Attention with Estimated Attention Mask",
-arXiv:2310.01777 (ICLR 2024). SEA runs a kernel-based linear attention (Performer) to
-estimate the attention matrix at a compressed key resolution, keeps the top-k entries of
-each query row of the estimate, and computes exact sparse attention on that mask. Its
-estimator (the linear attention plus a small CNN decoder) is *trained* by distillation.
+arXiv:2310.01777 (ICLR 2024). SEA runs a kernel-based linear attention to estimate the
+attention matrix at a compressed key resolution, keeps the top-k entries of each query
+row of the estimate, and computes exact sparse attention on that mask. Its estimator is
+*trained* by distillation from the model's own attention.
 
-Training-free variant here: the estimate is the Performer FAVOR+ positive random-feature
-map itself, phi(x) = exp(W x - |x|^2 / 2) / sqrt(m) with W ~ N(0, I) (m = ``features``
-rows, seeded), applied to q and k scaled by scale^(1/2) so that
-E[phi(q) . phi(k)] = exp(scale q . k). For query i and key block J the estimated
-attention mass is
-    P(i, J) = phi(q_i) . S_J / phi(q_i) . S_all(i),   S_J = sum_{j in J} phi(k_j),
-with S_all(i) the sum over the keys query i may see (a prefix sum under causal masking):
-an unbiased-numerator estimate of the row-normalised attention of i summed over J —
-the compressed-resolution row SEA decodes. Nothing N x N is built: the estimate per
-query block is (sum_{i in block} phi(q_i) / phi(q_i) . S_all(i)) . S_J, a
-(nQB x m) @ (m x nKB) product.
+Here, per batch, KV head and query block of ``block_size`` queries, the estimated
+attention mass of each chunk of ``chunk`` consecutive keys is
+    P(block, J) = sum_{i in block} phi(q_i) . S_J / phi(q_i) . S_vis(i),   S_J = sum_{j in J} phi(k_j),
+with S_vis(i) the sum of phi(k) over the keys query i may see (a prefix sum under causal
+masking) — query i's linear-attention row, summed over the chunk and over the block's
+queries (and over the query heads of the KV head). The ``topk / chunk`` chunks of largest
+estimated mass among the block's candidates are kept; the block attends to exactly those
+``topk`` keys beside a sink and a local band (``KeySlotMethod``, shared with ``hip``:
+candidates, key slots, log-sum-exp merge with the anchors). Nothing N x N is built: per
+group of query blocks the estimate is a (blocks x F) @ (F x chunks) product.
 
-Then per query block: keep the ``topk`` key blocks of largest estimated mass among those
-not kept anyway (causal: the diagonal block, the first block and, when set, the tiles of
-the first ``sink`` keys and of the ``local`` keys up to each query), and run the shared
-block-sparse kernel.
+Two feature maps phi:
+- ``estimator=""`` (default, training-free): the Performer FAVOR+ positive random
+  features phi(x) = exp(W x' - |x'|^2 / 2) with W ~ N(0, I) (``features`` rows, seeded)
+  and x' = x scale^(1/2), so that E[phi(q) . phi(k)] = exp(scale q . k).
+- ``estimator=PATH, layer=i``: a feature map *trained* by distillation, as in the paper —
+  phi(x) = [softmax(W x), softmax(-W x)] (the Hedgehog map, Zhang et al., arXiv:2402.04347,
+  trained to mimic softmax attention) with one W per query head and per KV head, fitted by
+  ``calibrate`` on the model's own q/k from calibration text (cross-entropy between the
+  exact attention rows and the linear-attention rows) and stored by ``save_estimator``.
+  ``attnkit calibrate-sea`` writes one for a model; ``attnkit.apply`` and the benchmark's
+  fidelity task fill ``layer`` with each layer's index.
 
-Deliberate deviations: no trained estimator/decoder (random features instead); top-k is
-taken per query *block* of 64 (the kernel's tile) from the block-summed per-query
-estimates instead of per query; random features use a fixed seed (``seed``) so the
-pattern is deterministic; the optional ``sink`` / ``local`` anchors (StreamingLLM's) are
-not in the paper and are off by default. Defaults: block_size 64, topk 16 blocks,
-features 64, sink 0, local 0.
+Deliberate deviations: no CNN decoder (the estimate is read at chunk resolution
+directly); the paper's distilled Performer is replaced by a distilled Hedgehog map, and the
+training-free default uses untrained random features; top-k is taken per query *block* of
+64 (the kernel's tile) over chunks of 8 keys instead of per query over K compressed
+columns; ``sink`` / ``local`` anchors (StreamingLLM's) are not in the paper; one key set
+per KV head (a GQA group's estimates are summed). Defaults: block_size 64, topk 512 keys,
+chunk 8, features 64, sink 64, local 256.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +51,9 @@ import torch.nn.functional as F
 from ... import validate
 from ...kernels.pattern import cdiv
 from ...registry import register
-from .common import (
-    DynamicMethod,
-    anchor_block_mask,
-    block_pattern,
-    causal_block_mask,
-    diagonal_block_mask,
-    topk_mask,
-)
+from ._key_slots import KeySlotMethod
+
+ESTIMATOR_VERSION = 1
 
 
 @register(
@@ -58,73 +63,224 @@ from .common import (
     arxiv="2310.01777",
     year=2023,
 )
-class SEA(DynamicMethod):
-    """Top-k key blocks per query block from a random-feature (Performer) estimate of attention."""
+class SEA(KeySlotMethod):
+    """Top-k key chunks per query block from a linear-attention estimate of attention."""
 
     @dataclass
     class Config:
         block_size: int = 64
-        topk: int = 16
+        topk: int = 512
+        chunk: int = 8
         features: int = 64
         seed: int = 0
-        sink: int = 0
-        local: int = 0
+        sink: int = 64
+        local: int = 256
+        estimator: str = ""
+        layer: int = 0
 
     def check_config(self) -> None:
         c = self.config
-        validate.check_positive(self.name, block_size=c.block_size, topk=c.topk, features=c.features)
-        validate.check_non_negative(self.name, sink=c.sink, local=c.local)
+        validate.check_positive(self.name, block_size=c.block_size, topk=c.topk, chunk=c.chunk, features=c.features)
+        validate.check_non_negative(self.name, sink=c.sink, local=c.local, layer=c.layer)
+        if c.topk % c.chunk:
+            raise ValueError(f"topk of method {self.name!r} must be a multiple of chunk ({c.chunk}): it counts the "
+                             f"keys of topk / chunk kept chunks; got topk={c.topk}")
+        self.trained = None
+        if c.estimator:
+            est = load_estimator(c.estimator)
+            if c.layer not in est["layers"]:
+                raise ValueError(f"layer={c.layer} of method {self.name!r} is not in estimator {c.estimator!r}: "
+                                 f"it has layers {sorted(est['layers'])}")
+            self.trained = est["layers"][c.layer]
 
-    def estimate(self, q, k, causal, scale):
+    def group_width(self, nk: int) -> int:
+        return max(2 * (self.config.topk // self.config.chunk), cdiv(nk, self.config.chunk))
+
+    def prepare(self, q, k, causal, scale):
+        query_map, phi_k = self._feature_maps(q, k, scale)
+        base = min(self.config.sink, k.shape[2])
+        tail = phi_k[:, :, base:]
+        n_chunks = cdiv(tail.shape[2], self.config.chunk)
+        tail = F.pad(tail, (0, 0, 0, n_chunks * self.config.chunk - tail.shape[2]))
+        chunk_sums = tail.view(*tail.shape[:2], n_chunks, self.config.chunk, -1).sum(3)  # (B, Hkv, nC, F)
+        visible = phi_k.cumsum(dim=2) if causal else phi_k.sum(dim=2, keepdim=True)
+        return _State(query_map, visible, chunk_sums, causal, q.shape[2], k.shape[2])
+
+    def pick_chunks(self, state, q_tiles, keys, first_block, base, count, scale):
         c = self.config
-        bs = c.block_size
-        nq, nk = q.shape[2], k.shape[2]
-        mass = estimated_block_mass(q, k, bs, scale, causal, c.features, c.seed)
-        allowed = None
-        if causal:
-            # The top-k are picked among the blocks not kept anyway (sink, local band, diagonal).
-            forced = diagonal_block_mask(nq, nk, bs, bs, q.device) | anchor_block_mask(nq, nk, bs, bs, c.sink, c.local, q.device)
-            forced[..., 0] = True
-            allowed = causal_block_mask(nq, nk, bs, bs, q.device) & ~forced
-        keep = topk_mask(mass, c.topk, allowed)
-        if causal:
-            keep = keep | forced
-        return block_pattern(keep, bs, bs, nq, nk, causal)
+        fq = state.query_map(q_tiles)  # (B, Hkv, nb, R, F)
+        vis = state.visible_sums(first_block, q_tiles.shape[2], q_tiles.shape[3], c.block_size)
+        denom = (fq * vis).sum(-1, keepdim=True).clamp(min=1e-30)
+        weights = (fq / denom).sum(3)  # (B, Hkv, nb, F): the block's summed linear-attention rows
+        mass = torch.matmul(weights, state.chunk_sums.transpose(-1, -2))  # (B, Hkv, nb, nC)
+        starts = torch.arange(mass.shape[-1], device=mass.device) * c.chunk
+        usable = starts.view(1, -1) < count.view(-1, 1)  # (nb, nC): chunk begins inside the candidates
+        mass = mass.masked_fill(~usable, float("-inf"))
+        best = mass.topk(min(c.topk // c.chunk, mass.shape[-1]), dim=-1)
+        lo = base + best.indices * c.chunk
+        hi = torch.minimum(lo + c.chunk, base + count.view(1, 1, -1, 1))
+        return lo, torch.where(torch.isinf(best.values), lo, hi)
+
+    def _feature_maps(self, q, k, scale) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """(query map over (B, Hkv, nb, R, D) tiles, key features (B, Hkv, Nk, F))."""
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+        if self.trained is None:
+            gen = torch.Generator().manual_seed(self.config.seed)
+            w = torch.randn(self.config.features, d, generator=gen).to(q.device)
+            lk = random_features(k, w, scale)
+            phi_k = (lk - lk.amax(dim=(2, 3), keepdim=True)).exp()  # a per-head constant cancels
+
+            def query_map(tiles: torch.Tensor) -> torch.Tensor:
+                lq = random_features(tiles, w, scale)
+                return (lq - lq.amax(dim=-1, keepdim=True)).exp()  # a per-query constant cancels
+
+            return query_map, phi_k
+        wq, wk = self.trained["wq"].to(q.device), self.trained["wk"].to(k.device)
+        if wq.shape[0] != hq or wk.shape[0] != hkv or wq.shape[-1] != d:
+            raise ValueError(f"estimator {self.config.estimator!r} layer {self.config.layer} was calibrated for "
+                             f"{wq.shape[0]} query heads, {wk.shape[0]} KV heads and head dim {wq.shape[-1]}; "
+                             f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        phi_k = hedgehog_features(k.float(), wk.view(1, hkv, *wk.shape[1:]))
+
+        def query_map(tiles: torch.Tensor) -> torch.Tensor:
+            b, h, nb, rows, _ = tiles.shape
+            group = hq // hkv
+            per_head = tiles.view(b, h, nb, group, rows // group, d).transpose(2, 3)  # (B, Hkv, group, nb, block, D)
+            w = wq.view(1, hkv, group, *wq.shape[1:])  # (1, Hkv, group, M, D)
+            f = hedgehog_features(per_head.reshape(b, h, group, nb * (rows // group), d), w)
+            return f.view(b, h, group, nb, rows // group, -1).transpose(2, 3).reshape(b, h, nb, rows, -1)
+
+        return query_map, phi_k
+
+
+@dataclass
+class _State:
+    """Per-call estimate inputs: the query feature map, visible-key sums, chunk sums."""
+
+    query_map: Callable[[torch.Tensor], torch.Tensor]
+    visible: torch.Tensor  # (B, Hkv, Nk, F) prefix sums (causal) or (B, Hkv, 1, F) totals
+    chunk_sums: torch.Tensor  # (B, Hkv, nC, F), chunks from the first candidate key
+    causal: bool
+    nq: int
+    nk: int
+
+    def visible_sums(self, first_block: int, nb: int, rows: int, block: int) -> torch.Tensor:
+        """S_vis of each tile row: (B, Hkv, nb, R, F) (a broadcastable total when non-causal)."""
+        if not self.causal:
+            return self.visible.unsqueeze(2)
+        t = torch.arange(rows, device=self.visible.device) % block
+        qi = ((torch.arange(nb, device=t.device) + first_block) * block).view(-1, 1) + t  # (nb, R)
+        pos = (qi.clamp(max=self.nq - 1) + self.nk - self.nq).reshape(-1)
+        b, h, _, f = self.visible.shape
+        return self.visible[:, :, pos].view(b, h, nb, rows, f)
 
 
 def random_features(x: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
-    """log of FAVOR+ positive features, (B, H, N, m): W x' - |x'|^2 / 2 with x' = x scale^(1/2)."""
+    """log of FAVOR+ positive features, (..., N, m): W x' - |x'|^2 / 2 with x' = x scale^(1/2)."""
     xs = x.float() * scale**0.5
     return torch.matmul(xs, w.t()) - 0.5 * (xs * xs).sum(-1, keepdim=True)
 
 
-def estimated_block_mass(
-    q: torch.Tensor, k: torch.Tensor, block: int, scale: float, causal: bool, features: int, seed: int
-) -> torch.Tensor:
-    """Estimated attention mass of each key block summed over each query block's queries.
+def hedgehog_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Hedgehog feature map [softmax(W x), softmax(-W x)]. x: (..., H, N, D), w: (..., H, M, D)
+    broadcastable over the leading dims -> (..., H, N, 2M)."""
+    z = torch.matmul(x, w.transpose(-1, -2))
+    return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
 
-    q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D) -> (B, Hq, nQB, nKB) float32 (each query
-    contributes its estimated row distribution, which sums to 1 over its visible keys).
+
+# --- the trained estimator: calibration, files ------------------------------------------
+
+
+def calibrate(
+    captured: dict[int, dict[str, Any]],
+    features: int = 64,
+    steps: int = 200,
+    rows: int = 128,
+    lr: float = 0.02,
+    seed: int = 0,
+    progress: Optional[Callable[[int, int, float], None]] = None,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Fit SEA's feature maps to a model's attention (distillation, as the paper trains SEA).
+
+    captured: {layer: {"q": (1, Hq, N, D), "k": (1, Hkv, N, D), "scale": float or None}},
+    e.g. ``attnkit.bench.tasks.fidelity.capture_qkv`` on calibration text (causal). Per
+    step, ``rows`` random query rows (from N / 8 on) of every head: loss = cross-entropy
+    between the exact causal attention row and the Hedgehog linear-attention row. Adam,
+    ``steps`` steps per layer. ``progress(layer, step, loss)`` is called every step.
+    Returns {layer: {"wq": (Hq, features, D), "wk": (Hkv, features, D), "loss": (2,) first
+    and last step's loss}}. Cost per step: Hq x rows x N scores (calibration-sized N).
     """
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    group = hq // hkv
-    nqb, nkb = cdiv(nq, block), cdiv(nk, block)
+    if features < 1 or steps < 1 or rows < 1:
+        raise ValueError(f"features, steps and rows must be >= 1, got {features}, {steps}, {rows}")
+    out = {}
+    for layer, cap in captured.items():
+        out[int(layer)] = _fit_layer(cap, features, steps, rows, lr, seed, lambda s, v, i=int(layer): progress and progress(i, s, v))
+    return out
+
+
+def _fit_layer(cap: dict[str, Any], features: int, steps: int, rows: int, lr: float, seed: int, report) -> dict:
+    q, k = cap["q"][0].float().clone(), cap["k"][0].float().clone()  # clone: captures may be inference tensors
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] % k.shape[0] or q.shape[1] != k.shape[1]:
+        raise ValueError(f"calibrate: need q (1, Hq, N, D) and k (1, Hkv, N, D) of one causal sequence, "
+                         f"got {tuple(cap['q'].shape)} and {tuple(cap['k'].shape)}")
+    hq, n, d = q.shape
+    hkv = k.shape[0]
+    scale = cap.get("scale") or d**-0.5
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(features, d, generator=gen).to(q.device)
-    # Per-head constants cancel in the row normalisation: subtract maxima for stability.
-    lk = random_features(k, w, scale)
-    lk = lk - lk.amax(dim=(2, 3), keepdim=True)
-    phi_k = lk.exp()  # (B, Hkv, Nk, m)
-    lq = random_features(q, w, scale)
-    phi_q = (lq - lq.amax(dim=-1, keepdim=True)).exp()  # (B, Hq, Nq, m)
-    block_sum = F.pad(phi_k, (0, 0, 0, nkb * block - nk)).view(b, hkv, nkb, block, features).sum(3)
-    if causal:
-        prefix = phi_k.cumsum(dim=2)  # visible keys of query i: 0 .. Nk - Nq + i
-        visible = prefix[:, :, nk - nq :].repeat_interleave(group, dim=1)
-    else:
-        visible = phi_k.sum(dim=2, keepdim=True).repeat_interleave(group, dim=1)
-    denom = (phi_q * visible).sum(-1, keepdim=True).clamp(min=1e-30)
-    weighted = F.pad(phi_q / denom, (0, 0, 0, nqb * block - nq)).view(b, hq, nqb, block, features).sum(3)
-    wg = weighted.view(b, hkv, group * nqb, features)
-    return torch.matmul(wg, block_sum.transpose(-1, -2)).view(b, hq, nqb, nkb)
+    wq = (torch.randn(hq, features, d, generator=gen) * d**-0.5).requires_grad_()
+    wk = (torch.randn(hkv, features, d, generator=gen) * d**-0.5).requires_grad_()
+    opt = torch.optim.Adam([wq, wk], lr=lr)
+    k_rep = k.repeat_interleave(hq // hkv, dim=0)
+    first = None
+    for step in range(steps):
+        idx = torch.randint(n // 8, n, (rows,), generator=gen)
+        visible = torch.arange(n)[None, :] <= idx[:, None]  # (rows, N)
+        target = torch.softmax((torch.matmul(q[:, idx], k_rep.transpose(1, 2)) * scale).masked_fill(~visible, -math.inf), -1)
+        fk = hedgehog_features(k, wk).repeat_interleave(hq // hkv, dim=0)  # (Hq, N, 2M)
+        est = torch.matmul(hedgehog_features(q[:, idx], wq), fk.transpose(1, 2)).masked_fill(~visible, 0.0)
+        est = est / est.sum(-1, keepdim=True).clamp(min=1e-30)
+        loss = -(target * (est + 1e-12).log()).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        first = value if first is None else first
+        report(step, value)
+    return {"wq": wq.detach(), "wk": wk.detach(), "loss": torch.tensor([first, value])}
+
+
+def save_estimator(path: str, layers: dict[int, dict[str, torch.Tensor]], **meta: Any) -> None:
+    """Write a trained estimator (from ``calibrate``) for ``sea(estimator=PATH, layer=i)``."""
+    clean = {int(i): {"wq": e["wq"].float().cpu(), "wk": e["wk"].float().cpu()} for i, e in layers.items()}
+    torch.save({"method": "sea", "version": ESTIMATOR_VERSION, "layers": clean, "meta": meta}, path)
+    _LOADED.pop(os.path.abspath(path), None)
+
+
+_LOADED: dict[str, tuple[float, dict]] = {}
+
+
+def load_estimator(path: str) -> dict:
+    """Read a file written by ``save_estimator`` (cached per path and modification time)."""
+    full = os.path.abspath(path)
+    if not os.path.isfile(full):
+        raise ValueError(f"estimator file {path!r} does not exist; write one with `attnkit calibrate-sea` "
+                         "(or attnkit.methods.sparse_dynamic.sea.calibrate + save_estimator)")
+    mtime = os.path.getmtime(full)
+    if full in _LOADED and _LOADED[full][0] == mtime:
+        return _LOADED[full][1]
+    try:
+        data = torch.load(full, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file
+        raise ValueError(f"estimator file {path!r} could not be read as a torch file: {exc}") from exc
+    if not isinstance(data, dict) or data.get("method") != "sea" or not isinstance(data.get("layers"), dict):
+        raise ValueError(f"estimator file {path!r} is not a SEA estimator (written by save_estimator)")
+    if data.get("version") != ESTIMATOR_VERSION:
+        raise ValueError(f"estimator file {path!r} has version {data.get('version')!r}; this attnkit reads "
+                         f"version {ESTIMATOR_VERSION}")
+    for i, entry in data["layers"].items():
+        wq, wk = entry.get("wq"), entry.get("wk")
+        if not (isinstance(wq, torch.Tensor) and isinstance(wk, torch.Tensor) and wq.dim() == 3 and wk.dim() == 3
+                and wq.shape[1:] == wk.shape[1:] and wq.shape[0] % wk.shape[0] == 0):
+            raise ValueError(f"estimator file {path!r} layer {i}: need wq (Hq, M, D) and wk (Hkv, M, D)")
+    _LOADED[full] = (mtime, data)
+    return data
