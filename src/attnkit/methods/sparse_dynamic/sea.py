@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -198,7 +199,7 @@ def calibrate(
     rows: int = 128,
     lr: float = 0.02,
     seed: int = 0,
-    progress: Optional[Callable[[int, int, float], None]] = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Fit SEA's feature maps to a model's attention (distillation, as the paper trains SEA).
 
