@@ -92,6 +92,8 @@ def test_estimator_errors_are_clear(estimator_file, tmp_path):
     with pytest.raises(ValueError, match="layer=5 of method 'sea' is not in estimator"):
         ak.get("sea", estimator=path, layer=5)
     q, k, v = _structured(64, 2, 2)
+    with pytest.raises(ValueError, match="needs layer=i, the model layer whose maps to use"):
+        ak.attention(q, k, v, method="sea", estimator=path, causal=True)
     with pytest.raises(ValueError, match="calibrated for 4 query heads, 2 KV heads and head dim 16"):
         ak.attention(q, k, v, method="sea", estimator=path, layer=0, causal=True)
     bad = tmp_path / "bad.pt"
@@ -108,6 +110,7 @@ def test_estimator_errors_are_clear(estimator_file, tmp_path):
 def test_for_layer_fills_the_layer_of_per_layer_methods():
     assert registry.for_layer("sea", {"topk": 64}, 7) == {"topk": 64, "layer": 7}
     assert registry.for_layer("sea", {"layer": 2}, 7) == {"layer": 2}
+    assert registry.for_layer("sea", {"layer": None}, 7) == {"layer": 7}
     assert registry.for_layer("minference", {"plan": "p.json"}, 4) == {"plan": "p.json", "layer": 4}
     assert registry.for_layer("streaming", {"window": 64}, 7) == {"window": 64}
 

@@ -191,7 +191,7 @@ def for_layer(name: str, config: dict[str, Any], layer: int) -> dict[str, Any]:
     with a ``layer`` config field: sea's trained estimator, minference's plan) gets the
     layer's index unless ``config`` sets ``layer`` itself; other configs are unchanged."""
     config_cls = getattr(method_class(name), "Config", None)
-    if "layer" in config or config_cls is None or not dataclasses.is_dataclass(config_cls):
+    if config.get("layer") is not None or config_cls is None or not dataclasses.is_dataclass(config_cls):
         return config
     if "layer" not in {f.name for f in dataclasses.fields(config_cls)}:
         return config

@@ -77,22 +77,24 @@ class SEA(KeySlotMethod):
         sink: int = 64
         local: int = 256
         estimator: str = ""
-        layer: int = 0
+        layer: int | None = None  # whose maps of the estimator (set per layer by apply / bench; unused without one)
 
     def check_config(self) -> None:
         c = self.config
         validate.check_positive(self.name, block_size=c.block_size, topk=c.topk, chunk=c.chunk, features=c.features)
-        validate.check_non_negative(self.name, sink=c.sink, local=c.local, layer=c.layer)
+        validate.check_non_negative(self.name, sink=c.sink, local=c.local)
+        if c.layer is not None:
+            validate.check_non_negative(self.name, layer=c.layer)
         if c.topk % c.chunk:
             raise ValueError(f"topk of method {self.name!r} must be a multiple of chunk ({c.chunk}): it counts the "
                              f"keys of topk / chunk kept chunks; got topk={c.topk}")
         self.trained = None
         if c.estimator:
             est = load_estimator(c.estimator)
-            if c.layer not in est["layers"]:
+            if c.layer is not None and c.layer not in est["layers"]:
                 raise ValueError(f"layer={c.layer} of method {self.name!r} is not in estimator {c.estimator!r}: "
                                  f"it has layers {sorted(est['layers'])}")
-            self.trained = est["layers"][c.layer]
+            self.trained = est["layers"].get(c.layer)
 
     def group_width(self, nk: int) -> int:
         return max(2 * (self.config.topk // self.config.chunk), cdiv(nk, self.config.chunk))
@@ -125,6 +127,9 @@ class SEA(KeySlotMethod):
     def _feature_maps(self, q, k, scale) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
         """(query map over (B, Hkv, nb, R, D) tiles, key features (B, Hkv, Nk, F))."""
         hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+        if self.config.estimator and self.trained is None:
+            raise ValueError(f"method {self.name!r} with estimator {self.config.estimator!r} needs layer=i, the model "
+                             "layer whose maps to use (attnkit.apply and the benchmark set it for each layer)")
         if self.trained is None:
             gen = torch.Generator().manual_seed(self.config.seed)
             w = torch.randn(self.config.features, d, generator=gen).to(q.device)
