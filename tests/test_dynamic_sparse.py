@@ -231,6 +231,17 @@ def test_hip_keeps_topk_keys_per_block_from_chunks_of_chunk_keys():
     assert torch.equal(content[0::2], content[1::2])  # shared by the query heads of a KV head
 
 
+@pytest.mark.parametrize("name", ["hip", "sea"])
+@pytest.mark.parametrize("n", [1, 40, 64, 65], ids=["N1", "N40", "N64", "N65"])
+def test_key_slot_methods_on_sequences_within_their_anchors(name, n):
+    """Prompts no longer than sink + band (a short chat turn): every key is an anchor, so
+    the result is exact attention (no candidates, no chunks to pick)."""
+    q, k, v = _inputs(2, 4, 2, n, n, 16, seed=14)
+    out = ak.attention(q, k, v, method=name, causal=True)
+    expected = reference_attention(q, k, v, causal=True)
+    assert (out.double() - expected).abs().max().item() < 1e-4
+
+
 def test_hip_clear_slot_tiles_skip_no_needed_mask():
     """Slot tiles marked full (the kernel skips their element rule) hold only kept keys
     outside every anchor of their block; the first tile is clear once the tree runs, and

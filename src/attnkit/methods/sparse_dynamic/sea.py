@@ -105,7 +105,7 @@ class SEA(KeySlotMethod):
         tail = phi_k[:, :, base:]
         n_chunks = cdiv(tail.shape[2], self.config.chunk)
         tail = F.pad(tail, (0, 0, 0, n_chunks * self.config.chunk - tail.shape[2]))
-        chunk_sums = tail.view(*tail.shape[:2], n_chunks, self.config.chunk, -1).sum(3)  # (B, Hkv, nC, F)
+        chunk_sums = tail.view(*tail.shape[:2], n_chunks, self.config.chunk, tail.shape[-1]).sum(3)  # (B, Hkv, nC, F)
         visible = phi_k.cumsum(dim=2) if causal else phi_k.sum(dim=2, keepdim=True)
         return _State(query_map, visible, chunk_sums, causal, q.shape[2], k.shape[2])
 
