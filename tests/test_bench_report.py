@@ -169,3 +169,10 @@ def test_report_writes_svg_figures(written, tmp_path):
     svgs = sorted((tmp_path / "figs").glob("*.svg"))
     assert len(svgs) == 6
     assert all(p.read_text().lstrip().startswith("<svg") for p in svgs)
+
+
+def test_error_density_curves_keep_trained_estimators_apart():
+    from attnkit.bench.report import _line_name
+
+    assert _line_name({"method": "sea", "label": "sea(topk=256)"}) == "sea"
+    assert _line_name({"method": "sea", "label": 'sea(estimator="runs/e.pt",topk=256)'}) == "sea (trained)"

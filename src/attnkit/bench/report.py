@@ -345,15 +345,21 @@ def equal_density_comparison(points: list[dict[str, Any]]) -> list[dict[str, Any
     return out
 
 
+def _line_name(point: dict[str, Any]) -> str:
+    """The curve a point belongs to: its method, apart for a trained estimator (``estimator=``),
+    which is a different method in effect from the same method's training-free default."""
+    return point["method"] + (" (trained)" if "estimator=" in point["label"] else "")
+
+
 def _error_density_figures(rep: Report, points: list[dict[str, Any]]) -> None:
     """One error-vs-density figure per length, one line per method (its settings sorted by density)."""
     import plotly.graph_objects as go
 
-    names = sorted({p["method"] for p in points}, key=lambda m: (m != BASELINE, m))
+    names = sorted({_line_name(p) for p in points}, key=lambda m: (m != BASELINE, m))
     for length in sorted({p["length"] for p in points}):
         fig = go.Figure()
         for name in names:
-            ps = sorted((p for p in points if p["method"] == name and p["length"] == length), key=lambda p: p["density"])
+            ps = sorted((p for p in points if _line_name(p) == name and p["length"] == length), key=lambda p: p["density"])
             if not ps:
                 continue
             fig.add_trace(go.Scatter(x=[p["density"] for p in ps], y=[p["rel_error"] for p in ps], mode="lines+markers",
