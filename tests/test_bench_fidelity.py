@@ -92,3 +92,25 @@ def test_dense_layers_run_full_on_the_layers_they_cover():
     assert below["density"] == 1.0 and below["rel_error"] < 1e-6
     plain = task.measure(ctx, Case("layer5", 97, None, 0, 0), parse_method("streaming(sink=2,window=8)"), spec)
     assert above["density"] == plain["density"] < 0.5 and above["rel_error"] == plain["rel_error"] > 1e-3
+
+
+def test_capture_survives_a_library_that_rewrapped_the_attention_functions(smollm2, monkeypatch):
+    """kvpress wraps every registered attention function at import through
+    ALL_ATTENTION_FUNCTIONS[name] = ..., an instance entry that shadows later register()
+    calls: a second capture must still reach its own layers (it once saw none)."""
+    pytest.importorskip("transformers")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from attnkit.bench.tasks.fidelity import capture_qkv
+
+    monkeypatch.setattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", dict(ALL_ATTENTION_FUNCTIONS._local_mapping))
+    ids = torch.arange(100, 164).view(1, 64)
+    assert sorted(capture_qkv(smollm2.model, ids, [1])) == [1]
+    for name, func in list(ALL_ATTENTION_FUNCTIONS.items()):  # what kvpress does at import
+
+        def wrapped(*args, _func=func, **kwargs):
+            return _func(*args, **kwargs)
+
+        ALL_ATTENTION_FUNCTIONS[name] = wrapped
+    captured = capture_qkv(smollm2.model, ids, [2, 4])
+    assert sorted(captured) == [2, 4] and captured[4]["q"].shape == (1, 9, 64, 64)

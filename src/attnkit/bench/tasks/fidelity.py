@@ -38,6 +38,7 @@ def capture_qkv(model: Any, input_ids: torch.Tensor, layers: list[int]) -> dict[
     import torch.nn.functional as F
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     wanted, last = set(layers), max(layers)
     found: dict[int, dict[str, Any]] = {}
@@ -56,6 +57,10 @@ def capture_qkv(model: Any, input_ids: torch.Tensor, layers: list[int]) -> dict[
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(CAPTURE, capture)
+    # A library that re-wrapped every registered function at import (kvpress does, via
+    # ALL_ATTENTION_FUNCTIONS[name] = ...) leaves an instance entry that shadows register():
+    # it would call the capture function of an earlier call. Set the instance entry too.
+    ALL_ATTENTION_FUNCTIONS[CAPTURE] = capture
     AttentionMaskInterface.register(CAPTURE, sdpa_mask)
     before = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE)
