@@ -27,7 +27,8 @@ Two feature maps phi:
   ``calibrate`` on the model's own q/k from calibration text (cross-entropy between the
   exact attention rows and the linear-attention rows) and stored by ``save_estimator``.
   ``attnkit calibrate-sea`` writes one for a model; ``attnkit.apply`` and the benchmark's
-  fidelity task fill ``layer`` with each layer's index.
+  fidelity task fill ``layer`` with each layer's index. ``features`` and ``seed`` then do
+  not apply (the file fixes M).
 
 Deliberate deviations: no CNN decoder (the estimate is read at chunk resolution
 directly); the paper's distilled Performer is replaced by a distilled Hedgehog map, and the
