@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ...kernels.pattern import cdiv
-from ._shared_extra import Permutation, PermutedMethod, lookup, pattern_from_mask
+from ._shared_extra import Permutation, PermutedMethod, anchor_rule, lookup, pattern_from_mask
 
 # Query blocks are processed in groups so that (B, Hkv, blocks, chunks, D) float32 of a
 # group stays near this many elements.
@@ -78,7 +78,58 @@ class KeySlotMethod(PermutedMethod):
         pattern, perm = slot_pattern(tokens, valid, nq, nk, bs, q.shape[1] // k.shape[1])
         if causal:
             pattern.full_tiles = clear_slot_tiles(tokens, valid, nq, nk, bs, sink, local)
+        perm.slots = (tokens, valid)
         return pattern, perm
+
+    def attend_permuted(self, q, k, v, pattern, perm, scale, causal):
+        """Each query block against its own kept keys, gathered per group of blocks (never all
+        slots at once), anchor pairs excluded: (out (B, Hq, Nq, Dv), lse (B, Hq, Nq))."""
+        tokens, valid = perm.slots
+        sink, local = self.anchors()
+        return slot_attention(q, k, v, tokens, valid, self.config.block_size, scale, anchor_rule(sink, local, causal))
+
+
+def slot_attention(q, k, v, tokens: torch.Tensor, valid: torch.Tensor, block: int, scale: float, anchored):
+    """Softmax partial result of query block i over its kept keys ``tokens[..., i, :]``.
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); tokens, valid: (B, Hkv, nQB, S); ``anchored(b,
+    h, q_pos, k_pos)`` marks pairs left to the exact anchor part. Returns out (B, Hq, Nq, Dv)
+    (zero where a row keeps nothing) and lse (B, Hq, Nq) (-inf there). Blocks are processed in
+    groups so that the gathered keys stay near ``GROUP_ELEMS`` elements."""
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    group, nqb, slots = hq // hkv, tokens.shape[2], tokens.shape[3]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_tiles = query_tiles(q, hkv, block).to(compute)  # (B, Hkv, nQB, R, D)
+    rows = q_tiles.shape[3]
+    row_pos = (torch.arange(rows, device=q.device) % block).view(1, -1)  # query offset in its block
+    out = torch.empty(b, hkv, nqb, rows, dv, dtype=compute, device=q.device)
+    lse = torch.empty(b, hkv, nqb, rows, dtype=compute, device=q.device)
+    step = max(1, (GROUP_ELEMS // 4) // max(1, b * hkv * slots * max(d, rows)))  # scores and probs of a group
+    for i in range(0, nqb, step):
+        j = min(i + step, nqb)
+        t = tokens[:, :, i:j]
+        keys = torch.gather(k.to(compute), 2, t.reshape(b, hkv, -1, 1).expand(-1, -1, -1, d)).view(b, hkv, j - i, slots, d)
+        vals = torch.gather(v.to(compute), 2, t.reshape(b, hkv, -1, 1).expand(-1, -1, -1, dv)).view(b, hkv, j - i, slots, dv)
+        scores = torch.matmul(q_tiles[:, :, i:j], keys.transpose(-1, -2)) * scale  # (B, Hkv, nb, R, S)
+        q_pos = ((torch.arange(i, j, device=q.device) * block).view(-1, 1) + row_pos).clamp(max=nq - 1) + (nk - nq)
+        bb = torch.arange(b, device=q.device).view(b, 1, 1, 1, 1)
+        hh = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1, 1) * group  # any query head of the KV head
+        keep = valid[:, :, i:j].unsqueeze(3) & ~anchored(bb, hh, q_pos.view(1, 1, j - i, rows, 1), t.unsqueeze(3))
+        scores = scores.masked_fill(~keep, float("-inf"))
+        part_lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - torch.where(torch.isinf(part_lse), 0.0, part_lse).unsqueeze(-1))
+        out[:, :, i:j] = torch.matmul(probs, vals)
+        lse[:, :, i:j] = part_lse
+    return _untile_rows(out, q.shape, group, block).to(q.dtype), _untile_rows(lse.unsqueeze(-1), q.shape, group, block)[..., 0]
+
+
+def _untile_rows(x: torch.Tensor, q_shape, group: int, block: int) -> torch.Tensor:
+    """(B, Hkv, nQB, group x block, C) rows (query head major) -> (B, Hq, Nq, C)."""
+    b, hq, nq, _ = q_shape
+    hkv, nqb, c = x.shape[1], x.shape[2], x.shape[-1]
+    x = x.view(b, hkv, nqb, group, block, c).transpose(2, 3).reshape(b, hq, nqb * block, c)
+    return x[:, :, :nq]
 
 
 def candidate_ranges(nq: int, nk: int, block: int, sink: int, local: int, causal: bool, device=None):

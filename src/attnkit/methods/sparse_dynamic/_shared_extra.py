@@ -96,6 +96,7 @@ class Permutation:
     k: torch.Tensor | None = None
     kv_len: int | None = None
     rule: object | None = None
+    slots: tuple | None = None  # key-slot methods: (tokens, valid) (B, Hkv, nQB, S), see _key_slots.py
 
 
 def original_order_pattern(pattern: BlockPattern, perm: Permutation, group: int, kv_len: int | None = None) -> BlockPattern:
@@ -225,13 +226,14 @@ class PermutedMethod(DynamicMethod):
         estimator_seconds = time.perf_counter() - start
         sink, local = self.anchors()
         group = q.shape[1] // k.shape[1]
-        qp, kp, vp = gather_tokens(q, perm.q), gather_tokens(k, perm.k), gather_tokens(v, perm.k)
         anchors = None
         if sink > 0 or local > 0:
             anchors = anchor_pattern(q.shape[2], k.shape[2], sink, local, causal, pattern.block_k, q.device)
             pattern = _without_anchors(pattern, perm, sink, local, causal, group, k.shape[2])
-            out, used = self._attend_with_anchors(q, k, v, qp, kp, vp, pattern, anchors, perm, scale)
+            permuted = self.attend_permuted(q, k, v, pattern, perm, scale, causal)
+            out, used = self._merge_with_anchors(q, k, v, permuted, anchors, scale)
         else:
+            qp, kp, vp = gather_tokens(q, perm.q), gather_tokens(k, perm.k), gather_tokens(v, perm.k)
             out, _, used = run_pattern(qp, kp, vp, pattern, scale, backend, count_pairs=False, method=self.name)
             out = scatter_tokens(out, perm.q)
         density, stats_pattern = float("nan"), pattern
@@ -245,10 +247,17 @@ class PermutedMethod(DynamicMethod):
             density = pairs / (full_pairs(nq, k.shape[2], causal) * b * hq)
         return out, AttentionStats(self.name, density, stats_pattern, estimator_seconds, used)
 
-    def _attend_with_anchors(self, q, k, v, qp, kp, vp, pattern, anchors, perm, scale):
-        """Permuted part and anchor part, each with its log-sum-exp, merged: (out, backend)."""
+    def attend_permuted(self, q, k, v, pattern, perm, scale: float, causal: bool):
+        """The permuted pattern's part (anchor pairs already excluded), in the original query
+        order: (out (B, Hq, Nq, Dv), lse (B, Hq, Nq)). Default: gather the permuted tokens and
+        run the block kernel; a subclass may compute it more directly."""
+        qp, kp, vp = gather_tokens(q, perm.q), gather_tokens(k, perm.k), gather_tokens(v, perm.k)
         out_p, lse_p = block_sparse_attention(qp, kp, vp, pattern, scale, method=self.name, return_lse=True)
-        out_p, lse_p = scatter_tokens(out_p, perm.q), scatter_tokens(lse_p.unsqueeze(-1), perm.q)[..., 0]
+        return scatter_tokens(out_p, perm.q), scatter_tokens(lse_p.unsqueeze(-1), perm.q)[..., 0]
+
+    def _merge_with_anchors(self, q, k, v, permuted, anchors, scale):
+        """The permuted part (out, lse) merged with the exact anchor part: (out, backend)."""
+        out_p, lse_p = permuted
         if ranges_supported(anchors, q)[0]:  # sink + band: a few fused flash calls per query block
             out_a, lse_a = range_attention(q, k, v, anchors, scale, method=self.name, return_lse=True)
         else:
