@@ -5,7 +5,6 @@ promises on planted inputs."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -240,33 +239,6 @@ def test_key_slot_methods_on_sequences_within_their_anchors(name, n):
     out = ak.attention(q, k, v, method=name, causal=True)
     expected = reference_attention(q, k, v, causal=True)
     assert (out.double() - expected).abs().max().item() < 1e-4
-
-
-def test_hip_clear_slot_tiles_skip_no_needed_mask():
-    """Slot tiles marked full (the kernel skips their element rule) hold only kept keys
-    outside every anchor of their block; the first tile is clear once the tree runs, and
-    the output equals the one with the rule applied to every tile (batch 2, GQA 2).
-    (Here the last tile of a block holds keys in the band of its first queries.)"""
-    n, bs, topk, sink, local = 1100, 32, 64, 8, 40
-    q, k, v = _inputs(2, 4, 2, n, n, 16, seed=13)
-    method = ak.get("hip", block_size=bs, topk=topk, chunk=2, sink=sink, local=local)
-    pattern, perm = method.estimate_permuted(q, k, True, 0.25)
-    clear = pattern.full_tiles  # (1, 1, nQB, S / bs)
-    tokens = perm.k.view(2, 2, -1, clear.shape[-1], bs)  # (B, Hkv, nQB, tiles, bs); empty slots hold 0
-    first = (torch.arange(tokens.shape[2]) * bs).view(1, 1, -1, 1, 1)
-    outside = (tokens >= sink) & (tokens <= first - local)  # a kept key in no anchor of any query of the block
-    assert bool(outside[clear.expand(2, 2, -1, -1)].all())
-    assert bool(clear[..., 6:, 0].all())  # the first tile of every block with a full tree is clear
-    fast = ak.attention(q, k, v, method="hip", block_size=bs, topk=topk, chunk=2, sink=sink, local=local, causal=True)
-
-    class Masked(type(method)):
-        def estimate_permuted(self, q, k, causal, scale):
-            pattern, perm = super().estimate_permuted(q, k, causal, scale)
-            pattern.full_tiles = None
-            return pattern, perm
-
-    slow = Masked(**dataclasses.asdict(method.config))(q, k, v, causal=True)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
 def test_routing_clusters_contain_planted_matching_pairs():

@@ -4,10 +4,11 @@ A key-slot method picks, per batch, KV head and query block of ``block_size`` qu
 ``topk / chunk`` chunks of at most ``chunk`` consecutive keys among the block's
 *candidates*, and attends to exactly those keys beside the anchors (the first ``sink``
 keys and a band of ``local`` keys up to each query, computed exactly and merged by
-log-sum-exp, ``PermutedMethod``). The kept keys of each block are gathered into that
-block's own key slots (a token may sit in the slots of many blocks), so the shared
-block-sparse kernel runs query block i against slots [i S, (i + 1) S), S = ``topk``
-rounded up to a multiple of ``block_size``.
+log-sum-exp, ``PermutedMethod``). Query block i owns key slots [i S, (i + 1) S), S =
+``topk`` rounded up to a multiple of ``block_size`` (a token may sit in the slots of many
+blocks): ``slot_pattern`` describes that as a permuted block pattern (stats, recall),
+and ``slot_attention`` computes it, gathering the kept keys of one group of blocks at a
+time (K and V are never copied S / block_size times at once).
 
 A subclass only decides *which* chunks: ``pick_chunks`` returns their bounds. Candidates
 (``candidate_ranges``): causal -> keys [sink, end) with end = min(last query - local + 1,
@@ -23,7 +24,13 @@ from typing import Any
 import torch
 
 from ...kernels.pattern import cdiv
-from ._shared_extra import Permutation, PermutedMethod, anchor_rule, lookup, pattern_from_mask
+from ._shared_extra import (
+    Permutation,
+    PermutedMethod,
+    anchor_rule,
+    lookup,
+    pattern_from_mask,
+)
 
 # Query blocks are processed in groups so that (B, Hkv, blocks, chunks, D) float32 of a
 # group stays near this many elements.
@@ -76,8 +83,6 @@ class KeySlotMethod(PermutedMethod):
             valid.append(ok)
         tokens, valid = torch.cat(tokens, dim=2), torch.cat(valid, dim=2)
         pattern, perm = slot_pattern(tokens, valid, nq, nk, bs, q.shape[1] // k.shape[1])
-        if causal:
-            pattern.full_tiles = clear_slot_tiles(tokens, valid, nq, nk, bs, sink, local)
         perm.slots = (tokens, valid)
         return pattern, perm
 
@@ -194,20 +199,6 @@ def slot_pattern(tokens: torch.Tensor, valid: torch.Tensor, nq: int, nk: int, bl
     pattern = pattern_from_mask(mask, block, block, nq, nqb * slots, mask_mod=kept_slot)
     rule = _original_rule(tokens, valid, nq, nk, block, group)
     return pattern, Permutation(k=tokens.reshape(b, hkv, nqb * slots), kv_len=nk, rule=rule)
-
-
-def clear_slot_tiles(tokens: torch.Tensor, valid: torch.Tensor, nq: int, nk: int, block: int, sink: int,
-                     local: int) -> torch.Tensor:
-    """Causal slot tiles that need no element rule: (1, 1, nQB, S / block) bool, aligned with
-    ``slot_pattern``'s tile lists. A tile is clear when, for every batch and KV head, each of
-    its slots holds a kept key outside the sink and outside the local band of the block's
-    *first* query (hence of every query of the block). Candidates end at the band of the
-    block's last query, so only the last tiles of a block can hold band keys."""
-    b, hkv, nqb, slots = tokens.shape
-    first = torch.arange(nqb, device=tokens.device) * block + (nk - nq)
-    outside = (tokens >= sink) & (tokens <= (first - local).view(1, 1, nqb, 1))
-    clear = (valid & outside).view(b, hkv, nqb, slots // block, block).all(dim=-1)
-    return clear.all(dim=1, keepdim=True).all(dim=0, keepdim=True)
 
 
 def _original_rule(tokens, valid, nq, nk, block, group):

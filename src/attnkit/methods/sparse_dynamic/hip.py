@@ -20,9 +20,8 @@ Algorithm here (per batch, KV head, query block of ``block_size`` queries):
    halve each kept chunk (a chunk of at most ``chunk`` keys stays whole), until every
    kept chunk has at most ``chunk`` keys — ``topk`` keys in all; a block with at most
    ``topk`` candidates keeps them all;
-3. the kept keys of each query block are gathered into their own key slots (a token may
-   sit in the slots of many blocks) and the shared block-sparse kernel runs query block i
-   against its slots; the anchors — the first ``sink`` keys and the ``local`` keys up to
+3. each query block attends to exactly its kept keys (gathered per group of blocks, a
+   token may serve many blocks); the anchors — the first ``sink`` keys and the ``local`` keys up to
    each query — run exactly in the original order, and the two parts are merged through
    their log-sum-exps (``KeySlotMethod`` in ``_key_slots.py``, shared with ``sea``).
 
