@@ -111,15 +111,16 @@ def slot_attention(q, k, v, tokens: torch.Tensor, valid: torch.Tensor, block: in
     out = torch.empty(b, hkv, nqb, rows, dv, dtype=compute, device=q.device)
     lse = torch.empty(b, hkv, nqb, rows, dtype=compute, device=q.device)
     step = max(1, (GROUP_ELEMS // 4) // max(1, b * hkv * slots * max(d, rows)))  # scores and probs of a group
+    k_c, v_c = k.to(compute), v.to(compute)  # once, not per group
+    bb = torch.arange(b, device=q.device).view(b, 1, 1, 1, 1)
+    hh = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1, 1) * group  # any query head of the KV head
     for i in range(0, nqb, step):
         j = min(i + step, nqb)
         t = tokens[:, :, i:j]
-        keys = torch.gather(k.to(compute), 2, t.reshape(b, hkv, -1, 1).expand(-1, -1, -1, d)).view(b, hkv, j - i, slots, d)
-        vals = torch.gather(v.to(compute), 2, t.reshape(b, hkv, -1, 1).expand(-1, -1, -1, dv)).view(b, hkv, j - i, slots, dv)
+        keys = torch.gather(k_c, 2, t.reshape(b, hkv, -1, 1).expand(-1, -1, -1, d)).view(b, hkv, j - i, slots, d)
+        vals = torch.gather(v_c, 2, t.reshape(b, hkv, -1, 1).expand(-1, -1, -1, dv)).view(b, hkv, j - i, slots, dv)
         scores = torch.matmul(q_tiles[:, :, i:j], keys.transpose(-1, -2)) * scale  # (B, Hkv, nb, R, S)
         q_pos = ((torch.arange(i, j, device=q.device) * block).view(-1, 1) + row_pos).clamp(max=nq - 1) + (nk - nq)
-        bb = torch.arange(b, device=q.device).view(b, 1, 1, 1, 1)
-        hh = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1, 1) * group  # any query head of the KV head
         keep = valid[:, :, i:j].unsqueeze(3) & ~anchored(bb, hh, q_pos.view(1, 1, j - i, rows, 1), t.unsqueeze(3))
         scores = scores.masked_fill(~keep, float("-inf"))
         part_lse = torch.logsumexp(scores, dim=-1)
