@@ -14,7 +14,7 @@ from ...registry import register
 from .common import CachePolicy, LayerView
 
 
-@register("random", family="kv_cache", paper="baseline: uniform random eviction (kvpress RandomPress)",
+@register("random", family="kv_cache", paper="baseline: uniform random eviction (kvpress RandomPress; the baseline H2O compares against)",
           arxiv="2306.14048", year=2023, supports=("causal", "decode", "gqa"), kinds=("cache",))
 class RandomPolicy(CachePolicy):
     """Keep a uniformly random subset of tokens (seeded)."""

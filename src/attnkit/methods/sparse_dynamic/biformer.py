@@ -1,7 +1,7 @@
 """BiFormer bi-level routing attention on a 2D grid of tokens.
 
 Paper: Zhu et al., "BiFormer: Vision Transformer with Bi-Level Routing Attention",
-arXiv:2303.08125 (CVPR 2023). The H x W token grid (raster order) is split into
+arXiv:2303.08810 (CVPR 2023). The H x W token grid (raster order) is split into
 S_h x S_w regions. Region-level routing: per-region mean of queries and of keys give a
 region affinity matrix A_r = Q_r K_r^T; each region keeps the indices of its ``topk``
 most affine regions. Token-level attention: every query of a region attends to all the
@@ -37,7 +37,7 @@ from .common import gqa_scores, pool, topk_mask
     "biformer",
     family="dynamic_sparse",
     paper="BiFormer: Vision Transformer with Bi-Level Routing Attention",
-    arxiv="2303.08125",
+    arxiv="2303.08810",
     year=2023,
     supports=("non_causal", "gqa"),
 )

@@ -1,7 +1,7 @@
 """FlexPrefill: per-head choice between query-aware block selection and vertical-slash.
 
 Paper: Lai et al., "FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient
-Long-Sequence Inference", arXiv:2503.02392 (ICLR 2025).
+Long-Sequence Inference", arXiv:2502.20766 (ICLR 2025).
 
 Estimator, per (batch, query head), on ``block``-token blocks (default 128):
 
@@ -221,7 +221,7 @@ def _query_aware_blocks(q, k, scale, heads, group, block, gamma, max_budget, res
     "flexprefill",
     family="dynamic_sparse",
     paper="FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence Inference",
-    arxiv="2503.02392",
+    arxiv="2502.20766",
     year=2025,
     supports=("causal", "gqa"),
 )
