@@ -18,9 +18,9 @@ import torch
 
 from .. import validate
 from .block_sparse import merge_partials
+from .cpu_flash import flash_with_lse
 from .pattern import BlockPattern, cdiv
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 # A finite "minus infinity": -inf in the additive mask sends the CPU kernel down a slow path.
 _MASKED = -1e30
 
@@ -112,7 +112,7 @@ def _part(rows, k, v, pattern, q0, q1, group, start, end, full, scale, compute):
         else:
             mask = torch.zeros((1, 1) + tuple(allowed.shape), dtype=compute, device=rows.device)
             mask.masked_fill_(~allowed.view(mask.shape), _MASKED)
-    out, lse = _flash(rows, keys, values, 0.0, False, attn_mask=mask, scale=scale)
+    out, lse = flash_with_lse(rows, keys, values, False, scale, attn_mask=mask)
     return out, lse
 
 

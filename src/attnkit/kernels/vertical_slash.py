@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cpu_flash import flash_with_lse
 from .pattern import BlockPattern, causal_mod, cdiv, lists_from_block_mask
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _MASKED = -1e30  # finite: -inf in an additive mask sends the CPU kernel down a slow path
 DEFAULT_BUDGET_ELEMS = 1 << 25  # floats of gathered K/V per chunk step (~128 MiB fp32): few, large calls
 
@@ -226,7 +226,7 @@ def _one_head(qh, kp, vp, cols, slashes, p0, pad_front, nk, block, scale, budget
         # 2. diagonal tiles: keys [p0, p0 + block), causal inside the tile.
         tk = kp.as_strided((n, 1, block, d), (block * d, 0, d, 1), base * d)
         tv = vp.as_strided((n, 1, block, dv), (block * dv, 0, dv, 1), base * dv)
-        parts = [_flash(qc, tk, tv, 0.0, True, scale=scale)[:2]]
+        parts = [flash_with_lse(qc, tk, tv, True, scale)]
         # 1. slash runs before p0, gathered per block (one row gather: a cat of the
         # overlapping strided views is much slower on the CPU).
         offsets, mask = _live_runs(runs, p0[c0:c1], qh.dtype)
@@ -235,13 +235,13 @@ def _one_head(qh, kp, vp, cols, slashes, p0, pad_front, nk, block, scale, budget
             rows = (p0[c0:c1, None] + pad_front + offsets[None, :]).flatten()
             keys = scratch.gather_rows("k", kp, rows, (n, 1, w, d))
             vals = scratch.gather_rows("v", vp, rows, (n, 1, w, dv))
-            parts.append(_flash(qc, keys, vals, 0.0, False, attn_mask=mask, scale=scale)[:2])
+            parts.append(flash_with_lse(qc, keys, vals, False, scale, attn_mask=mask))
         # 3. columns before p0 that no run of the block covers.
         if col_mask is not None and bool(col_live[c0:c1].any()):
             upto = int(torch.searchsorted(cols, p0[c1 - 1]))  # later columns are hidden from the whole chunk
             ck = col_k[:upto].expand(n, 1, upto, d)
             cv = col_v[:upto].expand(n, 1, upto, dv)
-            parts.append(_flash(qc, ck, cv, 0.0, False, attn_mask=col_mask[c0:c1, :, :, :upto], scale=scale)[:2])
+            parts.append(flash_with_lse(qc, ck, cv, False, scale, attn_mask=col_mask[c0:c1, :, :, :upto]))
         out[c0:c1] = _merge(parts)
     return out
 
@@ -333,7 +333,7 @@ def block_attention(
                 parts = []
                 dk = diag_of[c0:c1]
                 tk, tv = kb[dk].view(n, 1, block, d), vb[dk].view(n, 1, block, dv)
-                parts.append(_flash(qh[c0:c1], tk, tv, 0.0, True, scale=scale)[:2])
+                parts.append(flash_with_lse(qh[c0:c1], tk, tv, True, scale))
                 if bool(live.any()):
                     keys = scratch.gather_rows("k", kb, idx.flatten(), (n, 1, width * block, d))
                     vals = scratch.gather_rows("v", vb, idx.flatten(), (n, 1, width * block, dv))
@@ -342,7 +342,7 @@ def block_attention(
                         mask = torch.zeros(n, 1, 1, width, block, dtype=compute, device=q.device)
                         mask.masked_fill_(~live.view(n, 1, 1, width, 1), _MASKED)
                         mask = mask.view(n, 1, 1, width * block)
-                    parts.append(_flash(qh[c0:c1], keys, vals, 0.0, False, attn_mask=mask, scale=scale)[:2])
+                    parts.append(flash_with_lse(qh[c0:c1], keys, vals, False, scale, attn_mask=mask))
                 res[c0:c1] = _merge(parts)
             out[bb, hh] = res.view(nqb * block, dv)[:nq].to(q.dtype)
     return out

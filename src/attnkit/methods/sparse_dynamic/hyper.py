@@ -59,11 +59,11 @@ from dataclasses import dataclass
 import torch
 
 from ... import validate
+from ...kernels.cpu_flash import flash_with_lse
 from ...kernels.pattern import cdiv
 from ...registry import register
 from ..base import AttentionStats, Method, full_pairs
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _EXACT_CHUNK = 1 << 22  # scores per step of the exact fallback
 
 
@@ -245,9 +245,8 @@ def exact(q, k, v, scale: float, causal: bool):
     """Exact attention with its log-sum-exp. q: (B, H, Nq, D); k, v: (B, H, Nk, D) -> (out, lse (B, H, Nq)).
 
     Causal is top-left aligned here (Nq == Nk in the recursion)."""
-    if q.device.type == "cpu" and q.dtype == torch.float32 and v.shape[-1] == q.shape[-1]:
-        out, lse = _flash(q, k, v, 0.0, causal, scale=scale)[:2]
-        return out, lse
+    if q.device.type == "cpu" and q.dtype == torch.float32:
+        return flash_with_lse(q, k, v, causal, scale)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     chunk = max(1, _EXACT_CHUNK // max(1, b * h * nk))
