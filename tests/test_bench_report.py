@@ -176,3 +176,20 @@ def test_error_density_curves_keep_trained_estimators_apart():
 
     assert _line_name({"method": "sea", "label": "sea(topk=256)"}) == "sea"
     assert _line_name({"method": "sea", "label": 'sea(estimator="runs/e.pt",topk=256)'}) == "sea (trained)"
+
+
+def test_failed_measurements_list_only_failures_not_measured_since(tmp_path):
+    """A failure that a later run measured (the retry succeeded) leaves the report."""
+    with Store(tmp_path) as store:
+        store.start_run({"model": "m"})
+        row = Row(model="m", task="model_speed", variant="default", method="sea", config="{}", label="sea",
+                  length=8192, depth=None, sample=0, score=1.0, metrics={"prefill_seconds": 1.0})
+        fixed_key = row.key
+        for key, label in ((fixed_key, "sea"), ("never-measured", "hip")):
+            store.conn.execute("INSERT INTO errors (key, run_id, task, label, error, traceback, created) "
+                               "VALUES (?,?,?,?,?,?,?)", (key, store.run_id, "model_speed", label, f"boom {label}", "", 0.0))
+        store.add(row)
+        store.conn.commit()
+    md = report.build(tmp_path).markdown()
+    section = md.split("## Failed measurements")[1]
+    assert "1 failed" in section and "boom hip" in section and "boom sea" not in section

@@ -631,7 +631,8 @@ def _kv_decode_section(rep: Report, rows: list[Row]) -> None:
 
 
 def _errors_section(rep: Report, store: Store) -> None:
-    cur = store.conn.execute("SELECT task, label, error FROM errors ORDER BY id")
+    """Failures that no later run has measured (a retry that succeeded clears its failure)."""
+    cur = store.conn.execute("SELECT task, label, error FROM errors WHERE key NOT IN (SELECT key FROM results) ORDER BY id")
     errs = cur.fetchall()
     if not errs:
         return
