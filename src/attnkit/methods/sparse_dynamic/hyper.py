@@ -62,6 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from ... import validate
+from ...kernels.block_sparse import merge_partials
 from ...kernels.cpu_flash import flash_with_lse
 from ...kernels.pattern import cdiv
 from ...registry import register
@@ -115,7 +116,7 @@ class HyperAttention(Method):
             off = nk - nq
             out, lse = run.causal(qx, kx[:, :, off:], vx[:, :, off:], off)
             if off > 0:
-                out, _ = merge((out, lse), run.non_causal(qx, kx[:, :, :off], vx[:, :, :off], 0, lse))
+                out, _ = merge_partials([(out, lse), run.non_causal(qx, kx[:, :, :off], vx[:, :, :off], 0, lse)])
         density = run.pairs / full_pairs(nq, nk, causal) if want_stats else float("nan")
         return out.to(q.dtype), AttentionStats(self.name, density, None, run.estimator_seconds, "hyper")
 
@@ -141,7 +142,7 @@ class _Run:
         top = self.causal(q[:, :, :half], k[:, :, :half], v[:, :, :half], start)
         diag = self.causal(q[:, :, half:], k[:, :, half:], v[:, :, half:], start + half)
         left = self.off_diagonal(q[:, :, half:], k[:, :, :half], v[:, :, :half], start, diag[1])
-        bottom = merge(diag, left)
+        bottom = merge_partials([diag, left])
         return torch.cat([top[0], bottom[0]], dim=2), torch.cat([top[1], bottom[1]], dim=2)
 
     def off_diagonal(self, q, k, v, start: int, exact_lse: torch.Tensor | None = None):
@@ -160,7 +161,7 @@ class _Run:
         near = exact(near_q, k[:, :, -band:], v[:, :, -band:], self.scale, causal=False)
         if band < k.shape[2]:
             known = near[1] if exact_lse is None else torch.logaddexp(exact_lse[:, :, :rows], near[1])
-            near = merge(self.non_causal(near_q, k[:, :, :-band], v[:, :, :-band], start, known), near)
+            near = merge_partials([self.non_causal(near_q, k[:, :, :-band], v[:, :, :-band], start, known), near])
         if later_q.shape[2] == 0:
             return near
         later = self.non_causal(later_q, k, v, start, None if exact_lse is None else exact_lse[:, :, rows:])
@@ -181,7 +182,7 @@ class _Run:
                 return sink_part
             known = sink_part[1] if exact_lse is None else torch.logaddexp(exact_lse, sink_part[1])
             rest = self.non_causal(q, k[:, :, exact_keys:], v[:, :, exact_keys:], start + exact_keys, known)
-            return merge(sink_part, rest)
+            return merge_partials([sink_part, rest])
         b, h, nq, d = q.shape
         nk = k.shape[2]
         start = time.perf_counter()
@@ -222,7 +223,7 @@ class _Run:
         lse_smp = torch.logsumexp(s, dim=-1) + math.log(nk / m)
         out_smp = torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0), _take(v, sample))
         self.pairs += float((~same).sum()) / (b * h)
-        return merge((out_blk, lse_blk), (out_smp, lse_smp))
+        return merge_partials([(out_blk, lse_blk), (out_smp, lse_smp)])
 
     def sample_cap_log(self, lse_chunk, exact_lse, m: int, nk: int) -> torch.Tensor:
         """log C_i of ApproxD (Algorithm 2): a sampled entry exp(s_ij) counts at most
@@ -262,15 +263,6 @@ def exact(q, k, v, scale: float, causal: bool):
         lses.append(torch.logsumexp(s, dim=-1))
         outs.append(torch.matmul(torch.softmax(s, dim=-1), v))
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-
-
-def merge(a, b):
-    """Merge two softmax partial results (out, lse) over disjoint key sets."""
-    (out_a, lse_a), (out_b, lse_b) = a, b
-    lse = torch.logaddexp(lse_a, lse_b)
-    wa = torch.exp(lse_a - lse).nan_to_num(0.0).unsqueeze(-1)
-    wb = torch.exp(lse_b - lse).nan_to_num(0.0).unsqueeze(-1)
-    return out_a * wa + out_b * wb, lse
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
