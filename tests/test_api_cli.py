@@ -37,7 +37,7 @@ def test_full_matches_reference_bottom_right(causal, dtype):
     expected = reference_attention(q, k, v, causal=causal)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert ((out.double() - expected).norm() / expected.norm()).item() < tol
-    assert stats.density == 1.0 and stats.backend == "sdpa" and stats.pattern is None
+    assert stats.density == 1.0 and stats.backend == "exact" and stats.pattern is None
 
 
 def test_get_returns_reusable_configured_method():

@@ -148,16 +148,17 @@ def _random_pattern(nq, nk, block, density, seed, heads=2):
 
 @pytest.mark.parametrize("kernel", ["gather-one-pass", "gather-online-softmax", "ranges"])
 def test_kernel_lse_is_the_oracle_logsumexp_and_empty_rows_are_zero(kernel):
-    from attnkit.kernels.block_sparse import block_sparse_attention
-    from attnkit.kernels.ranges import range_attention
+    from attnkit.kernels import run
+    from attnkit.kernels.block_sparse import gather_plan
+    from attnkit.kernels.tiled import tiled_attention
 
     q, k, v = _inputs(2, 2, 1, 77, 77, 16, seed=20)
     pattern = _random_pattern(77, 77, 16, 0.4, seed=21, heads=1 if kernel == "ranges" else 2)
     if kernel == "ranges":
-        out, lse = range_attention(q, k, v, pattern, 0.25, return_lse=True)
+        out, lse, _ = run(pattern, q, k, v, 0.25, backend="ranges", return_lse=True)
     else:
         budget = 64 if kernel == "gather-online-softmax" else 1 << 22
-        out, lse = block_sparse_attention(q, k, v, pattern, 0.25, return_lse=True, budget_elems=budget)
+        out, lse = tiled_attention(q, k, v, gather_plan(pattern, torch.float32, budget_elems=budget), 0.25)
     mask = pattern.dense_mask(2, 2)
     scores = (q.double() @ k.double().transpose(-1, -2)) * 0.25
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -172,8 +173,7 @@ def test_kernel_lse_is_the_oracle_logsumexp_and_empty_rows_are_zero(kernel):
 
 
 def test_merging_disjoint_parts_is_attention_over_their_union():
-    from attnkit.kernels import merge_partials
-    from attnkit.kernels.block_sparse import block_sparse_attention
+    from attnkit.kernels import merge_partials, run
     from attnkit.kernels.pattern import BlockPattern
 
     q, k, v = _inputs(1, 4, 2, 130, 130, 16, seed=22)
@@ -186,7 +186,7 @@ def test_merging_disjoint_parts_is_attention_over_their_union():
         return BlockPattern(kv_blocks=full.kv_blocks, block_q=16, block_k=16, q_len=130, kv_len=130,
                             mask_mod=lambda b, h, qp, kp: rule(b, h, qp, kp) & (coin[qp.clamp(0, 129), kp.clamp(0, 129)] == keep))
 
-    parts = [block_sparse_attention(q, k, v, half(flag), 0.25, return_lse=True) for flag in (True, False)]
+    parts = [run(half(flag), q, k, v, 0.25, backend="gather", return_lse=True)[:2] for flag in (True, False)]
     out, lse = merge_partials(parts)
     expected = reference_attention(q, k, v, causal=True, scale=0.25)
     assert (out.double() - expected).abs().max() < 1e-5

@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnkit as ak
-from attnkit.kernels import BlockPattern, causal_mod, lists_from_block_mask, run_pattern
-from attnkit.kernels.block_sparse import block_sparse_attention
+from attnkit.kernels import BlockPattern, causal_mod, compatible_backends, count_allowed_pairs, lists_from_block_mask, run
+from attnkit.kernels.block_sparse import gather_plan
+from attnkit.kernels.tiled import tiled_attention
 from attnkit.reference import reference_attention
 
 
@@ -52,14 +53,15 @@ def test_kernels_agree_with_reference_on_random_patterns(problem):
     pattern = _random_pattern(b, hq, nq, nk, bq, bk, causal, per_head, gen)
     mask = pattern.dense_mask(b, hq)
     expected = reference_attention(q, k, v, mask=mask)
-    backends = ["gather", "dense"] + ([] if per_head else ["ranges"])
+    backends = [name for name in compatible_backends(pattern, q, k, v) if name != "flex"]
+    assert {"gather", "dense", "ranges"} <= set(backends)
     for backend in backends:
-        out, pairs, used = run_pattern(q, k, v, pattern, d**-0.5, backend=backend, count_pairs=True)
+        out, lse, used = run(pattern, q, k, v, d**-0.5, backend=backend)
         assert used == backend
         assert (out.double() - expected).abs().max().item() < 1e-4, backend
-        assert pairs == int(mask.sum())
-    # tiny step budgets force the chunked online softmax path
-    out = block_sparse_attention(q, k, v, pattern, d**-0.5, budget_elems=32)
+    assert count_allowed_pairs(pattern, b, hq) == int(mask.sum())
+    # tiny call budgets: one key slot per call, merged by log-sum-exp
+    out, _ = tiled_attention(q, k, v, gather_plan(pattern, torch.float32, budget_elems=32), d**-0.5)
     assert (out.double() - expected).abs().max().item() < 1e-4
 
 

@@ -124,12 +124,13 @@ def test_density_stat_counts_allowed_pairs(name, config, rule):
 
 def test_nan_in_unwritten_output_is_impossible():
     """The gather kernel writes every output row (fla's NaN-fill trick, via tiny budgets)."""
-    from attnkit.kernels.block_sparse import block_sparse_attention
+    from attnkit.kernels.block_sparse import gather_plan
+    from attnkit.kernels.tiled import tiled_attention
 
     q, k, v = _inputs(2, 4, 2, 131, 131, 8, torch.float32)
     m = ak.get("streaming", sink=3, window=20)
     pattern = m.pattern(131, 131, True, q.device)
-    out = block_sparse_attention(q, k, v, pattern, scale=8**-0.5, budget_elems=64)
+    out, _ = tiled_attention(q, k, v, gather_plan(pattern, torch.float32, budget_elems=64), 8**-0.5)
     expected = reference_attention(q, k, v, mask=RULES["streaming"][0][1]({"sink": 3, "window": 20}, 131, 131, True), causal=True)
     assert torch.isfinite(out).all()
     assert (out.double() - expected).abs().max().item() < 1e-4

@@ -118,7 +118,7 @@ def test_causal_with_more_queries_than_keys():
 
 def test_unknown_backend():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"unknown backend 'gpu'.*Valid: auto, ranges, gather, flex, dense"):
+    with pytest.raises(ValueError, match=r"unknown backend 'gpu'.*Valid: auto, dense, flex, vertical_slash, slots, ranges, blocks, gather"):
         ak.attention(q, k, v, method="streaming", backend="gpu")
 
 

@@ -12,12 +12,18 @@ import pytest
 import torch
 
 import attnkit as ak
+from attnkit.kernels.tiled import tiled_attention
 from attnkit.kernels.vertical_slash import (
     VerticalSlashIndex,
     count_pairs,
     to_block_pattern,
-    vertical_slash_attention,
+    vertical_slash_plan,
 )
+
+
+def vertical_slash_attention(q, k, v, index, scale, budget_elems=1 << 25):
+    """The vertical-slash kernel alone (its plan on the tiled executor)."""
+    return tiled_attention(q, k, v, vertical_slash_plan(index, torch.float32, budget_elems), scale)[0]
 from attnkit.methods.base import full_pairs
 from attnkit.methods.sparse_dynamic import vertical_slash as vs  # registers the methods
 from attnkit.reference import causal_mask, reference_attention

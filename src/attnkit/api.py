@@ -28,17 +28,24 @@ def attention(
     backend: str = "auto",
     return_stats: bool = False,
     check_finite: bool = True,
+    return_lse: bool = False,
     **config: Any,
-) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
+) -> torch.Tensor | tuple:
     """Attention of q over k, v with an efficient method.
 
-    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq % Hkv == 0 (GQA/MQA).
-    Returns (B, Hq, Nq, D) in q's dtype and device (and ``AttentionStats`` when
-    ``return_stats``). ``causal`` with Nq < Nk means the queries are the last Nq
-    positions (bottom-right aligned). ``scale`` defaults to 1/sqrt(D). ``backend`` is
-    one of "auto", "gather", "flex", "dense" for sparse methods. ``config`` holds the
-    method's config fields (see ``attnkit info METHOD``); ``check_finite=False`` skips
-    the NaN/Inf scan of the inputs.
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) (v may have its own head size Dv) with
+    Hq % Hkv == 0 (GQA/MQA). Returns out (B, Hq, Nq, Dv) in q's dtype and device; then,
+    in this order, lse (B, Hq, Nq) when ``return_lse`` (natural log of each row's softmax
+    normaliser over the method's allowed keys; float64 for float64 inputs, else float32;
+    -inf and out 0 on a row with no key) and ``AttentionStats`` when ``return_stats``.
+    ``causal`` with Nq < Nk means the queries are the last Nq positions (bottom-right
+    aligned). ``scale`` defaults to 1/sqrt(D). ``backend``: "auto" or one of
+    ``attnkit.kernels.BACKENDS`` (a backend that cannot run the call is an error listing
+    the compatible ones; ``ak.get(method).compatible_backends(q, k, v, causal)``).
+    ``config`` holds the method's config fields (see ``attnkit info METHOD``);
+    ``check_finite=False`` skips the NaN/Inf scan of the inputs. Differentiable in q, k
+    and v (out and lse) over the pattern the method selected.
     """
     m = get(method, **config)
-    return m(q, k, v, causal=causal, scale=scale, backend=backend, return_stats=return_stats, check_finite=check_finite)
+    return m(q, k, v, causal=causal, scale=scale, backend=backend, return_stats=return_stats, check_finite=check_finite,
+             return_lse=return_lse)

@@ -36,6 +36,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .kernels import attention_with_lse
+
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION = "attnkit"
@@ -205,24 +207,26 @@ def _exact(
     position_ids: Optional[torch.Tensor] = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Exact attention with torch SDPA, GQA heads not repeated.
+    """Exact attention (the kernel layer's ``attention_with_lse``), GQA heads not repeated.
 
     q: (B, Hq, T, D); k, v: (B, Hkv, T_kv, D); mask: boolean or additive, broadcastable
     to (B, Hq, T, T_kv), or None (then causal, bottom-right aligned, when T > 1).
-    Returns (B, Hq, T, D).
+    Returns (B, Hq, T, D); a query row that the mask leaves without keys gets zeros.
+    Attention dropout (training with ``attention_dropout > 0``) is not implemented by the
+    kernel layer: such calls run torch SDPA, which draws the dropout mask.
     """
     t = q.shape[2]
-    is_causal = False
     if mask is None and causal and t > 1:
         k, v = _drop_empty_slots(k, v, t, position_ids)
-        if k.shape[2] == t:
-            is_causal = True
-        else:
+    if dropout:
+        is_causal = mask is None and causal and t > 1 and k.shape[2] == t
+        if mask is None and causal and t > 1 and not is_causal:
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, _ = attention_with_lse(q, k, v, scale, causal=mask is None and causal and t > 1, mask=mask)
+    return out
 
 
 _LOGGED: set[str] = set()

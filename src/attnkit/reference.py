@@ -26,13 +26,17 @@ def reference_attention(
     mask: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale, masked) v in float64.
 
     q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv) with Hq % Hkv == 0.
     mask: bool, broadcastable to (B, Hq, Nq, Nk), True = may attend; ANDed with the
     bottom-right aligned causal mask when ``causal``.
-    Returns (B, Hq, Nq, Dv) float64. Raises ValueError if some query row has no key.
+    Returns (B, Hq, Nq, Dv) float64, and with ``return_lse`` the log-sum-exp (B, Hq, Nq)
+    float64 of each row's scaled, allowed scores. A query row with no allowed key is a
+    ValueError, unless ``return_lse``: then it gets out 0 and lse -inf (the convention of
+    partial attention). Differentiable (autograd through these plain ops).
     """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -48,9 +52,12 @@ def reference_attention(
     if causal:
         allowed = allowed & causal_mask(nq, nk, q.device)
     empty = ~allowed.any(dim=-1)
-    if bool(empty.any()):
+    if bool(empty.any()) and not return_lse:
         bb, hh, ii = (int(x) for x in empty.nonzero()[0])
         raise ValueError(f"reference_attention: query row {ii} (batch {bb}, head {hh}) has no allowed key")
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v64)
+    lse = torch.logsumexp(scores, dim=-1)
+    # exp(-inf - 0) = 0 on empty rows: out 0 there, and finite gradients elsewhere
+    probs = torch.exp(scores - torch.where(empty, 0.0, lse).unsqueeze(-1))
+    out = torch.matmul(probs, v64)
+    return (out, lse) if return_lse else out

@@ -178,3 +178,13 @@ def empty_row_error(query_index: int, batch: int, head: int, method: str) -> NoR
         f"the pattern of method {method!r} leaves query row {query_index} (batch {batch}, head {head}) "
         f"with no key to attend to; widen the pattern (e.g. window/sink) so every query sees at least one key"
     )
+
+
+def check_no_empty_rows(lse: torch.Tensor, method: str) -> None:
+    """Raise ``empty_row_error`` for the first query row whose log-sum-exp is -inf (no key).
+
+    lse: (B, H, N)."""
+    empty = torch.isneginf(lse)
+    if bool(empty.any()):
+        bb, hh, ii = (int(x) for x in empty.nonzero()[0])
+        empty_row_error(ii, bb, hh, method)

@@ -69,16 +69,21 @@ def to_block_mask(pattern: BlockPattern, batch: int, heads: int):
 
 
 def flex_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, compiled: bool = True
-) -> torch.Tensor:
-    """Attention over the pattern with FlexAttention. Shapes as ``block_sparse_attention``.
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, compiled: bool = True,
+    return_lse: bool = False,
+):
+    """Attention over the pattern with FlexAttention. q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D)
+    -> out (B, Hq, Nq, D) [, lse (B, Hq, Nq) float32, with ``return_lse`` (not on the CPU)].
 
     FlexAttention writes 0 for a row without keys (and compiled CPU flex cannot return
-    the log-sum-exp), so the caller checks empty rows on the pattern first.
+    the log-sum-exp), so without lse the caller checks empty rows on the pattern first.
     """
     from torch.nn.attention.flex_attention import flex_attention as eager
 
     block_mask = to_block_mask(pattern, q.shape[0], q.shape[1])
     gqa = q.shape[1] != k.shape[1]
     fn = _compiled() if compiled else eager
+    if return_lse:
+        out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
+        return out, lse.float() if q.dtype != torch.float64 else lse
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)

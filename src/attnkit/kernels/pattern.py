@@ -61,6 +61,9 @@ class BlockPattern:
     full_tiles: optional bool (Bp, Hp, nQB, K) aligned with ``kv_blocks``: True where
         every pair of the tile is allowed, so kernels may skip the element rule there.
         Only a speed hint: False is always correct.
+    position_only: True when ``mask_mod`` ignores its batch and head arguments (a rule of
+        positions alone), so kernels may evaluate it once for all heads. False is always
+        correct.
     """
 
     kv_blocks: torch.Tensor
@@ -70,6 +73,7 @@ class BlockPattern:
     kv_len: int
     mask_mod: Optional[MaskMod] = None
     full_tiles: Optional[torch.Tensor] = None
+    position_only: bool = False
 
     @property
     def q_offset(self) -> int:

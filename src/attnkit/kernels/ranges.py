@@ -1,48 +1,40 @@
-"""Range kernel: a shared (same for every batch and head) pattern run as a few fused
-SDPA calls per query block, merged by log-sum-exp.
+"""Range kernel: a block pattern run as a few fused calls over contiguous key ranges.
 
-Consecutive listed key blocks of a query block are merged into contiguous key ranges.
-A range whose tiles are all full runs unmasked; a range holding a partial tile runs
-with the pattern's element rule as an additive mask of that range only. Each call uses
-the CPU flash-attention kernel, which returns the log-sum-exp, so the partial results
-merge exactly (as FlashAttention merges its tiles). K/V are sliced, never gathered; GQA
-query heads are folded into the rows of one call, so K/V are never repeated.
+Consecutive listed key blocks of a query block merge into contiguous key ranges; a range
+whose tiles are all full runs unmasked, a range holding a partial tile runs with the
+pattern's element rule as an additive mask of that range (or as the fused kernel's own
+causal rule when the rule is exactly the tile's diagonal triangle). K/V are sliced,
+never gathered; GQA query heads are served by their KV head's slice.
 
-This is the fast path on the CPU for position-only patterns (windows, sinks, bands):
-a handful of large matmuls per block instead of many small ones.
+Fewer, larger calls: consecutive query blocks whose ranges have the same lengths and
+flags and whose starts move by a constant step (0 for the sink columns, one block for a
+sliding window) form a *run*, and each range of a run is one fused call with the blocks
+as the batch dimension (keys as a strided, overlapping view; the mask shared when it is
+the same for every block). A sliding window at 16k is a handful of calls, not hundreds.
+
+The pattern may be shared by all batches and heads (the fast case: every KV head's query
+heads in one call) or differ per (batch, head) (run head by head). The element rule of a
+shared pattern must not depend on the batch or head (it is evaluated at b = h = 0).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from .. import validate
-from .block_sparse import merge_partials
-from .cpu_flash import flash_with_lse
 from .pattern import BlockPattern, cdiv
-
-# A finite "minus infinity": -inf in the additive mask sends the CPU kernel down a slow path.
-_MASKED = -1e30
+from .tiled import Call, Geometry, Plan, RowSel, WindowKeys, additive
 
 
-def supports(pattern: BlockPattern, q: torch.Tensor) -> tuple[bool, str]:
-    """Whether this kernel can run the pattern on q, and why not."""
-    if pattern.kv_blocks.shape[0] != 1 or pattern.kv_blocks.shape[1] != 1:
-        return False, "pattern differs per batch/head"
-    if q.device.type != "cpu":
-        return False, "CPU flash kernel only"
-    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        return False, f"dtype {q.dtype}"
-    return True, ""
-
-
-def key_ranges(pattern: BlockPattern, q_block: int) -> list[tuple[int, int, bool]]:
+def key_ranges(pattern: BlockPattern, q_block: int, bp: int = 0, hp: int = 0) -> list[tuple[int, int, bool]]:
     """Contiguous key ranges [start, end) of one query block, with ``full`` flags."""
-    lists = pattern.kv_blocks[0, 0, q_block]
+    lists = pattern.kv_blocks[bp, hp, q_block]
     count = int((lists >= 0).sum())
     blocks = lists[:count].tolist()
     if pattern.full_tiles is not None:
-        full = pattern.full_tiles[0, 0, q_block, :count].tolist()
+        full = pattern.full_tiles[bp, hp, q_block, :count].tolist()
     else:
         full = [False] * count
     bk, nk = pattern.block_k, pattern.kv_len
@@ -57,79 +49,108 @@ def key_ranges(pattern: BlockPattern, q_block: int) -> list[tuple[int, int, bool
     return [(s, e, f) for s, e, f in ranges]
 
 
-def range_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, method: str = "?",
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention over a shared pattern. q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) -> (B, Hq, Nq, D).
+@dataclass
+class _Range:
+    """One range of a run: block i of the run reads keys [start + i * step, ... + length)."""
 
-    ``return_lse``: also return the log-sum-exp of each row's scaled scores, (B, Hq, Nq)
-    float32; rows without keys then get out 0 and lse -inf instead of an error (as
-    ``block_sparse_attention(..., return_lse=True)``, for ``merge_partials``).
-    """
-    b, hq, nq, d = q.shape
-    hkv = k.shape[1]
-    group = hq // hkv
-    compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
-    qg = q.view(b, hkv, group, nq, d)
-    out = torch.empty(b, hkv, group, nq, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.full((b, hkv, group, nq), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
-    bq = pattern.block_q
-    for qb in range(cdiv(nq, bq)):
-        q0, q1 = qb * bq, min(nq, (qb + 1) * bq)
-        rows = qg[:, :, :, q0:q1].reshape(b, hkv, group * (q1 - q0), d).to(compute)
-        parts = [
-            _part(rows, k, v, pattern, q0, q1, group, start, end, full, scale, compute)
-            for start, end, full in key_ranges(pattern, qb)
-        ]
-        merged, total = _merge(parts)
-        if lse is not None:
-            if merged is None:
-                out[:, :, :, q0:q1] = 0
-                continue
-            merged = merged.nan_to_num(nan=0.0)
-            lse[:, :, :, q0:q1] = total.view(b, hkv, group, q1 - q0)
-        elif merged is None or bool(torch.isnan(merged[..., 0]).any()):
-            _raise_empty(merged, q0, q1, group, method)
-        out[:, :, :, q0:q1] = merged.view(b, hkv, group, q1 - q0, -1).to(q.dtype)
-    if lse is None:
-        return out.view(b, hq, nq, -1)
-    return out.view(b, hq, nq, -1), lse.view(b, hq, nq)
+    start: int
+    length: int
+    step: int
+    full: bool
 
 
-def _part(rows, k, v, pattern, q0, q1, group, start, end, full, scale, compute):
-    keys = k[:, :, start:end].to(compute)
-    values = v[:, :, start:end].to(compute)
-    mask = None
-    if not full and pattern.mask_mod is not None:
-        q_pos = torch.arange(q0, q1, device=rows.device) + pattern.q_offset
-        k_pos = torch.arange(start, end, device=rows.device)
-        zero = torch.zeros((), dtype=torch.long, device=rows.device)
-        allowed = pattern.mask_mod(zero, zero, q_pos[:, None], k_pos[None, :])
-        allowed = allowed.expand(q1 - q0, end - start).repeat(group, 1)
-        if bool(allowed.all()):
-            mask = None
+@dataclass
+class _Run:
+    first: int  # first query block
+    blocks: int
+    ranges: list[_Range]
+
+
+def runs_of(pattern: BlockPattern, bp: int = 0, hp: int = 0) -> list[_Run]:
+    """Group consecutive query blocks whose ranges move by constant steps (see module doc)."""
+    runs: list[_Run] = []
+    prev: Optional[list[tuple[int, int, bool]]] = None
+    for qb in range(pattern.num_q_blocks):
+        cur = key_ranges(pattern, qb, bp, hp)
+        run = runs[-1] if runs else None
+        if run is not None and prev is not None and _continues(run, prev, cur):
+            if run.blocks == 1:
+                for r, (s, _, _), (s0, _, _) in zip(run.ranges, cur, prev):
+                    r.step = s - s0
+            run.blocks += 1
         else:
-            mask = torch.zeros((1, 1) + tuple(allowed.shape), dtype=compute, device=rows.device)
-            mask.masked_fill_(~allowed.view(mask.shape), _MASKED)
-    out, lse = flash_with_lse(rows, keys, values, False, scale, attn_mask=mask)
-    return out, lse
+            runs.append(_Run(qb, 1, [_Range(s, e - s, 0, f) for s, e, f in cur]))
+        prev = cur
+    return runs
 
 
-def _merge(parts):
-    """Merge (out, lse) pairs of disjoint key ranges -> (out, lse), or (None, None) for no part.
+def _continues(run: _Run, prev, cur) -> bool:
+    if len(prev) != len(cur):
+        return False
+    for r, (s0, e0, f0), (s, e, f) in zip(run.ranges, prev, cur):
+        if e - s != e0 - s0 or f != f0 or s < s0:
+            return False
+        if run.blocks > 1 and s - s0 != r.step:
+            return False
+    return True
 
-    A range whose rows saw only masked keys (lse ~ -1e30) counts as empty; rows with no
-    allowed key in any range come out NaN with lse -inf (the caller reports them).
-    """
-    if not parts:
-        return None, None
-    return merge_partials([(out, lse.masked_fill(lse < _MASKED / 2, float("-inf"))) for out, lse in parts])
+
+def _range_mask(pattern: BlockPattern, run: _Run, rng: _Range, bp: int, hp: int, dtype: torch.dtype):
+    """(mask, causal) of one range of a run: None / the kernel's causal rule / an additive
+    mask (1, 1, Bq, L) shared by the blocks or (blocks, 1, Bq, L)."""
+    if rng.full or pattern.mask_mod is None:
+        return None, False
+    device = pattern.kv_blocks.device
+    bq, n = pattern.block_q, run.blocks
+    q_pos = ((torch.arange(run.first, run.first + n, device=device) * bq)[:, None] + torch.arange(bq, device=device))
+    q_pos = (q_pos + pattern.q_offset)[:, :, None]  # (n, Bq, 1)
+    k_pos = (torch.arange(n, device=device) * rng.step + rng.start)[:, None] + torch.arange(rng.length, device=device)
+    b = torch.full((), bp, dtype=torch.long, device=device)
+    h = torch.full((), hp, dtype=torch.long, device=device)
+    allowed = pattern.mask_mod(b, h, q_pos, k_pos[:, None, :]).expand(n, bq, rng.length)
+    if bool(allowed.all()):
+        return None, False
+    shared = bool((allowed == allowed[:1]).all())
+    if shared and rng.length == bq:
+        tri = torch.ones(bq, bq, dtype=torch.bool, device=device).tril()
+        if torch.equal(allowed[0], tri):
+            return None, True
+    if shared:
+        return additive(allowed[:1].unsqueeze(1), dtype), False
+    return additive(allowed.unsqueeze(1), dtype), False
 
 
-def _raise_empty(merged, q0: int, q1: int, group: int, method: str) -> None:
-    if merged is None:
-        validate.empty_row_error(q0, 0, 0, method)
-    bb, hh, rr = (int(x) for x in torch.isnan(merged[..., 0]).nonzero()[0])
-    n = q1 - q0
-    validate.empty_row_error(q0 + rr % n, bb, hh * group + rr // n, method)
+def range_plan(pattern: BlockPattern, dtype: torch.dtype, name: str = "ranges") -> Plan:
+    """The plan of ``pattern`` on the range kernel (compute ``dtype`` for the masks)."""
+    bp_n, hp_n = pattern.kv_blocks.shape[:2]
+    shared = bp_n == 1 and hp_n == 1 and (pattern.mask_mod is None or pattern.position_only)
+    runs: dict[tuple[int, int], list[_Run]] = {}
+    masks: dict[tuple[int, int, int, int], list] = {}
+
+    def prepared(bl: int, hl: int, b: int, h: int) -> list:
+        """Runs of lists (bl, hl) with their masks for batch b, query head h."""
+        if (bl, hl) not in runs:
+            runs[(bl, hl)] = runs_of(pattern, bl, hl)
+        if (bl, hl, b, h) not in masks:
+            masks[(bl, hl, b, h)] = [
+                (run, [(rng, *_range_mask(pattern, run, rng, b, h, dtype)) for rng in run.ranges]) for run in runs[(bl, hl)]
+            ]
+        return masks[(bl, hl, b, h)]
+
+    def calls(geo: Geometry, scratch):
+        bq, group = pattern.block_q, geo.group
+        for b in range(geo.batch):
+            if shared:  # every KV head's query heads g, g + group, ... in one call
+                heads = [(g, group, geo.kv_heads, 0, prepared(0, 0, 0, 0)) for g in range(group)]
+            else:
+                bl = b if bp_n > 1 else 0
+                heads = [(h, 1, 1, h // group, prepared(bl, h if hp_n > 1 else 0, b, h)) for h in range(geo.q_heads)]
+            for head0, step, count, kv0, work in heads:
+                for run, ranges in work:
+                    rows = RowSel(b, head0, step, count, run.first * bq, bq, run.blocks)
+                    for rng, mask, causal in ranges:
+                        keys = WindowKeys(b, kv0, 1, count, rng.start, rng.length, rng.step, run.blocks)
+                        yield Call(rows, keys, mask=mask, causal=causal)
+
+    q_pad = cdiv(pattern.q_len, pattern.block_q) * pattern.block_q - pattern.q_len
+    return Plan(name, calls, q_pad=q_pad)

@@ -32,42 +32,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .cpu_flash import flash_with_lse
+from .flash import MASKED
 from .pattern import BlockPattern, causal_mod, cdiv, lists_from_block_mask
+from .tiled import Call, GatheredKeys, Geometry, Plan, RowSel, WindowKeys, additive
 
-_MASKED = -1e30  # finite: -inf in an additive mask sends the CPU kernel down a slow path
 DEFAULT_BUDGET_ELEMS = 1 << 25  # floats of gathered K/V per chunk step (~128 MiB fp32): few, large calls
-
-
-class Scratch:
-    """Reusable gather buffers, one flat tensor per name, grown on demand.
-
-    Gathering K/V rows into a freshly allocated tensor costs more in page faults than the
-    copy itself (a large CPU allocation is mapped anew and zero-filled on every call);
-    reusing one buffer per call of the kernel makes the gather ~5x cheaper.
-    """
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def view(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor of ``shape`` (dtype/device of ``like``) backed by buffer ``name``."""
-        numel = 1
-        for n in shape:
-            numel *= n
-        buf = self._bufs.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-            self._bufs[name] = buf
-        return buf[:numel].view(shape)
-
-    def gather_rows(self, name: str, src: torch.Tensor, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """``src.index_select(0, rows).view(shape)`` into the reusable buffer ``name``."""
-        out = self.view(name, (rows.numel(), *src.shape[1:]), src)
-        torch.index_select(src, 0, rows, out=out)
-        return out.view(shape)
 
 
 @dataclass
@@ -164,86 +134,56 @@ def count_pairs(index: VerticalSlashIndex, device=None) -> int:
     return total
 
 
-def vertical_slash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    index: VerticalSlashIndex,
-    scale: float,
-    budget_elems: int = DEFAULT_BUDGET_ELEMS,
-) -> torch.Tensor:
-    """Causal attention over a vertical-slash pattern.
-
-    q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv) in q's dtype.
-    Every query row sees at least its own key (d = 0 must be a slash of every head).
-    """
-    b, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    group = hq // hkv
-    block = index.block
-    nqb = index.num_blocks
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    p0 = index.block_starts(q.device)
+def vertical_slash_plan(index: VerticalSlashIndex, dtype: torch.dtype, budget_elems: int = DEFAULT_BUDGET_ELEMS,
+                        name: str = "vertical_slash") -> Plan:
+    """The plan of a vertical-slash index (causal; see module doc): per (batch, query
+    head) and chunk of query blocks, the diagonal tiles (one causal call, blocks as the
+    batch), the slash runs (one gathered call) and the columns (one call, keys shared by
+    the blocks). Every query row sees at least its own key (d = 0 is a slash of every head)."""
+    block, nqb = index.block, index.num_blocks
     pad_front = max([int(s.max()) for hs in index.slashes for s in hs if s.numel()] + [0]) + block
-    # Queries padded to whole blocks; keys padded in front (runs of early blocks start
-    # before key 0) and at the back (the last diagonal tile may run past Nk).
-    pad_back = nqb * block - nq
-    out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
-    scratch = Scratch()
-    for bb in range(b):
-        for kh in range(hkv):
-            kp = F.pad(k[bb, kh].to(compute), (0, 0, pad_front, pad_back)).contiguous()
-            vp = F.pad(v[bb, kh].to(compute), (0, 0, pad_front, pad_back)).contiguous()
-            for hh in range(kh * group, (kh + 1) * group):
-                qh = F.pad(q[bb, hh].to(compute), (0, 0, 0, pad_back)).view(nqb, 1, block, d)
-                res = _one_head(qh, kp, vp, index.verticals[bb][hh], index.slashes[bb][hh], p0, pad_front, nk, block, scale, budget_elems, scratch)
-                out[bb, hh] = res.reshape(nqb * block, dv)[:nq].to(q.dtype)
-    return out
+    # Keys padded in front (runs of early blocks start before key 0) and at the back (the
+    # last diagonal tile may run past Nk); queries padded to whole blocks.
+    pad_back = nqb * block - index.q_len
+
+    def calls(geo: Geometry, scratch):
+        p0 = index.block_starts(index.slashes[0][0].device)
+        group = geo.group
+        for b in range(geo.batch):
+            for h in range(geo.q_heads):
+                yield from _head_calls(index.verticals[b][h], index.slashes[b][h], p0, b, h, h // group, pad_front,
+                                       index.kv_len, block, geo.head_size, budget_elems, dtype, scratch)
+
+    return Plan(name, calls, q_pad=pad_back, k_front=pad_front, k_back=pad_back)
 
 
-def _one_head(qh, kp, vp, cols, slashes, p0, pad_front, nk, block, scale, budget_elems, scratch):
-    """(nQB, 1, block, D) queries of one head -> (nQB, 1, block, Dv)."""
-    nqb, d = qh.shape[0], qh.shape[-1]
-    dv = vp.shape[-1]
-    dlo, dhi = slash_groups(slashes, block)
-    runs = _runs(dlo, dhi, block)
+def _head_calls(cols, slashes, p0, b, h, kh, pad_front, nk, block, e, budget_elems, dtype, scratch):
+    """Calls of one query head h (KV head kh) over all its query blocks."""
+    nqb = p0.numel()
+    runs = _runs(*slash_groups(slashes, block), block)
     width = sum(length for _, length in runs)
-    col_mask = None
+    col_mask = col_live = None
     if cols.numel():
         visible = _column_visibility(cols, slashes, p0, block, nk)
-        col_mask = torch.zeros(nqb, 1, 1, cols.numel(), dtype=qh.dtype, device=qh.device)
-        col_mask.masked_fill_(~visible.view(nqb, 1, 1, -1), _MASKED)
+        col_mask = additive(visible.view(nqb, 1, 1, -1), dtype)
         col_live = visible.any(dim=1)
-        col_k, col_v = kp[cols + pad_front], vp[cols + pad_front]
-    per_block = max(1, width + cols.numel()) * (d + dv)
-    chunk = max(1, min(nqb, budget_elems // per_block))
-    out = torch.empty(nqb, 1, block, dv, dtype=qh.dtype, device=qh.device)
+    chunk = max(1, min(nqb, budget_elems // (max(1, width + cols.numel()) * 2 * e)))
     for c0 in range(0, nqb, chunk):
         c1 = min(nqb, c0 + chunk)
         n = c1 - c0
-        qc = qh[c0:c1]
-        base = int(p0[c0]) + pad_front  # padded index of p0 of the first block in the chunk
-        # 2. diagonal tiles: keys [p0, p0 + block), causal inside the tile.
-        tk = kp.as_strided((n, 1, block, d), (block * d, 0, d, 1), base * d)
-        tv = vp.as_strided((n, 1, block, dv), (block * dv, 0, dv, 1), base * dv)
-        parts = [flash_with_lse(qc, tk, tv, True, scale)]
-        # 1. slash runs before p0, gathered per block (one row gather: a cat of the
-        # overlapping strided views is much slower on the CPU).
-        offsets, mask = _live_runs(runs, p0[c0:c1], qh.dtype)
+        rows = RowSel(b, h, 1, 1, c0 * block, block, n)
+        # diagonal tiles: keys [p0, p0 + block), causal inside the tile
+        yield Call(rows, WindowKeys(b, kh, 1, 1, int(p0[c0]) + pad_front, block, block, n), causal=True)
+        # slash runs before p0, gathered per block
+        offsets, mask = _live_runs(runs, p0[c0:c1], dtype)
         if offsets is not None:
-            w = offsets.numel()
-            rows = (p0[c0:c1, None] + pad_front + offsets[None, :]).flatten()
-            keys = scratch.gather_rows("k", kp, rows, (n, 1, w, d))
-            vals = scratch.gather_rows("v", vp, rows, (n, 1, w, dv))
-            parts.append(flash_with_lse(qc, keys, vals, False, scale, attn_mask=mask))
-        # 3. columns before p0 that no run of the block covers.
+            positions = p0[c0:c1, None] + pad_front + offsets[None, :]
+            yield Call(rows, GatheredKeys(b, kh, 1, 1, positions, scratch=scratch), mask=mask)
+        # columns before p0 that no run of the block covers (later columns are hidden from the whole chunk)
         if col_mask is not None and bool(col_live[c0:c1].any()):
-            upto = int(torch.searchsorted(cols, p0[c1 - 1]))  # later columns are hidden from the whole chunk
-            ck = col_k[:upto].expand(n, 1, upto, d)
-            cv = col_v[:upto].expand(n, 1, upto, dv)
-            parts.append(flash_with_lse(qc, ck, cv, False, scale, attn_mask=col_mask[c0:c1, :, :, :upto]))
-        out[c0:c1] = _merge(parts)
-    return out
+            upto = int(torch.searchsorted(cols, p0[c1 - 1]))
+            keys = GatheredKeys(b, kh, 1, 1, (cols[:upto] + pad_front).view(1, upto), scratch=scratch, blocks=n)
+            yield Call(rows, keys, mask=col_mask[c0:c1, :, :, :upto])
 
 
 def _live_runs(runs: list[tuple[int, int]], p0: torch.Tensor, dtype: torch.dtype):
@@ -262,90 +202,66 @@ def _live_runs(runs: list[tuple[int, int]], p0: torch.Tensor, dtype: torch.dtype
     before_start = (p0[:, None] + offsets[None, :]) < 0
     if not bool(before_start.any()):
         return offsets, None
-    mask = torch.zeros(p0.numel(), 1, 1, offsets.numel(), dtype=dtype, device=p0.device)
-    mask.masked_fill_(before_start.view(p0.numel(), 1, 1, -1), _MASKED)
-    return offsets, mask
+    return offsets, additive(~before_start.view(p0.numel(), 1, 1, -1), dtype)
 
 
-def _merge(parts):
-    """Exact merge of attention over disjoint key sets: out = sum_i exp(lse_i - lse) out_i.
-
-    A part whose rows saw only masked keys has lse ~ -1e30 and weight 0.
-    """
-    if len(parts) == 1:
-        return parts[0][0]
-    top = parts[0][1]
-    for _, lse in parts[1:]:
-        top = torch.maximum(top, lse)
-    merged, norm = None, None
-    for o, lse in parts:
-        w = torch.exp(lse - top).unsqueeze(-1)
-        merged = o * w if merged is None else merged.addcmul_(o, w)
-        norm = w if norm is None else norm + w
-    return merged.div_(norm)
-
-
-def aligned_blocks_supported(pattern: BlockPattern) -> bool:
-    """Whether ``block_attention`` can run the pattern: square blocks, block-aligned causal
-    geometry (Nk - Nq a multiple of the block), every listed tile either wholly causal or
-    the diagonal tile."""
-    return pattern.block_q == pattern.block_k and pattern.q_offset % pattern.block_k == 0
+def aligned_blocks_supported(pattern: BlockPattern) -> str | None:
+    """Why ``blocks_plan`` cannot run the pattern, or None: it needs square blocks,
+    block-aligned causal geometry (Nk - Nq a multiple of the block) and plain causality as
+    the element rule (every listed tile wholly causal or the diagonal tile)."""
+    if pattern.block_q != pattern.block_k:
+        return f"blocks are not square ({pattern.block_q} x {pattern.block_k})"
+    if pattern.q_offset % pattern.block_k:
+        return f"Nk - Nq = {pattern.q_offset} is not a multiple of the block ({pattern.block_k})"
+    if pattern.mask_mod is not causal_mod:
+        return "the element rule is not plain causality"
+    lists = pattern.kv_blocks
+    diag = (torch.arange(pattern.num_q_blocks, device=lists.device) + pattern.q_offset // pattern.block_k)[:, None]
+    if not bool(((lists < 0) | (lists <= diag)).all()):
+        return "a listed tile lies above the diagonal"
+    if not bool((lists == diag).any(-1).all()):
+        return "a query block does not list its diagonal tile"
+    return None
 
 
-def block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, budget_elems: int = DEFAULT_BUDGET_ELEMS
-) -> torch.Tensor:
-    """Causal block-sparse attention with per-(batch, head) block lists, on fused SDPA calls.
+def blocks_plan(pattern: BlockPattern, dtype: torch.dtype, budget_elems: int = DEFAULT_BUDGET_ELEMS, name: str = "blocks") -> Plan:
+    """Causal block-sparse attention with per-(batch, head) block lists, as fused calls.
 
-    q: (B, H, Nq, D); k, v: (B, H, Nk, D) (one KV head per query head; repeat for GQA).
     The pattern's element rule must be plain causality (``aligned_blocks_supported``).
-    Per head and chunk of query blocks: the listed off-diagonal key blocks are gathered
-    into one (blocks, keys) batch and run as one SDPA call (padding slots masked), the
-    diagonal tile as one causal call; the two merge by log-sum-exp.
-    """
-    b, h, nq, d = q.shape
-    nk, dv = k.shape[2], v.shape[3]
+    Per (batch, query head) and chunk of query blocks: the diagonal tiles as one causal
+    call (blocks as the batch), the listed off-diagonal key blocks gathered into one call
+    (padding slots masked)."""
     block = pattern.block_q
     nqb, nkb = pattern.num_q_blocks, pattern.num_kv_blocks
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    diag_of = torch.arange(nqb, device=q.device) + pattern.q_offset // block  # key block of each diagonal tile
-    pad_q, pad_k = nqb * block - nq, nkb * block - nk
     lists = pattern.kv_blocks
-    out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
-    scratch = Scratch()
-    for bb in range(b):
-        for hh in range(h):
-            lst = lists[bb if lists.shape[0] > 1 else 0, hh if lists.shape[1] > 1 else 0]  # (nQB, K)
-            off = torch.where(lst == diag_of[:, None], torch.full_like(lst, -1), lst)  # off-diagonal slots
-            qh = F.pad(q[bb, hh].to(compute), (0, 0, 0, pad_q)).view(nqb, 1, block, d)
-            kb = F.pad(k[bb, hh].to(compute), (0, 0, 0, pad_k)).view(nkb, block, d)
-            vb = F.pad(v[bb, hh].to(compute), (0, 0, 0, pad_k)).view(nkb, block, dv)
-            res = torch.empty(nqb, 1, block, dv, dtype=compute, device=q.device)
-            width = max(1, int((off >= 0).sum(-1).max()))
-            chunk = max(1, min(nqb, budget_elems // (width * block * (d + dv))))
-            for c0 in range(0, nqb, chunk):
-                c1 = min(nqb, c0 + chunk)
-                n = c1 - c0
-                slots = off[c0:c1]
-                order = torch.sort(torch.where(slots >= 0, slots, nkb), dim=-1).values[:, :width]
-                live = order < nkb
-                idx = order.clamp(max=nkb - 1)
-                parts = []
-                dk = diag_of[c0:c1]
-                tk, tv = kb[dk].view(n, 1, block, d), vb[dk].view(n, 1, block, dv)
-                parts.append(flash_with_lse(qh[c0:c1], tk, tv, True, scale))
-                if bool(live.any()):
-                    keys = scratch.gather_rows("k", kb, idx.flatten(), (n, 1, width * block, d))
-                    vals = scratch.gather_rows("v", vb, idx.flatten(), (n, 1, width * block, dv))
+
+    def calls(geo: Geometry, scratch):
+        device = lists.device
+        diag_of = torch.arange(nqb, device=device) + pattern.q_offset // block  # key block of each diagonal tile
+        for b in range(geo.batch):
+            for h in range(geo.q_heads):
+                lst = lists[b if lists.shape[0] > 1 else 0, h if lists.shape[1] > 1 else 0]  # (nQB, K)
+                off = torch.where(lst == diag_of[:, None], torch.full_like(lst, -1), lst)  # off-diagonal slots
+                width = max(1, int((off >= 0).sum(-1).max()))
+                chunk = max(1, min(nqb, budget_elems // (width * block * 2 * geo.head_size)))
+                kh = h // geo.group
+                for c0 in range(0, nqb, chunk):
+                    c1 = min(nqb, c0 + chunk)
+                    n = c1 - c0
+                    rows = RowSel(b, h, 1, 1, c0 * block, block, n)
+                    yield Call(rows, WindowKeys(b, kh, 1, 1, int(diag_of[c0]) * block, block, block, n), causal=True)
+                    slots = off[c0:c1]
+                    order = torch.sort(torch.where(slots >= 0, slots, nkb), dim=-1).values[:, :width]
+                    live = order < nkb
+                    if not bool(live.any()):
+                        continue
+                    positions = (order.clamp(max=nkb - 1) * block)[:, :, None] + torch.arange(block, device=device)
                     mask = None
                     if not bool(live.all()):
-                        mask = torch.zeros(n, 1, 1, width, block, dtype=compute, device=q.device)
-                        mask.masked_fill_(~live.view(n, 1, 1, width, 1), _MASKED)
-                        mask = mask.view(n, 1, 1, width * block)
-                    parts.append(flash_with_lse(qh[c0:c1], keys, vals, False, scale, attn_mask=mask))
-                res[c0:c1] = _merge(parts)
-            out[bb, hh] = res.view(nqb * block, dv)[:nq].to(q.dtype)
-    return out
+                        mask = additive(live.view(n, 1, 1, width, 1).expand(n, 1, 1, width, block).reshape(n, 1, 1, width * block), dtype)
+                    yield Call(rows, GatheredKeys(b, kh, 1, 1, positions.view(n, width * block), scratch=scratch), mask=mask)
+
+    return Plan(name, calls, q_pad=nqb * block - pattern.q_len, k_back=nkb * block - pattern.kv_len)
 
 
 def to_block_pattern(index: VerticalSlashIndex, block_k: int = 64) -> BlockPattern:
@@ -403,4 +319,4 @@ def to_block_pattern(index: VerticalSlashIndex, block_k: int = 64) -> BlockPatte
     )
 
 
-__all__ = ["VerticalSlashIndex", "aligned_blocks_supported", "block_attention", "count_pairs", "slash_groups", "to_block_pattern", "vertical_slash_attention"]
+__all__ = ["VerticalSlashIndex", "aligned_blocks_supported", "blocks_plan", "count_pairs", "slash_groups", "to_block_pattern", "vertical_slash_plan"]

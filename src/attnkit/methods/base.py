@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from .. import validate
-from ..kernels import BlockPattern, MaskMod, lists_from_block_mask, run_pattern
+from ..kernels import BlockPattern, MaskMod, Needs, compatible_backends, count_allowed_pairs, lists_from_block_mask, run
 from ..kernels.pattern import cdiv, slots_of
 from ..registry import MethodInfo
 
@@ -27,7 +27,9 @@ class AttentionStats:
     density: allowed (query, key) pairs / pairs allowed by the causal (or full) mask.
     pattern: the BlockPattern the kernel ran (None for dense attention).
     estimator_seconds: time spent choosing the pattern (0 for static patterns).
-    backend: the kernel that ran ("sdpa", "dense", "gather", "flex").
+    backend: the kernel(s) that ran ("exact", "dense", "ranges", "gather", "blocks",
+        "vertical_slash", "slots", "flex"; "a+b" when parts of the method ran on different
+        kernels).
     """
 
     method: str
@@ -75,8 +77,14 @@ class Method:
         backend: str = "auto",
         return_stats: bool = False,
         check_finite: bool = True,
+        return_lse: bool = False,
     ):
-        """Attention. q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) -> (B, Hq, Nq, D) [, stats]."""
+        """Attention. q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) -> (B, Hq, Nq, D).
+
+        Returns ``out``, then ``lse`` (B, Hq, Nq) if ``return_lse``, then stats if
+        ``return_stats``. Without ``return_lse`` a query row with no allowed key is an
+        error; with it, such a row gets out 0 and lse -inf (a partial result to merge).
+        """
         validate.check_qkv(q, k, v, check_finite=check_finite)
         validate.check_scale(scale)
         if not isinstance(causal, bool):
@@ -85,11 +93,13 @@ class Method:
         self._check_supported(causal, q.shape[1] != k.shape[1])
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         start = time.perf_counter()
-        out, stats = self.forward(q, k, v, causal, scale, backend, return_stats)
+        out, lse, stats = self.forward(q, k, v, causal, scale, backend, return_stats, return_lse)
+        if not return_lse and lse is not None:
+            validate.check_no_empty_rows(lse, self.name)
         if return_stats:
             stats.seconds = time.perf_counter() - start
-            return out, stats
-        return out
+        result = (out,) + ((lse,) if return_lse else ()) + ((stats,) if return_stats else ())
+        return result[0] if len(result) == 1 else result
 
     def _check_supported(self, causal: bool, gqa: bool) -> None:
         flag = "causal" if causal else "non_causal"
@@ -99,9 +109,24 @@ class Method:
             raise ValueError(f"method {self.name!r} does not support Hq != Hkv (GQA/MQA)")
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str, want_stats: bool
-    ) -> tuple[torch.Tensor, AttentionStats]:
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str,
+        want_stats: bool, want_lse: bool,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], AttentionStats]:
+        """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq) or None, stats). lse may be None only when
+        ``want_lse`` is False and the kernel that ran has none (FlexAttention on the CPU)."""
         raise NotImplementedError
+
+    def patterns(self, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> list:
+        """The patterns this method runs for these inputs (each part a kernel runs)."""
+        raise NotImplementedError
+
+    def compatible_backends(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                            scale: Optional[float] = None, training: bool = False, return_lse: bool = False) -> list[str]:
+        """Backends that ``backend=`` accepts for this call: those that can run every part."""
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        needs = Needs(training=training, return_lse=return_lse or len(self.patterns(q, k, causal, scale)) > 1)
+        sets = [compatible_backends(p, q, k, v, needs) for p in self.patterns(q, k, causal, scale)]
+        return [name for name in sets[0] if all(name in s for s in sets[1:])]
 
 
 class PatternMethod(Method):
@@ -165,11 +190,18 @@ class PatternMethod(Method):
                 q_len=q_len,
                 kv_len=kv_len,
                 mask_mod=self.mask_mod(causal, kv_len, torch.device(device)),
+                position_only=True,
             )
         return self._patterns[key]
 
-    def forward(self, q, k, v, causal, scale, backend, want_stats):
+    def patterns(self, q, k, causal, scale):
+        return [self.pattern(q.shape[2], k.shape[2], causal, q.device)]
+
+    def forward(self, q, k, v, causal, scale, backend, want_stats, want_lse):
         pattern = self.pattern(q.shape[2], k.shape[2], causal, q.device)
-        out, pairs, used = run_pattern(q, k, v, pattern, scale, backend, count_pairs=want_stats, method=self.name)
-        density = pairs / (full_pairs(q.shape[2], k.shape[2], causal) * q.shape[0] * q.shape[1]) if want_stats else float("nan")
-        return out, AttentionStats(self.name, density, pattern, 0.0, used)
+        out, lse, used = run(pattern, q, k, v, scale, backend, return_lse=want_lse, method=self.name)
+        density = float("nan")
+        if want_stats:
+            pairs = count_allowed_pairs(pattern, q.shape[0], q.shape[1])
+            density = pairs / (full_pairs(q.shape[2], k.shape[2], causal) * q.shape[0] * q.shape[1])
+        return out, lse, AttentionStats(self.name, density, pattern, 0.0, used)

@@ -1,14 +1,15 @@
-"""Exact (dense) attention through ``torch.nn.functional.scaled_dot_product_attention``.
+"""Exact (dense) attention: the kernel layer's one exact attention-with-lse function.
 
-Paper: Vaswani et al., "Attention Is All You Need", arXiv:1706.03762 (2017). The fused
-SDPA kernels (FlashAttention on GPU, a flash-style CPU kernel) compute the same function.
+Paper: Vaswani et al., "Attention Is All You Need", arXiv:1706.03762 (2017). On the CPU it
+is PyTorch's fused flash-attention kernel (the one SDPA runs), called so that it also
+returns the log-sum-exp and back-propagates through it (``kernels.exact``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kernels import sdpa
+from ..kernels import attention_with_lse
 from ..registry import register
 from .base import AttentionStats, Method
 
@@ -29,8 +30,14 @@ class Full(Method):
     class Config:
         pass
 
-    def forward(self, q, k, v, causal, scale, backend, want_stats):
-        if backend not in ("auto", "sdpa", "dense"):
-            raise ValueError(f"method 'full' runs on SDPA; backend must be 'auto', 'sdpa' or 'dense', got {backend!r}")
-        out = sdpa(q, k, v, causal, scale)
-        return out, AttentionStats(self.name, 1.0, None, 0.0, "sdpa")
+    def patterns(self, q, k, causal, scale):
+        return []
+
+    def compatible_backends(self, q, k, v, causal=False, scale=None, training=False, return_lse=False):
+        return ["exact"]
+
+    def forward(self, q, k, v, causal, scale, backend, want_stats, want_lse):
+        if backend not in ("auto", "exact"):
+            raise ValueError(f"method 'full' runs on the exact kernel; backend must be 'auto' or 'exact', got {backend!r}")
+        out, lse = attention_with_lse(q, k, v, scale, causal)
+        return out, lse, AttentionStats(self.name, 1.0, None, 0.0, "exact")

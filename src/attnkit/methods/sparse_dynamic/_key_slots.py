@@ -4,11 +4,11 @@ A key-slot method picks, per batch, KV head and query block of ``block_size`` qu
 ``topk / chunk`` chunks of at most ``chunk`` consecutive keys among the block's
 *candidates*, and attends to exactly those keys beside the anchors (the first ``sink``
 keys and a band of ``local`` keys up to each query, computed exactly and merged by
-log-sum-exp, ``PermutedMethod``). Query block i owns key slots [i S, (i + 1) S), S =
-``topk`` rounded up to a multiple of ``block_size`` (a token may sit in the slots of many
-blocks): ``slot_pattern`` describes that as a permuted block pattern (stats, recall),
-and ``slot_attention`` computes it, gathering the kept keys of one group of blocks at a
-time (K and V are never copied S / block_size times at once).
+log-sum-exp, ``PermutedMethod``). The kept keys are a ``kernels.slots.KeySlots`` pattern
+(S = ``topk`` rounded up to a multiple of ``block_size`` slots per block, a token may sit
+in the slots of many blocks), run by the ``slots`` kernel, which gathers the kept keys of
+one group of blocks at a time (K and V are never copied S / block_size times at once),
+or by any block backend through its exact original-order pattern.
 
 A subclass only decides *which* chunks: ``pick_chunks`` returns their bounds. Candidates
 (``candidate_ranges``): causal -> keys [sink, end) with end = min(last query - local + 1,
@@ -23,14 +23,12 @@ from typing import Any
 
 import torch
 
+from dataclasses import replace
+
+from ...kernels import run
 from ...kernels.pattern import cdiv
-from ._shared_extra import (
-    Permutation,
-    PermutedMethod,
-    anchor_rule,
-    lookup,
-    pattern_from_mask,
-)
+from ...kernels.slots import KeySlots
+from ._shared_extra import PermutedMethod, anchor_rule
 
 # Query blocks are processed in groups so that (B, Hkv, blocks, chunks, D) float32 of a
 # group stays near this many elements.
@@ -81,61 +79,24 @@ class KeySlotMethod(PermutedMethod):
             t, ok = keep_all_that_fit(*chunk_tokens(lo, hi, c.chunk, slots), base, count[i:j], c.topk)
             tokens.append(t)
             valid.append(ok)
-        tokens, valid = torch.cat(tokens, dim=2), torch.cat(valid, dim=2)
-        pattern, perm = slot_pattern(tokens, valid, nq, nk, bs, q.shape[1] // k.shape[1])
-        perm.slots = (tokens, valid)
-        return pattern, perm
+        return KeySlots(torch.cat(tokens, dim=2), torch.cat(valid, dim=2), bs, nq, nk), None
 
-    def attend_permuted(self, q, k, v, pattern, perm, scale, causal):
-        """Each query block against its own kept keys, gathered per group of blocks (never all
-        slots at once), anchor pairs excluded: (out (B, Hq, Nq, Dv), lse (B, Hq, Nq))."""
-        tokens, valid = perm.slots
-        sink, local = self.anchors()
-        return slot_attention(q, k, v, tokens, valid, self.config.block_size, scale, anchor_rule(sink, local, causal))
+    def anchor_block(self, pattern) -> int:
+        return pattern.block
 
+    def exclude_anchors(self, pattern, perm, sink, local, causal, group, kv_len):
+        return replace(pattern, exclude=anchor_rule(sink, local, causal))
 
-def slot_attention(q, k, v, tokens: torch.Tensor, valid: torch.Tensor, block: int, scale: float, anchored):
-    """Softmax partial result of query block i over its kept keys ``tokens[..., i, :]``.
+    def attend_permuted(self, q, k, v, pattern, perm, scale, backend, want_lse):
+        """Each query block against its own kept keys (anchor pairs excluded), in the
+        original order, on the ``slots`` kernel (or any block backend)."""
+        return run(pattern, q, k, v, scale, backend, return_lse=want_lse, method=self.name)
 
-    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); tokens, valid: (B, Hkv, nQB, S); ``anchored(b,
-    h, q_pos, k_pos)`` marks pairs left to the exact anchor part. Returns out (B, Hq, Nq, Dv)
-    (zero where a row keeps nothing) and lse (B, Hq, Nq) (-inf there). Blocks are processed in
-    groups so that the gathered keys stay near ``GROUP_ELEMS`` elements."""
-    b, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    group, nqb, slots = hq // hkv, tokens.shape[2], tokens.shape[3]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_tiles = query_tiles(q, hkv, block).to(compute)  # (B, Hkv, nQB, R, D)
-    rows = q_tiles.shape[3]
-    row_pos = (torch.arange(rows, device=q.device) % block).view(1, -1)  # query offset in its block
-    out = torch.empty(b, hkv, nqb, rows, dv, dtype=compute, device=q.device)
-    lse = torch.empty(b, hkv, nqb, rows, dtype=compute, device=q.device)
-    step = max(1, (GROUP_ELEMS // 4) // max(1, b * hkv * slots * max(d, rows)))  # scores and probs of a group
-    k_c, v_c = k.to(compute), v.to(compute)  # once, not per group
-    bb = torch.arange(b, device=q.device).view(b, 1, 1, 1, 1)
-    hh = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1, 1) * group  # any query head of the KV head
-    for i in range(0, nqb, step):
-        j = min(i + step, nqb)
-        t = tokens[:, :, i:j]
-        keys = torch.gather(k_c, 2, t.reshape(b, hkv, -1, 1).expand(-1, -1, -1, d)).view(b, hkv, j - i, slots, d)
-        vals = torch.gather(v_c, 2, t.reshape(b, hkv, -1, 1).expand(-1, -1, -1, dv)).view(b, hkv, j - i, slots, dv)
-        scores = torch.matmul(q_tiles[:, :, i:j], keys.transpose(-1, -2)) * scale  # (B, Hkv, nb, R, S)
-        q_pos = ((torch.arange(i, j, device=q.device) * block).view(-1, 1) + row_pos).clamp(max=nq - 1) + (nk - nq)
-        keep = valid[:, :, i:j].unsqueeze(3) & ~anchored(bb, hh, q_pos.view(1, 1, j - i, rows, 1), t.unsqueeze(3))
-        scores = scores.masked_fill(~keep, float("-inf"))
-        part_lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - torch.where(torch.isinf(part_lse), 0.0, part_lse).unsqueeze(-1))
-        out[:, :, i:j] = torch.matmul(probs, vals)
-        lse[:, :, i:j] = part_lse
-    return _untile_rows(out, q.shape, group, block).to(q.dtype), _untile_rows(lse.unsqueeze(-1), q.shape, group, block)[..., 0]
+    def main_pairs(self, pattern, batch, heads):
+        return pattern.count_pairs(heads)
 
-
-def _untile_rows(x: torch.Tensor, q_shape, group: int, block: int) -> torch.Tensor:
-    """(B, Hkv, nQB, group x block, C) rows (query head major) -> (B, Hq, Nq, C)."""
-    b, hq, nq, _ = q_shape
-    hkv, nqb, c = x.shape[1], x.shape[2], x.shape[-1]
-    x = x.view(b, hkv, nqb, group, block, c).transpose(2, 3).reshape(b, hq, nqb * block, c)
-    return x[:, :, :nq]
+    def main_in_original_order(self, pattern, perm, group, kv_len):
+        return pattern.to_block_pattern(group * pattern.tokens.shape[1])
 
 
 def candidate_ranges(nq: int, nk: int, block: int, sink: int, local: int, causal: bool, device=None):
@@ -180,41 +141,3 @@ def keep_all_that_fit(tokens: torch.Tensor, valid: torch.Tensor, base: int, coun
     offs = torch.arange(slots, device=tokens.device)
     fit_ok = offs < count.view(1, 1, -1, 1)
     return torch.where(fits, torch.where(fit_ok, base + offs, 0), tokens), torch.where(fits, fit_ok, valid)
-
-
-def slot_pattern(tokens: torch.Tensor, valid: torch.Tensor, nq: int, nk: int, block: int, group: int):
-    """Query block i against its own key slots [i S, (i + 1) S).
-
-    tokens, valid: (B, Hkv, nQB, S) kept key positions of each block. Returns the
-    permuted-order BlockPattern (slot validity as element rule) and its Permutation."""
-    b, hkv, nqb, slots = tokens.shape
-    per = slots // block
-    tiles = (torch.arange(nqb, device=tokens.device)[:, None] * per + torch.arange(per, device=tokens.device))
-    mask = torch.zeros(1, 1, nqb, nqb * per, dtype=torch.bool, device=tokens.device)
-    mask[0, 0].scatter_(-1, tiles, True)
-    flat_ok = valid.reshape(b, hkv, nqb * slots)
-
-    def kept_slot(bb, h, q_pos, k_pos):
-        return lookup(flat_ok, bb, h, k_pos, group)
-
-    pattern = pattern_from_mask(mask, block, block, nq, nqb * slots, mask_mod=kept_slot)
-    rule = _original_rule(tokens, valid, nq, nk, block, group)
-    return pattern, Permutation(k=tokens.reshape(b, hkv, nqb * slots), kv_len=nk, rule=rule)
-
-
-def _original_rule(tokens, valid, nq, nk, block, group):
-    """"Key kept for the query's block" in the original order (stats only); builds a
-    (B, Hkv, nQB, Nk) bool table on first use."""
-    b, hkv, nqb, _ = tokens.shape
-    off = nk - nq
-    table: list[torch.Tensor] = []
-
-    def kept(bb, h, q_pos, k_pos):
-        if not table:
-            member = torch.zeros(b, hkv, nqb, nk + 1, dtype=torch.bool, device=tokens.device)
-            member.scatter_(-1, torch.where(valid, tokens, nk), True)
-            table.append(member[..., :nk])
-        q_blk = ((q_pos - off) // block).clamp(0, nqb - 1)
-        return table[0][bb % b, (h // group) % hkv, q_blk, k_pos.clamp(0, nk - 1)]
-
-    return kept

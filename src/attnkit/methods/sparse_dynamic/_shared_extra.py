@@ -28,12 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ... import validate
-from ...kernels import BlockPattern, lists_from_block_mask, merge_partials, run_pattern
-from ...kernels.block_sparse import block_sparse_attention
+from ...kernels import BlockPattern, lists_from_block_mask, merge_partials, run
 from ...kernels.pattern import block_mask_from_lists, cdiv
-from ...kernels.ranges import range_attention
-from ...kernels.ranges import supports as ranges_supported
 from ..base import AttentionStats, full_pairs
 from .common import DynamicMethod, anchor_block_mask, block_pattern
 
@@ -96,7 +92,6 @@ class Permutation:
     k: torch.Tensor | None = None
     kv_len: int | None = None
     rule: object | None = None
-    slots: tuple | None = None  # key-slot methods: (tokens, valid) (B, Hkv, nQB, S), see _key_slots.py
 
 
 def original_order_pattern(pattern: BlockPattern, perm: Permutation, group: int, kv_len: int | None = None) -> BlockPattern:
@@ -160,7 +155,9 @@ def anchor_pattern(q_len: int, kv_len: int, sink: int, local: int, causal: bool,
         q_lo = (torch.arange(cdiv(q_len, block), device=device) * block + kv_len - q_len)[:, None]
         k_lo = (torch.arange(cdiv(kv_len, block), device=device) * block)[None, :]
         tiles = tiles | ((k_lo <= q_lo + block - 1 + local - 1) & (k_lo + block - 1 >= q_lo))
-    return block_pattern(tiles, block, block, q_len, kv_len, causal, mask_mod=anchor_rule(sink, local, causal))
+    pattern = block_pattern(tiles, block, block, q_len, kv_len, causal, mask_mod=anchor_rule(sink, local, causal))
+    pattern.position_only = True
+    return pattern
 
 
 def _without_anchors(pattern: BlockPattern, perm: Permutation, sink: int, local: int, causal: bool, group: int,
@@ -209,7 +206,9 @@ class PermutedMethod(DynamicMethod):
     position tables). ``stats.pattern`` is the equivalent pattern in the *original* order.
     Subclasses with anchors override ``anchors``; such a subclass may mark tiles of its
     permuted pattern full (``full_tiles``, the kernel then skips their element rule) only
-    where every pair is allowed *and* none is an anchor pair.
+    where every pair is allowed *and* none is an anchor pair. The permuted part and the
+    anchors each run on a kernel of the kernel layer (a forced ``backend`` on both) and
+    merge by log-sum-exp; gathering and scattering the tokens is differentiable.
     """
 
     def estimate_permuted(self, q, k, causal: bool, scale: float) -> tuple[BlockPattern, Permutation]:
@@ -219,52 +218,59 @@ class PermutedMethod(DynamicMethod):
         """(sink, local): keys kept exactly beside the permuted pattern; (0, 0) for none."""
         return 0, 0
 
-    def forward(self, q, k, v, causal, scale, backend, want_stats):
-        start = time.perf_counter()
+    def _parts(self, q, k, causal, scale):
+        """(main pattern with the anchor pairs excluded, its permutation, anchor pattern or None)."""
         with torch.no_grad():
             pattern, perm = self.estimate_permuted(q, k, causal, scale)
-        estimator_seconds = time.perf_counter() - start
         sink, local = self.anchors()
+        if sink <= 0 and local <= 0:
+            return pattern, perm, None
         group = q.shape[1] // k.shape[1]
-        anchors = None
-        if sink > 0 or local > 0:
-            anchors = anchor_pattern(q.shape[2], k.shape[2], sink, local, causal, pattern.block_k, q.device)
-            pattern = _without_anchors(pattern, perm, sink, local, causal, group, k.shape[2])
-            permuted = self.attend_permuted(q, k, v, pattern, perm, scale, causal)
-            out, used = self._merge_with_anchors(q, k, v, permuted, anchors, scale)
-        else:
-            qp, kp, vp = gather_tokens(q, perm.q), gather_tokens(k, perm.k), gather_tokens(v, perm.k)
-            out, _, used = run_pattern(qp, kp, vp, pattern, scale, backend, count_pairs=False, method=self.name)
-            out = scatter_tokens(out, perm.q)
+        anchors = anchor_pattern(q.shape[2], k.shape[2], sink, local, causal, self.anchor_block(pattern), q.device)
+        return self.exclude_anchors(pattern, perm, sink, local, causal, group, k.shape[2]), perm, anchors
+
+    def anchor_block(self, pattern) -> int:
+        return pattern.block_k
+
+    def exclude_anchors(self, pattern, perm, sink, local, causal, group, kv_len):
+        """The main pattern minus the anchor pairs (judged on original positions)."""
+        return _without_anchors(pattern, perm, sink, local, causal, group, kv_len)
+
+    def patterns(self, q, k, causal, scale):
+        pattern, _, anchors = self._parts(q, k, causal, scale)
+        return [pattern] if anchors is None else [pattern, anchors]
+
+    def forward(self, q, k, v, causal, scale, backend, want_stats, want_lse):
+        start = time.perf_counter()
+        pattern, perm, anchors = self._parts(q, k, causal, scale)
+        estimator_seconds = time.perf_counter() - start
+        out, lse, used = self.attend_permuted(q, k, v, pattern, perm, scale, backend, want_lse or anchors is not None)
+        if anchors is not None:
+            out_a, lse_a, used_a = run(anchors, q, k, v, scale, backend, return_lse=True, method=self.name)
+            out, lse = merge_partials([(out, lse), (out_a, lse_a)])
+            used = f"{used}+{used_a}"
         density, stats_pattern = float("nan"), pattern
         if want_stats:
             b, hq, nq = q.shape[:3]
-            pairs = self.count_pairs(pattern, b, hq)
-            stats_pattern = original_order_pattern(pattern, perm, group, k.shape[2])
+            group = hq // k.shape[1]
+            pairs = self.main_pairs(pattern, b, hq)
+            stats_pattern = self.main_in_original_order(pattern, perm, group, k.shape[2])
             if anchors is not None:
                 pairs += self.count_pairs(anchors, b, hq)
                 stats_pattern = _union(stats_pattern, anchors)
             density = pairs / (full_pairs(nq, k.shape[2], causal) * b * hq)
-        return out, AttentionStats(self.name, density, stats_pattern, estimator_seconds, used)
+        return out, lse, AttentionStats(self.name, density, stats_pattern, estimator_seconds, used)
 
-    def attend_permuted(self, q, k, v, pattern, perm, scale: float, causal: bool):
-        """The permuted pattern's part (anchor pairs already excluded), in the original query
-        order: (out (B, Hq, Nq, Dv), lse (B, Hq, Nq)). Default: gather the permuted tokens and
-        run the block kernel; a subclass may compute it more directly."""
+    def attend_permuted(self, q, k, v, pattern, perm, scale: float, backend: str, want_lse: bool):
+        """The main part in the original query order: (out (B, Hq, Nq, Dv), lse (B, Hq, Nq),
+        backend). Default: gather the permuted tokens, run the pattern, scatter back."""
         qp, kp, vp = gather_tokens(q, perm.q), gather_tokens(k, perm.k), gather_tokens(v, perm.k)
-        out_p, lse_p = block_sparse_attention(qp, kp, vp, pattern, scale, method=self.name, return_lse=True)
-        return scatter_tokens(out_p, perm.q), scatter_tokens(lse_p.unsqueeze(-1), perm.q)[..., 0]
+        out_p, lse_p, used = run(pattern, qp, kp, vp, scale, backend, return_lse=want_lse, method=self.name)
+        lse = None if lse_p is None else scatter_tokens(lse_p.unsqueeze(-1), perm.q)[..., 0]
+        return scatter_tokens(out_p, perm.q), lse, used
 
-    def _merge_with_anchors(self, q, k, v, permuted, anchors, scale):
-        """The permuted part (out, lse) merged with the exact anchor part: (out, backend)."""
-        out_p, lse_p = permuted
-        if ranges_supported(anchors, q)[0]:  # sink + band: a few fused flash calls per query block
-            out_a, lse_a = range_attention(q, k, v, anchors, scale, method=self.name, return_lse=True)
-        else:
-            out_a, lse_a = block_sparse_attention(q, k, v, anchors, scale, method=self.name, return_lse=True)
-        out, _ = merge_partials([(out_p, lse_p), (out_a, lse_a)])
-        empty = torch.isnan(out[..., 0])
-        if bool(empty.any()):
-            bb, hh, row = (int(x) for x in empty.nonzero()[0])
-            validate.empty_row_error(row, bb, hh, self.name)
-        return out, "gather"
+    def main_pairs(self, pattern, batch: int, heads: int) -> int:
+        return self.count_pairs(pattern, batch, heads)
+
+    def main_in_original_order(self, pattern, perm, group: int, kv_len: int) -> BlockPattern:
+        return original_order_pattern(pattern, perm, group, kv_len)

@@ -1,10 +1,11 @@
 """Shared machinery of the dynamic (content-aware) sparse methods.
 
-A dynamic method is an *estimator* (q, k -> a BlockPattern) plus a kernel. Subclass
+A dynamic method is an *estimator* (q, k -> a pattern) plus a kernel. Subclass
 ``DynamicMethod``, implement ``estimate`` and you get: input checks (from ``Method``),
-the estimator timed into ``AttentionStats.estimator_seconds``, the kernel run through
-``run_pattern`` (or your own ``attend``), and ``density`` counted without an N x N
-tensor when stats are wanted.
+the estimator timed into ``AttentionStats.estimator_seconds`` (run without gradients:
+the selection is a discrete choice), the kernel chosen and run by the kernel layer
+(``kernels.run``: every backend that can run the pattern, exact gradients, the
+log-sum-exp), and ``density`` counted without an N x N tensor when stats are wanted.
 
 Helpers (all shapes documented; none builds an Nq x Nk tensor):
 
@@ -31,10 +32,11 @@ import torch.nn.functional as F
 
 from ...kernels import (
     BlockPattern,
+    and_mods,
     causal_mod,
     count_allowed_pairs,
     lists_from_block_mask,
-    run_pattern,
+    run,
 )
 from ...kernels.pattern import cdiv, slots_of
 from ..base import AttentionStats, Method, full_pairs
@@ -57,10 +59,11 @@ __all__ = [
 class DynamicMethod(Method):
     """Base of content-aware sparse methods: ``estimate`` picks the pattern, a kernel runs it.
 
-    Subclasses implement ``estimate`` and may override ``attend`` (a dedicated kernel),
-    ``count_pairs`` (an exact count cheaper than the generic one) and, when ``estimate``
-    returns their own index type rather than a BlockPattern, ``to_block_pattern`` (called
-    only when stats are wanted: ``stats.pattern`` is always a BlockPattern).
+    Subclasses implement ``estimate`` (a BlockPattern, or a pattern with a kernel of its
+    own: ``VerticalSlashIndex``, ``KeySlots``) and may override ``attend`` (several
+    parts), ``count_pairs`` (an exact count cheaper than the generic one) and, when
+    ``estimate`` returns another pattern type, ``to_block_pattern`` (called only when
+    stats are wanted: ``stats.pattern`` is always a BlockPattern).
     """
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> BlockPattern:
@@ -71,13 +74,12 @@ class DynamicMethod(Method):
         raise NotImplementedError
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, backend: str
-    ) -> tuple[torch.Tensor, str]:
-        """Attention over ``pattern`` -> (out (B, Hq, Nq, Dv), backend used)."""
-        out, _, used = run_pattern(q, k, v, pattern, scale, backend, count_pairs=False, method=self.name)
-        return out, used
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float, backend: str, want_lse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """Attention over ``pattern`` -> (out (B, Hq, Nq, Dv), lse (B, Hq, Nq) or None, backend used)."""
+        return run(pattern, q, k, v, scale, backend, return_lse=want_lse, method=self.name)
 
-    def count_pairs(self, pattern: BlockPattern, batch: int, heads: int) -> int:
+    def count_pairs(self, pattern, batch: int, heads: int) -> int:
         """Allowed (query, key) pairs of ``pattern`` summed over batch and heads."""
         return count_allowed_pairs(pattern, batch, heads)
 
@@ -85,18 +87,22 @@ class DynamicMethod(Method):
         """The BlockPattern of what ``estimate`` returned (identity for BlockPatterns)."""
         return pattern
 
-    def forward(self, q, k, v, causal, scale, backend, want_stats):
+    def patterns(self, q, k, causal, scale):
+        with torch.no_grad():
+            return [self.estimate(q, k, causal, scale)]
+
+    def forward(self, q, k, v, causal, scale, backend, want_stats, want_lse):
         start = time.perf_counter()
         with torch.no_grad():
             pattern = self.estimate(q, k, causal, scale)
         estimator_seconds = time.perf_counter() - start
-        out, used = self.attend(q, k, v, pattern, scale, backend)
+        out, lse, used = self.attend(q, k, v, pattern, scale, backend, want_lse)
         density, block = float("nan"), None
         if want_stats:
             b, hq, nq = q.shape[:3]
             density = self.count_pairs(pattern, b, hq) / (full_pairs(nq, k.shape[2], causal) * b * hq)
             block = self.to_block_pattern(pattern)
-        return out, AttentionStats(self.name, density, block, estimator_seconds, used)
+        return out, lse, AttentionStats(self.name, density, block, estimator_seconds, used)
 
 
 # --- pooling and scores -------------------------------------------------------------
@@ -290,16 +296,8 @@ def block_pattern(
             full = slots_of(_full_causal_tiles(q_len, kv_len, block_q, block_k, device), lists)
         else:
             full = lists >= 0
-    rule = mask_mod
-    if causal:
-        rule = causal_mod if mask_mod is None else _and(causal_mod, mask_mod)
+    rule = and_mods(causal_mod, mask_mod) if causal else mask_mod
     return BlockPattern(
-        kv_blocks=lists, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len, mask_mod=rule, full_tiles=full
+        kv_blocks=lists, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len, mask_mod=rule, full_tiles=full,
+        position_only=mask_mod is None,
     )
-
-
-def _and(a, b):
-    def both(bb, h, q_pos, k_pos):
-        return a(bb, h, q_pos, k_pos) & b(bb, h, q_pos, k_pos)
-
-    return both

@@ -62,13 +62,10 @@ from dataclasses import dataclass
 import torch
 
 from ... import validate
-from ...kernels.block_sparse import merge_partials
-from ...kernels.cpu_flash import flash_with_lse
+from ...kernels import attention_with_lse, merge_partials
 from ...kernels.pattern import cdiv
 from ...registry import register
 from ..base import AttentionStats, Method, full_pairs
-
-_EXACT_CHUNK = 1 << 22  # scores per step of the exact fallback
 
 
 @register(
@@ -102,7 +99,16 @@ class HyperAttention(Method):
         if c.lsh_bits > 30:
             raise ValueError(f"lsh_bits of method {self.name!r} must be <= 30, got {c.lsh_bits}")
 
-    def forward(self, q, k, v, causal, scale, backend, want_stats):
+    def patterns(self, q, k, causal, scale):
+        return []
+
+    def compatible_backends(self, q, k, v, causal=False, scale=None, training=False, return_lse=False):
+        return ["hyper"]
+
+    def forward(self, q, k, v, causal, scale, backend, want_stats, want_lse):
+        if backend not in ("auto", "hyper"):
+            raise ValueError(f"method {self.name!r} runs its own computation (LSH blocks + sampled keys, exact parts on the "
+                             f"exact kernel), not a pattern: backend must be 'auto' or 'hyper', got {backend!r}")
         group = q.shape[1] // k.shape[1]
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         kx = k.to(compute).repeat_interleave(group, dim=1)
@@ -111,14 +117,14 @@ class HyperAttention(Method):
         qx = q.to(compute)
         nq, nk = q.shape[2], k.shape[2]
         if not causal:
-            out, _ = run.non_causal(qx, kx, vx)
+            out, lse = run.non_causal(qx, kx, vx)
         else:
             off = nk - nq
             out, lse = run.causal(qx, kx[:, :, off:], vx[:, :, off:], off)
             if off > 0:
-                out, _ = merge_partials([(out, lse), run.non_causal(qx, kx[:, :, :off], vx[:, :, :off], 0, lse)])
+                out, lse = merge_partials([(out, lse), run.non_causal(qx, kx[:, :, :off], vx[:, :, :off], 0, lse)])
         density = run.pairs / full_pairs(nq, nk, causal) if want_stats else float("nan")
-        return out.to(q.dtype), AttentionStats(self.name, density, None, run.estimator_seconds, "hyper")
+        return out.to(q.dtype), lse, AttentionStats(self.name, density, None, run.estimator_seconds, "hyper")
 
 
 class _Run:
@@ -246,23 +252,10 @@ def lsh_rank(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 
 
 def exact(q, k, v, scale: float, causal: bool):
-    """Exact attention with its log-sum-exp. q: (B, H, Nq, D); k, v: (B, H, Nk, D) -> (out, lse (B, H, Nq)).
-
-    Causal is top-left aligned here (Nq == Nk in the recursion)."""
-    if q.device.type == "cpu" and q.dtype == torch.float32:
-        return flash_with_lse(q, k, v, causal, scale)
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
-    chunk = max(1, _EXACT_CHUNK // max(1, b * h * nk))
-    outs, lses = [], []
-    for q0 in range(0, nq, chunk):
-        q1 = min(nq, q0 + chunk)
-        s = torch.matmul(q[:, :, q0:q1], k.transpose(-1, -2)) * scale
-        if causal:
-            s = s.masked_fill(torch.arange(nk, device=q.device)[None, :] > torch.arange(q0, q1, device=q.device)[:, None], float("-inf"))
-        lses.append(torch.logsumexp(s, dim=-1))
-        outs.append(torch.matmul(torch.softmax(s, dim=-1), v))
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    """Exact attention with its log-sum-exp (the kernel layer's one exact function).
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D) -> (out, lse (B, H, Nq)). Causal is top-left
+    aligned here (Nq == Nk in the recursion)."""
+    return attention_with_lse(q, k, v, scale, causal=causal)
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

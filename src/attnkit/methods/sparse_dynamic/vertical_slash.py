@@ -36,22 +36,14 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ... import validate
-from ...kernels import DENSE_MAX_ELEMS, BlockPattern, count_allowed_pairs, run_pattern
-from ...kernels.ranges import range_attention
-from ...kernels.vertical_slash import (
-    VerticalSlashIndex,
-    aligned_blocks_supported,
-    block_attention,
-    count_pairs,
-    to_block_pattern,
-    vertical_slash_attention,
-)
+from ...kernels import BlockPattern, count_allowed_pairs, run
+from ...kernels.vertical_slash import VerticalSlashIndex, count_pairs, to_block_pattern
 from ...registry import register
 from ..base import full_pairs
 from .common import (
@@ -150,13 +142,8 @@ def block_sparse_mask(q: torch.Tensor, k: torch.Tensor, scale: float, top_k: int
 
 
 class _VerticalSlashKernel(DynamicMethod):
-    """Shared attend / count / stats of methods whose estimate is a VerticalSlashIndex."""
-
-    def attend(self, q, k, v, pattern, scale, backend):
-        if backend == "auto" and q.device.type == "cpu":
-            return vertical_slash_attention(q, k, v, pattern, scale), "vertical_slash"
-        out, _, used = run_pattern(q, k, v, to_block_pattern(pattern), scale, backend, method=self.name)
-        return out, used
+    """Shared count / stats of methods whose estimate is a VerticalSlashIndex (the kernel
+    layer runs it on its own kernel, or on any block backend through ``to_block_pattern``)."""
 
     def count_pairs(self, pattern, batch, heads):
         return count_pairs(pattern)
@@ -306,10 +293,15 @@ def estimate_heads(q: torch.Tensor, k: torch.Tensor, scale: float, head_patterns
 
 class MixedPatternMethod(DynamicMethod):
     """A dynamic method whose estimate is a ``MixedIndex`` (vertical-slash heads plus
-    block-sparse heads), run by the mixed kernel."""
+    block-sparse heads): each group of heads runs on its own kernel."""
 
-    def attend(self, q, k, v, pattern, scale, backend):
+    def attend(self, q, k, v, pattern, scale, backend, want_lse):
         return mixed_attention(q, k, v, pattern, scale, backend, self.name)
+
+    def patterns(self, q, k, causal, scale):
+        with torch.no_grad():
+            index = self.estimate(q, k, causal, scale)
+        return [p for p in (index.vs, index.bs) if p is not None]
 
     def count_pairs(self, pattern, batch, heads):
         return mixed_count_pairs(pattern, batch)
@@ -349,46 +341,25 @@ class MInference(MixedPatternMethod):
 
 
 
-def mixed_attention(q, k, v, index: MixedIndex, scale: float, backend: str, method: str) -> tuple[torch.Tensor, str]:
-    """Attention over a MixedIndex: vertical-slash heads by the vertical-slash kernel (CPU,
-    backend "auto"), block-sparse heads by ``run_pattern``. Returns (out, backends used)."""
-    out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+def mixed_attention(q, k, v, index: MixedIndex, scale: float, backend: str, method: str):
+    """Attention over a MixedIndex: the vertical-slash heads and the block-sparse heads each
+    through the kernel layer. Returns (out (B, Hq, Nq, Dv), lse (B, Hq, Nq), backends used)."""
     group = q.shape[1] // k.shape[1]
-    used = []
+    outs, lses, order, used = [], [], [], []
     for heads, sub in ((index.vs_heads, index.vs), (index.bs_heads, index.bs)):
         if not heads:
             continue
         kv_for = torch.tensor([h // group for h in heads], device=q.device)
-        qs, ks, vs = q[:, heads], k[:, kv_for], v[:, kv_for]
-        if isinstance(sub, VerticalSlashIndex) and backend == "auto" and q.device.type == "cpu":
-            out[:, heads], name = vertical_slash_attention(qs, ks, vs, sub, scale), "vertical_slash"
-        elif backend == "auto" and q.device.type == "cpu" and q.shape[2] * k.shape[2] > DENSE_MAX_ELEMS:
-            if aligned_blocks_supported(sub):
-                out[:, heads], name = block_attention(qs, ks, vs, sub, scale), "blocks"
-            else:
-                out[:, heads], name = per_head_ranges(qs, ks, vs, sub, scale, method), "ranges"
-        else:
-            bp = to_block_pattern(sub, sub.block) if isinstance(sub, VerticalSlashIndex) else sub
-            out[:, heads], _, name = run_pattern(qs, ks, vs, bp, scale, backend, method=method)
+        out, lse, name = run(sub, q[:, heads], k[:, kv_for], v[:, kv_for], scale, backend, return_lse=True, method=method)
+        outs.append(out)
+        lses.append(lse)
+        order.extend(heads)
         used.append(name)
-    return out, "+".join(used)
-
-
-def per_head_ranges(q, k, v, pattern: BlockPattern, scale: float, method: str = "?") -> torch.Tensor:
-    """A per-(batch, head) block pattern run head by head on the range kernel (fused SDPA
-    over contiguous key ranges, merged by log-sum-exp). q: (B, H, Nq, D); k, v: (B, H, Nk, D)."""
-    out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    bp, hp = pattern.kv_blocks.shape[:2]
-    for b in range(q.shape[0]):
-        for h in range(q.shape[1]):
-            sl = (slice(b if bp > 1 else 0, (b if bp > 1 else 0) + 1), slice(h if hp > 1 else 0, (h if hp > 1 else 0) + 1))
-            sub = replace(
-                pattern,
-                kv_blocks=pattern.kv_blocks[sl],
-                full_tiles=None if pattern.full_tiles is None else pattern.full_tiles[sl],
-            )
-            out[b : b + 1, h : h + 1] = range_attention(q[b : b + 1, h : h + 1], k[b : b + 1, h : h + 1], v[b : b + 1, h : h + 1], sub, scale, method)
-    return out
+    back = torch.empty(len(order), dtype=torch.long, device=q.device)
+    back[torch.tensor(order, device=q.device)] = torch.arange(len(order), device=q.device)
+    out = torch.cat(outs, dim=1).index_select(1, back)
+    lse = torch.cat(lses, dim=1).index_select(1, back)
+    return out, lse, "+".join(used)
 
 
 def mixed_count_pairs(index: MixedIndex, batch: int) -> int:
