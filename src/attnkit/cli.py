@@ -126,11 +126,13 @@ def speed(
     dim: int = typer.Option(64, help="Head dim D."),
     repeats: int = typer.Option(5, help="Timed runs per point (median reported)."),
     flex: bool = typer.Option(True, "--flex/--no-flex", help="Also time FlexAttention on each pattern."),
+    backward: bool = typer.Option(False, "--backward", help="Time the backward pass (after an untimed forward) against exact attention's backward."),
     out: Optional[str] = typer.Option(None, help="Write the rows as JSON to this file."),
 ) -> None:
-    """Operator latency and peak memory vs length, with speedups over SDPA and FlexAttention.
+    """Operator latency and peak memory vs length, with speedups over exact attention (SDPA's CPU kernel) and FlexAttention.
 
     Example: attnkit speed --lengths 4k,16k --methods "full,streaming(sink=64,window=1024)"
+    Backward: attnkit speed --backward --lengths 16k --methods "streaming(sink=64,window=1024),moba"
     """
     from rich.progress import Progress
 
@@ -144,8 +146,9 @@ def speed(
         def step(label: str) -> None:
             bar.update(task, advance=1, description=label)
 
-        rows = run_speed(specs, ns, repeats=repeats, flex=flex, progress=step, heads=heads, kv_heads=kv_heads or heads, dim=dim)
-    console.print(speed_table(rows))
+        rows = run_speed(specs, ns, repeats=repeats, flex=flex, progress=step, backward=backward, heads=heads,
+                         kv_heads=kv_heads or heads, dim=dim)
+    console.print(speed_table(rows, backward))
     record = rows_to_json(rows)
     if out:
         with open(out, "w") as f:
@@ -153,8 +156,8 @@ def speed(
     typer.echo(json.dumps({"speed": record}))
 
 
-def speed_table(rows) -> Table:
-    table = Table(title="operator latency (median), causal, fp32")
+def speed_table(rows, backward: bool = False) -> Table:
+    table = Table(title=f"operator {'backward ' if backward else ''}latency (median), causal, fp32")
     for col in ("method", "N", "backend", "density", "seconds", "x SDPA", "flex s (compile)", "x flex", "peak MiB"):
         table.add_column(col, justify="right")
     for r in rows:

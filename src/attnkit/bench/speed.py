@@ -4,6 +4,12 @@ Every number is a median of several runs after a warm-up, reported next to exact
 and FlexAttention measured in the same run (FlexAttention's compile time separately).
 Peak memory is the peak growth of the process's resident memory during one call,
 sampled by a background thread (CPU tensors are not tracked by any allocator counter).
+
+``backward=True`` times the backward pass instead: each run does an untimed forward with
+gradients enabled, then times ``torch.autograd.grad`` of the output (random output
+gradient) for q, k and v; the baseline is SDPA's backward on the same inputs, and peak
+memory covers forward + backward. FlexAttention is left out there (its CPU kernel has
+no backward).
 """
 
 from __future__ import annotations
@@ -16,14 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-
-DEFAULT_METHODS = (
-    "full",
-    "streaming(sink=64,window=1024)",
-    "sliding_window(window=1024)",
-    "neighborhood(kernel_size=13,grid=2d)",
-)
-
 
 @dataclass
 class SpeedRow:
@@ -80,14 +78,17 @@ class PeakMemory:
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> list[float]:
-    """Run ``fn`` ``warmup`` times, then time ``repeats`` runs; returns all run times."""
+    """Run ``fn`` ``warmup`` times, then time ``repeats`` runs; returns all run times.
+
+    A callable that returns a float reports its own timed part (e.g. a backward pass
+    after an untimed forward); that float is the run's time."""
     for _ in range(warmup):
         fn()
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
+        own = fn()
+        runs.append(own if isinstance(own, float) else time.perf_counter() - start)
     return runs
 
 
@@ -140,33 +141,62 @@ def measure(
     causal: bool = True,
     repeats: int = 5,
     flex: bool = True,
+    backward: bool = False,
 ) -> SpeedRow:
-    """Latency / peak memory of one method at one length (and of FlexAttention on its pattern)."""
+    """Latency / peak memory of one method at one length (and of FlexAttention on its
+    pattern); with ``backward`` the backward pass (see module doc)."""
     import attnkit as ak
 
     name, config = parse_method_spec(spec, length)
     q, k, v = make_inputs(length, heads, kv_heads, dim, dtype)
     method = ak.get(name, **config)
     is_causal = causal and "causal" in method.info.supports
-    try:
-        _, stats = method(q, k, v, causal=is_causal, return_stats=True)
-    except ValueError as err:
-        if not is_causal or "causal" not in str(err):
-            raise
-        is_causal = False  # e.g. a 2D neighborhood: causality is not defined on a grid
-        _, stats = method(q, k, v, causal=False, return_stats=True)
-    run = lambda: method(q, k, v, causal=is_causal, check_finite=False)  # noqa: E731
+    with torch.no_grad():
+        try:
+            _, stats = method(q, k, v, causal=is_causal, return_stats=True)
+        except ValueError as err:
+            if not is_causal or "causal" not in str(err):
+                raise
+            is_causal = False  # e.g. a 2D neighborhood: causality is not defined on a grid
+            _, stats = method(q, k, v, causal=False, return_stats=True)
+    if backward:
+        run, timed = _backward_runs(method, q, k, v, is_causal)
+    else:
+        run = lambda: method(q, k, v, causal=is_causal, check_finite=False)  # noqa: E731
+        timed = run
     with PeakMemory() as mem:
         run()
-    runs = median_seconds(run, repeats=repeats, warmup=0)
+    runs = median_seconds(timed, repeats=repeats, warmup=0)
     row = SpeedRow(spec, length, stats.backend, statistics.median(runs), runs, mem.grown / 2**20, stats.density)
     row.extra["causal"] = is_causal
-    if flex and stats.pattern is not None:
+    row.extra["pass"] = "backward" if backward else "forward"
+    if flex and not backward and stats.pattern is not None:
         try:
             _measure_flex(row, method, q, k, v, is_causal, repeats)
         except (RuntimeError, MemoryError) as err:  # a compile failure must not lose the row
             row.extra["flex_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     return row
+
+
+def _backward_runs(method: Any, q, k, v, causal: bool):
+    """(forward + backward, a timed callable whose time is the backward alone)."""
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    grad = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(1), dtype=q.dtype)
+
+    def both():
+        out = method(q, k, v, causal=causal, check_finite=False)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    class _Timed:
+        """Runs an untimed forward first; ``median_seconds`` times only the backward."""
+
+        def __call__(self):
+            out = method(q, k, v, causal=causal, check_finite=False)
+            start = time.perf_counter()
+            torch.autograd.grad(out, (q, k, v), grad)
+            return time.perf_counter() - start
+
+    return both, _Timed()
 
 
 def _measure_flex(row: SpeedRow, method: Any, q, k, v, causal: bool, repeats: int) -> None:
@@ -185,9 +215,11 @@ def run_speed(
     repeats: int = 5,
     flex: bool = True,
     progress: Optional[Callable[[str], None]] = None,
+    backward: bool = False,
     **shape: Any,
 ) -> list[SpeedRow]:
-    """Measure every method at every length; exact SDPA ("full") is the baseline."""
+    """Measure every method at every length; exact attention ("full") is the baseline
+    (forward, or its backward with ``backward``)."""
     methods = list(methods)
     if "full" not in methods:
         methods = ["full"] + methods
@@ -197,7 +229,7 @@ def run_speed(
         for spec in methods:
             if progress:
                 progress(f"{spec} @ {length}")
-            row = measure(spec, length, repeats=repeats, flex=flex, **shape)
+            row = measure(spec, length, repeats=repeats, flex=flex, backward=backward, **shape)
             if spec == "full":
                 baseline = row.seconds
             row.speedup_vs_sdpa = baseline / row.seconds if baseline else None

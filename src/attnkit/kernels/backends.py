@@ -171,7 +171,17 @@ def choose_backend(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 def plan_for(backend: str, pattern: Pattern, q: torch.Tensor) -> Plan:
-    """The tiled plan of ``pattern`` on ``backend`` (any backend but ``flex``)."""
+    """The tiled plan of ``pattern`` on ``backend`` (any backend but ``flex``), kept on the
+    pattern object: a static method reuses its pattern, and the plan's run structure and
+    masks, across calls of the same shape."""
+    key = (backend, compute_dtype(q.dtype), q.shape[1])
+    plans = pattern.__dict__.setdefault("_plans", {})
+    if key not in plans:
+        plans[key] = _new_plan(backend, pattern, q)
+    return plans[key]
+
+
+def _new_plan(backend: str, pattern: Pattern, q: torch.Tensor) -> Plan:
     dtype = compute_dtype(q.dtype)
     if backend == "vertical_slash":
         return vertical_slash_plan(pattern, dtype)

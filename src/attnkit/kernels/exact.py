@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .tiled import Call, Geometry, Plan, RowSel, WindowKeys, additive, compute_dtype, tiled_attention
+from .tiled import Call, FoldedRows, Geometry, Plan, RowSel, WindowKeys, additive, compute_dtype, tiled_attention
 
 
 def exact_plan(causal: bool, mask: Optional[torch.Tensor] = None, name: str = "exact") -> Plan:
@@ -29,6 +29,9 @@ def exact_plan(causal: bool, mask: Optional[torch.Tensor] = None, name: str = "e
 
     def calls(geo: Geometry, scratch):
         group, hkv, nq, nk = geo.group, geo.kv_heads, geo.q_len, geo.kv_len
+        if _foldable(causal, mask, nq, group):  # one call: each KV head read once for its query heads
+            yield Call(FoldedRows(hkv), WindowKeys(None, 0, 1, hkv, 0, nk), mask=mask)
+            return
         for g in range(group):
             if mask is not None:
                 yield Call(RowSel(None, g, group, hkv, 0, nq), WindowKeys(None, 0, 1, hkv, 0, nk),
@@ -45,6 +48,17 @@ def exact_plan(causal: bool, mask: Optional[torch.Tensor] = None, name: str = "e
                        causal=True)
 
     return Plan(name, calls)
+
+
+def _foldable(causal: bool, mask: Optional[torch.Tensor], nq: int, group: int) -> bool:
+    """Whether the query heads of a KV head can share one call as rows: no per-row rule
+    that differs between the folded rows (causal with several queries, or a mask that
+    varies per head or per query row)."""
+    if group == 1 or nq == 1 and not causal and mask is None:
+        return group > 1
+    if causal and nq > 1:
+        return False
+    return mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
 
 
 def _head_slice(mask: torch.Tensor, g: int, group: int, q_heads: int) -> torch.Tensor:

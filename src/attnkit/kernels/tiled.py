@@ -83,6 +83,19 @@ class RowSel:
         return y if self.heads_first else y.transpose(0, 1)
 
 
+class FoldedRows:
+    """Every query row of every query head, the ``group`` heads of each KV head folded into
+    the rows: a (B, Hkv, group x Nq, X) view of a contiguous (B, Hq, Nq, X) tensor (for
+    calls without a per-row rule: non-causal, or one query)."""
+
+    def __init__(self, kv_heads: int) -> None:
+        self.kv_heads = kv_heads
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, hq, n, e = x.shape
+        return x.view(b, self.kv_heads, (hq // self.kv_heads) * n, e)
+
+
 class KeySel:
     """How a call reads keys (and values) from a (B, Hkv, Nk_padded, X) tensor and puts
     their gradients back. Subclasses: ``WindowKeys``, ``GatheredKeys``."""
@@ -217,7 +230,7 @@ class Call:
     (b, h, r, s) scores, or None. causal: top-left causal inside the tile (r == s tiles
     on the diagonal)."""
 
-    rows: RowSel
+    rows: "RowSel | FoldedRows"
     keys: KeySel
     mask: Optional[torch.Tensor] = None
     causal: bool = False
@@ -276,12 +289,23 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, s
     lse = torch.full(qc.shape[:3], float("-inf"), dtype=c, device=q.device)
     lse4 = lse.unsqueeze(-1)
     scratch = Scratch()
+    rows, parts = None, []
+
+    def flush() -> None:
+        acc, acc_lse = rows(out), rows(lse4)[..., 0]
+        if bool(torch.isfinite(acc_lse).any()):  # rows already hold a partial result
+            parts.append((acc, acc_lse))
+        merge_partials(parts, out=acc, lse_out=acc_lse)  # also zeroes rows without a key
+        parts.clear()
+
     for call in plan.calls(_geometry(q, k, v, plan), scratch):
-        o, l = tile_forward(call.rows(qc), call.keys.read(kc, "k"), call.keys.read(vc, "v"), scale, call.causal, call.mask)
-        acc, acc_lse = call.rows(out), call.rows(lse4)[..., 0]
-        merged, total = merge_partials([(acc, acc_lse), (o, l.to(c))])
-        acc.copy_(merged)
-        acc_lse.copy_(total)
+        if rows is not None and call.rows is not rows:
+            flush()
+        rows = call.rows
+        o, l = tile_forward(rows(qc), call.keys.read(kc, "k"), call.keys.read(vc, "v"), scale, call.causal, call.mask)
+        parts.append((o, l.to(c)))
+    if parts:
+        flush()
     if plan.q_pad:
         return out[:, :, :nq].contiguous(), lse[:, :, :nq].contiguous()
     return out, lse

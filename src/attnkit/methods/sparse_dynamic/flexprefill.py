@@ -23,7 +23,7 @@ Estimator, per (batch, query head), on ``block``-token blocks (default 128):
 4. Kernel: vertical-slash heads run on the vertical-slash kernel (a slash block s is the
    diagonal offset d = s * block, which makes each ``block``-row query block attend to
    key block i - s exactly; a vertical block is ``block`` columns); query-aware heads run
-   on a fused block-sparse kernel (``attnkit.kernels.vertical_slash.block_attention``).
+   on a fused block-sparse kernel (the ``blocks`` backend, ``attnkit.kernels.vertical_slash.blocks_plan``).
 
 Defaults: gamma=0.9, tau=0.1, block=128, min_budget=1024 tokens as in the paper and its
 reference code; max_budget=2048 tokens (the reference has none). Deviations:
