@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .kernels import attention_with_lse
 from .methods.kvcache.common import WHEN, CachePolicy, LayerView
 from .registry import policy_class
 
@@ -246,7 +247,7 @@ class KVCacheLayer(CacheLayerMixin):
             qpos = torch.arange(self.seen - t, self.seen, device=q.device)
             policy.accumulate(self.view(), probs.view(b, hq, t, length), qpos)
         else:
-            out = F.scaled_dot_product_attention(qg, self.keys, self.values, attn_mask=allowed, scale=self.scale)
+            out, _ = attention_with_lse(qg, self.keys, self.values, self.scale, mask=allowed)
         return out.reshape(b, hq, t, -1)
 
     def _observe(self, q: torch.Tensor, t: int) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 
+from ...kernels import attention_with_lse
 from ..config import MethodSpec, TaskSpec
 from . import Case, Context, Task, case_seed, register_task
 from .perplexity import token_ids
@@ -35,7 +36,6 @@ class _Stop(Exception):
 
 def capture_qkv(model: Any, input_ids: torch.Tensor, layers: list[int]) -> dict[int, dict[str, Any]]:
     """{layer: {"q": (B, Hq, N, D), "k", "v": (B, Hkv, N, D), "scale": float}} of one forward."""
-    import torch.nn.functional as F
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -52,8 +52,8 @@ def capture_qkv(model: Any, input_ids: torch.Tensor, layers: list[int]) -> dict[
             raise _Stop
         t, t_kv = query.shape[2], key.shape[2]
         causal = attention_mask is None and t > 1 and t == t_kv
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=causal,
-                                             scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out, _ = attention_with_lse(query, key, value, scale, causal=causal, mask=attention_mask)
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(CAPTURE, capture)
