@@ -101,3 +101,27 @@ def test_readme_method_table_is_current():
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
     table = readme.split("<!-- methods:start -->")[1].split("<!-- methods:end -->")[0].strip()
     assert table == methods_markdown(), "regenerate the README table with `attnkit list --markdown`"
+
+
+def test_kernels_doc_examples_run():
+    """Every Python block of docs/kernels.md, executed as written."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "kernels.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/kernels.md block {i}", "exec"), {})
+
+
+def test_speed_backward_mode(tmp_path):
+    """`attnkit speed --backward` times the backward against exact attention's backward."""
+    out = tmp_path / "bwd.json"
+    res = runner.invoke(app, ["speed", "--backward", "--lengths", "300", "--repeats", "1",
+                                   "--methods", "streaming(sink=4,window=64)", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["full", "streaming(sink=4,window=64)"]
+    assert all(r["extra"]["pass"] == "backward" and r["seconds"] > 0 for r in rows)
+    assert rows[0]["backend"] == "exact" and rows[1]["backend"] == "dense"  # short: one masked call
