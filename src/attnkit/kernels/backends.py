@@ -90,21 +90,22 @@ def can_run_flex(pattern, q, k, v, needs: Needs, auto: bool) -> Optional[str]:
     return None
 
 
+def _kind(pattern, kind: type) -> Optional[str]:
+    """Why a backend for ``kind`` patterns declines ``pattern``, or None."""
+    return None if isinstance(pattern, kind) else f"runs a {kind.__name__}, not a {type(pattern).__name__}"
+
+
 def can_run_vertical_slash(pattern, q, k, v, needs: Needs, auto: bool) -> Optional[str]:
-    if not isinstance(pattern, VerticalSlashIndex):
-        return f"runs a VerticalSlashIndex, not a {type(pattern).__name__}"
-    return None
+    return _kind(pattern, VerticalSlashIndex)
 
 
 def can_run_slots(pattern, q, k, v, needs: Needs, auto: bool) -> Optional[str]:
-    if not isinstance(pattern, KeySlots):
-        return f"runs KeySlots, not a {type(pattern).__name__}"
-    return None
+    return _kind(pattern, KeySlots)
 
 
 def can_run_ranges(pattern, q, k, v, needs: Needs, auto: bool) -> Optional[str]:
-    if not isinstance(pattern, BlockPattern):
-        return f"runs a BlockPattern, not a {type(pattern).__name__}"
+    if _kind(pattern, BlockPattern):
+        return _kind(pattern, BlockPattern)
     if auto and (pattern.kv_blocks.shape[0] != 1 or pattern.kv_blocks.shape[1] != 1):
         return "pattern differs per batch/head (auto keeps ranges for shared patterns)"
     if auto and q.device.type != "cpu":
@@ -113,8 +114,8 @@ def can_run_ranges(pattern, q, k, v, needs: Needs, auto: bool) -> Optional[str]:
 
 
 def can_run_blocks(pattern, q, k, v, needs: Needs, auto: bool) -> Optional[str]:
-    if not isinstance(pattern, BlockPattern):
-        return f"runs a BlockPattern, not a {type(pattern).__name__}"
+    if _kind(pattern, BlockPattern):
+        return _kind(pattern, BlockPattern)
     why = aligned_blocks_supported(pattern)
     if why:
         return why

@@ -129,6 +129,24 @@ class Method:
         return [name for name in sets[0] if all(name in s for s in sets[1:])]
 
 
+class OwnKernelMethod(Method):
+    """A method that runs its own computation rather than a pattern (``full`` on the exact
+    kernel, ``hyper``): ``backend`` must be "auto" or ``own_backend``."""
+
+    own_backend: ClassVar[str]
+
+    def patterns(self, q, k, causal, scale):
+        return []
+
+    def compatible_backends(self, q, k, v, causal=False, scale=None, training=False, return_lse=False):
+        return [self.own_backend]
+
+    def check_backend(self, backend: str) -> None:
+        if backend not in ("auto", self.own_backend):
+            raise ValueError(f"method {self.name!r} runs its own kernel, not a pattern: backend must be 'auto' or "
+                             f"{self.own_backend!r}, got {backend!r}")
+
+
 class PatternMethod(Method):
     """A static (position-only) sparse pattern run by the shared kernels.
 

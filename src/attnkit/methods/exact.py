@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..kernels import attention_with_lse
 from ..registry import register
-from .base import AttentionStats, Method
+from .base import AttentionStats, OwnKernelMethod
 
 
 @register(
@@ -23,21 +23,16 @@ from .base import AttentionStats, Method
     supports=("causal", "non_causal", "decode", "gqa"),
     kinds=("prefill",),
 )
-class Full(Method):
-    """Dense exact attention (SDPA); the baseline every method is measured against."""
+class Full(OwnKernelMethod):
+    """Dense exact attention; the baseline every method is measured against."""
+
+    own_backend = "exact"
 
     @dataclass
     class Config:
         pass
 
-    def patterns(self, q, k, causal, scale):
-        return []
-
-    def compatible_backends(self, q, k, v, causal=False, scale=None, training=False, return_lse=False):
-        return ["exact"]
-
     def forward(self, q, k, v, causal, scale, backend, want_stats, want_lse):
-        if backend not in ("auto", "exact"):
-            raise ValueError(f"method 'full' runs on the exact kernel; backend must be 'auto' or 'exact', got {backend!r}")
+        self.check_backend(backend)
         out, lse = attention_with_lse(q, k, v, scale, causal)
         return out, lse, AttentionStats(self.name, 1.0, None, 0.0, "exact")

@@ -65,7 +65,7 @@ from ... import validate
 from ...kernels import attention_with_lse, merge_partials
 from ...kernels.pattern import cdiv
 from ...registry import register
-from ..base import AttentionStats, Method, full_pairs
+from ..base import AttentionStats, OwnKernelMethod, full_pairs
 
 
 @register(
@@ -75,8 +75,10 @@ from ..base import AttentionStats, Method, full_pairs
     arxiv="2310.05869",
     year=2023,
 )
-class HyperAttention(Method):
+class HyperAttention(OwnKernelMethod):
     """sortLSH block-diagonal attention plus uniformly sampled keys for the remainder (approximate)."""
+
+    own_backend = "hyper"
 
     @dataclass
     class Config:
@@ -99,16 +101,8 @@ class HyperAttention(Method):
         if c.lsh_bits > 30:
             raise ValueError(f"lsh_bits of method {self.name!r} must be <= 30, got {c.lsh_bits}")
 
-    def patterns(self, q, k, causal, scale):
-        return []
-
-    def compatible_backends(self, q, k, v, causal=False, scale=None, training=False, return_lse=False):
-        return ["hyper"]
-
     def forward(self, q, k, v, causal, scale, backend, want_stats, want_lse):
-        if backend not in ("auto", "hyper"):
-            raise ValueError(f"method {self.name!r} runs its own computation (LSH blocks + sampled keys, exact parts on the "
-                             f"exact kernel), not a pattern: backend must be 'auto' or 'hyper', got {backend!r}")
+        self.check_backend(backend)  # LSH blocks + sampled keys, exact parts on the exact kernel
         group = q.shape[1] // k.shape[1]
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         kx = k.to(compute).repeat_interleave(group, dim=1)
