@@ -13,7 +13,15 @@
 
 from __future__ import annotations
 
-from .backends import BACKENDS, DENSE_MAX_ELEMS, Needs, as_block_pattern, choose_backend, compatible_backends, run
+from .backends import (
+    BACKENDS,
+    DENSE_MAX_ELEMS,
+    Needs,
+    as_block_pattern,
+    choose_backend,
+    compatible_backends,
+    run,
+)
 from .block_sparse import check_no_empty_rows, count_allowed_pairs
 from .exact import attention_with_lse
 from .merge import merge_partials

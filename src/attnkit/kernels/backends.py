@@ -38,7 +38,13 @@ from .pattern import BlockPattern
 from .ranges import range_plan
 from .slots import KeySlots, slots_plan
 from .tiled import Plan, compute_dtype, tiled_attention
-from .vertical_slash import VerticalSlashIndex, aligned_blocks_supported, blocks_plan, to_block_pattern, vertical_slash_plan
+from .vertical_slash import (
+    VerticalSlashIndex,
+    aligned_blocks_supported,
+    blocks_plan,
+    to_block_pattern,
+    vertical_slash_plan,
+)
 
 log = logging.getLogger("attnkit.kernels")
 

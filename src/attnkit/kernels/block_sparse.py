@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import validate
-from .pattern import BlockPattern, cdiv
+from .pattern import BlockPattern
 from .tiled import Call, GatheredKeys, Geometry, Plan, RowSel, additive
 
 DEFAULT_BUDGET_ELEMS = 1 << 23  # floats per call for the gathered K/V and the mask (~32 MiB fp32)

@@ -20,7 +20,17 @@ from typing import Optional
 
 import torch
 
-from .tiled import Call, FoldedRows, Geometry, Plan, RowSel, WindowKeys, additive, compute_dtype, tiled_attention
+from .tiled import (
+    Call,
+    FoldedRows,
+    Geometry,
+    Plan,
+    RowSel,
+    WindowKeys,
+    additive,
+    compute_dtype,
+    tiled_attention,
+)
 
 
 def exact_plan(causal: bool, mask: Optional[torch.Tensor] = None, name: str = "exact") -> Plan:

@@ -302,8 +302,8 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, s
         if rows is not None and call.rows is not rows:
             flush()
         rows = call.rows
-        o, l = tile_forward(rows(qc), call.keys.read(kc, "k"), call.keys.read(vc, "v"), scale, call.causal, call.mask)
-        parts.append((o, l.to(c)))
+        part_out, part_lse = tile_forward(rows(qc), call.keys.read(kc, "k"), call.keys.read(vc, "v"), scale, call.causal, call.mask)
+        parts.append((part_out, part_lse.to(c)))
     if parts:
         flush()
     if plan.q_pad:

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .flash import MASKED
 from .pattern import BlockPattern, causal_mod, cdiv, lists_from_block_mask
 from .tiled import Call, GatheredKeys, Geometry, Plan, RowSel, WindowKeys, additive
 
