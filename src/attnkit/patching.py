@@ -15,7 +15,8 @@ that carry a ``layer_idx``), so one function serves any number of models and pla
 What runs where:
 
 - prefill (query length T > 1) on a planned layer: ``attnkit.attention(q, k, v,
-  method=..., causal=True, scale=module.scaling, **config)``;
+  method=..., causal=True, scale=module.scaling, backend=..., **config)``, in eval or
+  train mode (exact gradients over the selected pattern; no attention dropout);
 - decode steps (T == 1) and layers not in the plan: exact attention over the cache
   (``torch`` SDPA, GQA without repeating K/V);
 - padded batches: when the mask transformers builds is causal (or full) attention
@@ -51,10 +52,14 @@ PlanLike = Union[str, Mapping[Any, Any]]
 
 @dataclass(frozen=True)
 class LayerMethod:
-    """One layer's prefill method: a registered name and its config fields."""
+    """One layer's prefill method: a registered name, its config fields, and the kernel
+    backend that runs it (``"auto"`` or one of ``attnkit.kernels.BACKENDS``, passed to
+    ``attnkit.attention(..., backend=...)``; e.g. ``"dense"`` to run the same allowed set
+    with an explicit mask)."""
 
     name: str
     config: dict[str, Any] = field(default_factory=dict)
+    backend: str = "auto"
 
 
 # --- the attention function transformers calls -----------------------------------------
@@ -87,7 +92,8 @@ def attnkit_attention(
         if spec is None or query.shape[2] == 1:
             return _exact(query, key, value, attention_mask, causal, scaling, position_ids, dropout)
         if dropout:
-            raise ValueError("attnkit methods are for inference: call model.eval() (attention dropout is on)")
+            raise ValueError(f"attnkit prefill methods do not implement attention dropout (got dropout={dropout}): "
+                             "set the model config's attention_dropout to 0 to train with them, or call model.eval()")
         return _prefill(spec, query, key, value, attention_mask, causal, scaling, position_ids)
 
     # K/V from an attnkit.KVCache layer: the layer attends over its own (per-head) slots.
@@ -137,7 +143,7 @@ def _method(spec: LayerMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """``attnkit.attention`` with the layer's method: (B, Hq, Nq, D) -> (B, Hq, Nq, D)."""
     import attnkit
 
-    return attnkit.attention(q, k, v, method=spec.name, causal=causal, scale=scale,
+    return attnkit.attention(q, k, v, method=spec.name, causal=causal, scale=scale, backend=spec.backend,
                              check_finite=False, **spec.config)
 
 
@@ -250,13 +256,15 @@ class _Saved:
 
 
 def _spec(value: Spec) -> Optional[LayerMethod]:
-    """A plan entry -> LayerMethod (None = exact): None, "name", ("name", {config})."""
+    """A plan entry -> LayerMethod (None = exact): None, "name", ("name", {config}); a
+    ``"backend"`` key of the config is the kernel backend, not a method field."""
     if value is None or isinstance(value, LayerMethod):
         return value
     if isinstance(value, str):
         return LayerMethod(value)
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], Mapping):
-        return LayerMethod(value[0], dict(value[1]))
+        config = dict(value[1])
+        return LayerMethod(value[0], config, config.pop("backend", "auto"))
     raise TypeError(f"a plan entry is None, a method name or (name, config dict), got {value!r}")
 
 
@@ -283,13 +291,14 @@ def _for_layer(spec: Optional[LayerMethod], idx: int) -> Optional[LayerMethod]:
     except ImportError:  # the operator API is not importable: attnkit.attention will check
         return spec
     config = registry.for_layer(spec.name, spec.config, idx)
-    return spec if config is spec.config else LayerMethod(spec.name, config)
+    return spec if config is spec.config else LayerMethod(spec.name, config, spec.backend)
 
 
 def _check_method(spec: Optional[LayerMethod]) -> None:
     """Validate a method name and its config now, not at the first forward."""
     if spec is None:
         return
+    _check_backend(spec.backend)
     try:
         from . import api, registry
     except ImportError:  # the operator API is not importable: attnkit.attention will check
@@ -297,6 +306,17 @@ def _check_method(spec: Optional[LayerMethod]) -> None:
     if "prefill" not in registry.method_info(spec.name).kinds:
         raise ValueError(f"method {spec.name!r} is not a prefill method (it is a cache policy: pass cache=...)")
     api.get(spec.name, **spec.config)
+
+
+def _check_backend(backend: Any) -> None:
+    """A kernel backend name: ``"auto"`` or one of ``attnkit.kernels.BACKENDS``."""
+    from . import validate
+    from .kernels import BACKENDS
+
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be a string, one of {', '.join(BACKENDS)} (attnkit.kernels.BACKENDS); got {backend!r}")
+    if backend not in BACKENDS:
+        validate.unknown_name("backend", backend, list(BACKENDS))
 
 
 def _attention_modules(model: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
@@ -379,14 +399,17 @@ def _split_config(prefill: Optional[str], cache: Optional[str], config: dict[str
 
 
 def _plan_from_args(prefill: Optional[str], cache: Optional[str], layers: Optional[Iterable[int]],
-                    config: dict[str, Any], dense_layers: int = 0) -> PlanLike:
+                    config: dict[str, Any], dense_layers: int = 0, backend: str = "auto") -> PlanLike:
     if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
         raise ValueError(f"dense_layers must be an integer >= 0 (the first layers that keep exact attention), got {dense_layers!r}")
+    _check_backend(backend)
     if prefill is None:
         if config:
             raise ValueError(f"config fields {sorted(config)} were given without a prefill method")
+        if backend != "auto":
+            raise ValueError(f"backend={backend!r} selects the kernel of the prefill method; it was given without prefill=METHOD")
         return {"default": None}
-    spec = LayerMethod(prefill, dict(config))
+    spec = LayerMethod(prefill, dict(config), backend)
     if layers is None:
         return {"default": spec, "layers": {i: None for i in range(dense_layers)}}
     if dense_layers:
@@ -405,6 +428,7 @@ def patch(
     layers: Optional[Iterable[int]] = None,
     cache_config: Optional[Mapping[str, Any]] = None,
     dense_layers: int = 0,
+    backend: str = "auto",
     **config: Any,
 ) -> Iterator[torch.nn.Module]:
     """Run ``model`` with an attnkit prefill method inside a ``with`` block.
@@ -418,8 +442,13 @@ def patch(
     ``past_key_values`` gets a fresh ``KVCache(cache, ...)``. Routing: ``budget``,
     ``ratio``, ``when`` and ``interval`` always go to the cache; the other fields go to
     the cache when ``prefill`` is None, else to the prefill method, and the cache's own
-    fields come in ``cache_config={...}``. The model's attention implementation, plan
-    and ``generate`` are restored on exit, also after an exception.
+    fields come in ``cache_config={...}``; ``backend``: the kernel backend of the
+    prefill method, ``"auto"`` or one of ``attnkit.kernels.BACKENDS`` (passed to
+    ``attnkit.attention(..., backend=...)``; e.g. ``"dense"`` runs the same allowed set as
+    one explicit mask; a backend that cannot run a call raises at that call). The
+    model's attention implementation, plan and ``generate`` are restored on exit, also
+    after an exception. The methods are differentiable: in ``model.train()`` the
+    gradients are exact over the pattern each method selected (docs/training.md).
 
         with attnkit.patch(model, cache="snapkv", budget=256, window=32):
             out = model.generate(**inputs, max_new_tokens=32)
@@ -429,7 +458,7 @@ def patch(
         from .kvcache import KVCache
 
         KVCache(policy=cache, **cache_kw)  # a bad policy or field fails before anything changes
-    saved = _install(model, _plan_from_args(prefill, None, layers, method_config, dense_layers))
+    saved = _install(model, _plan_from_args(prefill, None, layers, method_config, dense_layers, backend))
     try:
         if cache is None:
             yield model
@@ -451,7 +480,10 @@ def apply(model: torch.nn.Module, plan: PlanLike) -> torch.nn.Module:
     - ``{layer_idx: entry}``: only the listed layers, the others exact;
     - ``{"default": entry, "layers": {layer_idx: entry}}``: ``default`` for unlisted layers;
 
-    where an entry is a method name, ``(name, {config fields})``, or None (exact).
+    where an entry is a method name, ``(name, {config fields})``, a ``LayerMethod``, or
+    None (exact). A ``"backend"`` key in the config dict (``("moba", {"topk": 3,
+    "backend": "dense"})``, or ``LayerMethod(name, config, backend)``) forces that
+    layer's kernel backend, one of ``attnkit.kernels.BACKENDS`` (default ``"auto"``).
     Applying again replaces the plan; ``unpatch`` returns to the model as it was before
     the first ``apply``.
     """
