@@ -83,14 +83,16 @@ def test_cli_speed_small_run(tmp_path):
     assert '{"speed": [' in res.output  # one JSON line for scripts
 
 
-def test_readme_example_runs():
-    """The README's Python example, executed as written."""
+def test_readme_examples_run():
+    """Every Python block of the README, executed as written."""
     import pathlib
     import re
 
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md block {i}", "exec"), {})
 
 
 def test_readme_method_table_is_current():

@@ -28,6 +28,7 @@ asks (padded keys must be masked by the plan).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -177,10 +178,10 @@ class GatheredKeys(KeySel):
         pos = self.positions
         if pos.dim() == 2:
             flat = pos.reshape(-1)
-            if self.scratch is not None and h == 1:
-                out = self.scratch.view(name, (flat.numel(), e), y)
-                torch.index_select(y[0], 0, flat, out=out)
-                g = out.view(1, *pos.shape, e)
+            if self.scratch is not None:
+                out = self.scratch.view(name, (h, flat.numel(), e), y)
+                torch.index_select(y, 1, flat, out=out)
+                g = out.view(h, *pos.shape, e)
             else:
                 g = y.index_select(1, flat).view(h, *pos.shape, e)
         else:
@@ -251,6 +252,14 @@ class Plan:
     k_front: int = 0
     k_back: int = 0
     info: dict = field(default_factory=dict)
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    def scratch(self) -> "Scratch":
+        """This thread's gather buffers, kept with the plan: a static method reuses its
+        plan, and a buffer that stays mapped costs no page faults on the next call."""
+        if not hasattr(self._local, "scratch"):
+            self._local.scratch = Scratch()
+        return self._local.scratch
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -288,7 +297,7 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, s
     out = torch.zeros(qc.shape, dtype=c, device=q.device)
     lse = torch.full(qc.shape[:3], float("-inf"), dtype=c, device=q.device)
     lse4 = lse.unsqueeze(-1)
-    scratch = Scratch()
+    scratch = plan.scratch()
     rows, parts = None, []
 
     def flush() -> None:
@@ -331,7 +340,7 @@ def run_backward(
         oc[:, :, : q.shape[2], e] = -dlse.to(c)
     lse_b = F.pad(lse.to(c).masked_fill(torch.isneginf(lse), float("inf")), (0, plan.q_pad)).unsqueeze(-1)
     dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
-    scratch = Scratch()
+    scratch = plan.scratch()
     for call in plan.calls(_geometry(q, k, v, plan), scratch):
         rows = call.rows
         gq, gk, gv = tile_backward(

@@ -143,6 +143,21 @@ class BlockLocalGlobal(PatternMethod):
                 f"sequence), got Nq={q_len}, Nk={kv_len}"
             )
 
+    def full_block_mask(self, q_len: int, kv_len: int, causal: bool, device: torch.device) -> Optional[torch.Tensor]:
+        """(nQB, nKB) tiles whose every pair is allowed, when query tiles are BigBird blocks
+        (Nk - Nq a multiple of ``block``; else None): below the diagonal (causal) and local,
+        random or wholly global; a speed hint for the kernels."""
+        c = self.config
+        blk, w, half = c.block, c.window_blocks, (c.window_blocks - 1) // 2
+        if (kv_len - q_len) % blk:
+            return None
+        q_lo, q_hi, k_lo, k_hi = tile_ranges(q_len, kv_len, blk, blk, device)
+        qb, kb = q_lo // blk, k_lo // blk
+        rand = self.random_table(kv_len, causal, device)[qb[:, 0]]
+        if causal:
+            return (k_hi <= q_lo) & ((kb >= qb - w + 1) | rand | (k_hi < c.global_tokens))
+        return ((kb - qb).abs() <= half) | rand | (k_hi < c.global_tokens) | (q_hi < c.global_tokens)
+
     def block_mask(self, q_len: int, kv_len: int, causal: bool, device: torch.device) -> torch.Tensor:
         """Exact (nQB, nKB) tiles: a query tile spans at most two absolute blocks."""
         self._check_lengths(q_len, kv_len)
