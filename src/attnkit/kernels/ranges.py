@@ -110,6 +110,8 @@ def _chain_lengths(sets: list[set], shift: int) -> list[dict[int, int]]:
 
 # A lane this short is cheaper inside its blocks' gathered call than as a call of its own.
 MIN_LANE_BLOCKS = 4
+# Output elements of one call (8 MiB of fp32): larger pieces of a lane run as several calls.
+ROW_BUDGET_ELEMS = 1 << 21
 
 
 @dataclass
@@ -255,6 +257,17 @@ def _segments(lanes: list, spans: list) -> list[tuple[int, int, list]]:
     return [(a, n, items) for (a, n), items in sorted(pieces.items())]
 
 
+def _piece_call(item: tuple, rows: RowSel, b: int, kv0: int, count: int, a: int, n: int, scratch) -> Call:
+    """The call of one segment item for blocks [a, a + n) of its segment."""
+    if item[0] == "window":
+        _, start, length, stride, mask, causal = item
+        part = mask if mask is None or mask.shape[0] == 1 else mask[a : a + n]
+        return Call(rows, WindowKeys(b, kv0, 1, count, start + a * stride, length, stride, n), mask=part, causal=causal)
+    _, positions, mask = item
+    return Call(rows, GatheredKeys(b, kv0, 1, count, positions[a : a + n], scratch=scratch),
+                mask=None if mask is None else mask[a : a + n])
+
+
 def range_plan(pattern: BlockPattern, dtype: torch.dtype, name: str = "ranges") -> Plan:
     """The plan of ``pattern`` on the range kernel (compute ``dtype`` for the masks)."""
     bp_n, hp_n = pattern.kv_blocks.shape[:2]
@@ -281,15 +294,15 @@ def range_plan(pattern: BlockPattern, dtype: torch.dtype, name: str = "ranges") 
                 bl = b if bp_n > 1 else 0
                 heads = [(h, 1, 1, h // group, prepared(bl, h if hp_n > 1 else 0, b, h)) for h in range(geo.q_heads)]
             for head0, step, count, kv0, segments in heads:
+                # blocks per call: each call's output stays near ROW_BUDGET_ELEMS, so that the
+                # kernel's output buffers are recycled by the allocator, not mapped anew per call
+                most = max(1, ROW_BUDGET_ELEMS // (count * bq * geo.head_size))
                 for first, blocks, items in segments:
-                    rows = RowSel(b, head0, step, count, first * bq, bq, blocks)  # one per segment: merged once
-                    for item in items:
-                        if item[0] == "window":
-                            _, start, length, stride, mask, causal = item
-                            yield Call(rows, WindowKeys(b, kv0, 1, count, start, length, stride, blocks), mask=mask, causal=causal)
-                        else:
-                            _, positions, mask = item
-                            yield Call(rows, GatheredKeys(b, kv0, 1, count, positions, scratch=scratch), mask=mask)
+                    for a in range(0, blocks, most):
+                        n = min(most, blocks - a)
+                        rows = RowSel(b, head0, step, count, (first + a) * bq, bq, n)  # one per piece: merged once
+                        for item in items:
+                            yield _piece_call(item, rows, b, kv0, count, a, n, scratch)
 
     q_pad = cdiv(pattern.q_len, pattern.block_q) * pattern.block_q - pattern.q_len
     return Plan(name, calls, q_pad=q_pad)
