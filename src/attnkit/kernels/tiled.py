@@ -141,14 +141,19 @@ class WindowKeys(KeySel):
             y[:, :, self.start : self.start + self.length] += grad
             return
         g = grad if self.heads_first else grad.transpose(0, 1)  # (heads, blocks, length, E)
+        h, e = g.shape[0], g.shape[-1]
         if self.step == 0 or self.blocks == 1:
             y[:, self.start : self.start + self.length] += g.sum(1)
-        elif self.step == self.length:
-            y[:, self.start : self.start + self.blocks * self.length] += g.reshape(g.shape[0], -1, g.shape[-1])
+        elif self.length % self.step == 0:
+            # windows of m steps: the j-th step of every window is one strided, non-overlapping add
+            for j in range(self.length // self.step):
+                a = self.start + j * self.step
+                part = y[:, a : a + self.blocks * self.step].view(h, self.blocks, self.step, e)
+                part += g[:, :, j * self.step : (j + 1) * self.step]
         else:  # overlapping windows
             pos = (torch.arange(self.blocks, device=dx.device)[:, None] * self.step
                    + torch.arange(self.length, device=dx.device) + self.start).flatten()
-            y.index_add_(1, pos, g.reshape(g.shape[0], -1, g.shape[-1]))
+            y.index_add_(1, pos, g.reshape(h, -1, e))
 
 
 class GatheredKeys(KeySel):
@@ -178,9 +183,11 @@ class GatheredKeys(KeySel):
         pos = self.positions
         if pos.dim() == 2:
             flat = pos.reshape(-1)
-            if self.scratch is not None:
-                out = self.scratch.view(name, (h, flat.numel(), e), y)
-                torch.index_select(y, 1, flat, out=out)
+            if self.scratch is not None and y.is_contiguous():
+                # rows of the (heads x Nk, E) matrix: the fastest gather on the CPU
+                rows = flat if h == 1 else (torch.arange(h, device=flat.device)[:, None] * y.shape[1] + flat).reshape(-1)
+                out = self.scratch.view(name, (rows.numel(), e), y)
+                torch.index_select(y.view(-1, e), 0, rows, out=out)
                 g = out.view(h, *pos.shape, e)
             else:
                 g = y.index_select(1, flat).view(h, *pos.shape, e)
