@@ -22,17 +22,21 @@ from .. import validate
 from .pattern import BlockPattern
 from .tiled import Call, GatheredKeys, Geometry, Plan, RowSel, additive
 
-DEFAULT_BUDGET_ELEMS = 1 << 23  # floats per call for the gathered K/V and the mask (~32 MiB fp32)
+DEFAULT_BUDGET_ELEMS = 1 << 22  # floats per call for the gathered K/V and the mask (16 MiB fp32: recycled by malloc, never mapped anew)
 
 
 def gather_plan(pattern: BlockPattern, dtype: torch.dtype, budget_elems: int = DEFAULT_BUDGET_ELEMS, name: str = "gather") -> Plan:
-    """The plan of ``pattern`` on the gather kernel (masks in compute ``dtype``)."""
+    """The plan of ``pattern`` on the gather kernel (masks in compute ``dtype``).
+
+    Per chunk of query blocks, the listed tiles the pattern marks full run as one call
+    whose mask (if any) only hides padding slots, shared by the rows; the other tiles as a
+    second call with the element rule as the mask. Both serve the same rows (one merge)."""
     bq, bk = pattern.block_q, pattern.block_k
     nqb, nkb = pattern.num_q_blocks, pattern.num_kv_blocks
     lists = pattern.kv_blocks
     bp_n, hp_n, _, slots = lists.shape
     device = lists.device
-    full = pattern.full_tiles
+    needs_rule = _needs_rule(pattern)  # (Bp|1, Hp, nQB, K) tiles that need the element rule
 
     def calls(geo: Geometry, scratch):
         group, hkv = geo.group, geo.kv_heads
@@ -46,41 +50,63 @@ def gather_plan(pattern: BlockPattern, dtype: torch.dtype, budget_elems: int = D
                 q1 = min(nqb, q0 + q_chunk)
                 q_pos = ((torch.arange(q0, q1, device=device) * bq)[:, None] + torch.arange(bq, device=device)) + pattern.q_offset
                 for s0 in range(0, slots, slot_chunk):
-                    s1 = min(slots, s0 + slot_chunk)
-                    idx = lists[bp, :, q0:q1, s0:s1]  # (Hp, c, ns)
-                    if not bool((idx >= 0).any()):
-                        continue
-                    k_pos = (idx.clamp(min=0) * bk).unsqueeze(-1) + torch.arange(bk, device=device)  # (Hp, c, ns, Bk)
-                    ok = ((idx >= 0).unsqueeze(-1) & (k_pos < pattern.kv_len)).flatten(-2)  # (Hp, c, S)
-                    k_pos = k_pos.flatten(-2)
-                    tile_full = None if full is None else full[bp if full.shape[0] > 1 else 0, :, q0:q1, s0:s1]
-                    tile_full = None if tile_full is None else tile_full.unsqueeze(-1).expand(*idx.shape, bk).flatten(-2)
+                    idx = lists[bp, :, q0:q1, s0 : s0 + slot_chunk]  # (Hp, c, ns)
+                    rule = needs_rule[bp if needs_rule.shape[0] > 1 else 0, :, q0:q1, s0 : s0 + slot_chunk]
+                    parts = [_compact(idx, (idx >= 0) & ~rule), _compact(idx, (idx >= 0) & rule)]
+                    parts = [(part, checked) for part, checked in zip(parts, (False, True)) if part is not None]
                     for g in range(group):
                         rows = RowSel(b, g, group, hkv, q0 * bq, bq, q1 - q0, heads_first=True)
                         sel = slice(None) if hp_n == 1 else slice(g, None, group)  # lists of this call's heads
-                        keys = GatheredKeys(b, 0, 1, hkv, k_pos[0] if hp_n == 1 else k_pos[sel], heads_first=True)
                         heads = (torch.arange(hkv, device=device) * group + g)[:mask_heads]
-                        mask = _tile_mask(pattern, b, heads, q_pos, k_pos[sel], ok[sel], None if tile_full is None else tile_full[sel], dtype)
-                        yield Call(rows, keys, mask=mask)
+                        for part, checked in parts:
+                            k_pos = (part.clamp(min=0) * bk).unsqueeze(-1) + torch.arange(bk, device=device)  # (Hp, c, n, Bk)
+                            ok = ((part >= 0).unsqueeze(-1) & (k_pos < pattern.kv_len)).flatten(-2)  # (Hp, c, S)
+                            k_pos = k_pos.flatten(-2)
+                            keys = GatheredKeys(b, 0, 1, hkv, k_pos[0] if hp_n == 1 else k_pos[sel], heads_first=True,
+                                                scratch=scratch if hp_n > 1 else None)
+                            mask = _tile_mask(pattern, b, heads, q_pos, k_pos[sel], ok[sel], checked, dtype)
+                            yield Call(rows, keys, mask=mask)
 
     return Plan(name, calls, q_pad=nqb * bq - pattern.q_len, k_back=nkb * bk - pattern.kv_len)
 
 
-def _tile_mask(pattern, b, heads, q_pos, k_pos, ok, full, dtype):
-    """Additive mask (H', c, Bq, S) of one gathered tile, or None when every pair is allowed.
+def _needs_rule(pattern: BlockPattern) -> torch.Tensor:
+    """(Bp, Hp, nQB, K) bool: listed tiles whose pairs need the element rule: all unless
+    the pattern marks them full; a tile running past Nk always (its padded keys)."""
+    lists = pattern.kv_blocks
+    needs = torch.ones_like(lists, dtype=torch.bool) if pattern.full_tiles is None else ~pattern.full_tiles
+    if pattern.mask_mod is None:
+        needs = torch.zeros_like(needs)
+    if pattern.kv_len % pattern.block_k:
+        needs = needs | (lists == pattern.num_kv_blocks - 1)
+    return needs
+
+
+def _compact(idx: torch.Tensor, keep: torch.Tensor):
+    """(..., n) block lists -> the kept entries moved to the front in order, -1 padded, as
+    narrow as the fullest row; None when nothing is kept."""
+    count = keep.sum(-1)
+    width = int(count.max()) if count.numel() else 0
+    if width == 0:
+        return None
+    n = idx.shape[-1]
+    order = torch.where(keep, torch.arange(n, device=idx.device), n + torch.arange(n, device=idx.device)).argsort(-1)[..., :width]
+    taken = idx.gather(-1, order)
+    return torch.where(torch.arange(width, device=idx.device) < count.unsqueeze(-1), taken, -1)
+
+
+def _tile_mask(pattern, b, heads, q_pos, k_pos, ok, checked, dtype):
+    """Additive mask (H'|1, c, Bq|1, S) of one gathered tile, or None when every pair is
+    allowed: the slots' validity (padding, keys past Nk) and, when ``checked``, the rule.
 
     heads: (H',) query heads the rule is evaluated for (1 entry for a head-shared pattern);
     q_pos: (c, Bq) absolute query positions; k_pos, ok: (H'|1, c, S) key positions and
-    slot validity; full: (H'|1, c, S) tiles known to be full, or None."""
-    allowed = ok.unsqueeze(-2)  # (H', c, 1, S)
-    rule = pattern.mask_mod
-    if rule is not None and not (full is not None and bool(full.all())):
+    slot validity."""
+    allowed = ok.unsqueeze(-2)  # (H'|1, c, 1, S)
+    if checked and pattern.mask_mod is not None:
         bb = torch.full((), b, dtype=torch.long, device=q_pos.device)
         hh = heads.view(-1, 1, 1, 1)
-        hit = rule(bb, hh, q_pos.unsqueeze(0).unsqueeze(-1), k_pos.unsqueeze(-2))
-        if full is not None:
-            hit = hit | full.unsqueeze(-2)
-        allowed = allowed & hit
+        allowed = allowed & pattern.mask_mod(bb, hh, q_pos.unsqueeze(0).unsqueeze(-1), k_pos.unsqueeze(-2))
     if bool(allowed.all()):
         return None
     return additive(allowed, dtype)

@@ -18,7 +18,7 @@ import torch
 from .pattern import BlockPattern, MaskMod, cdiv, lists_from_block_mask
 from .tiled import Call, GatheredKeys, Geometry, Plan, RowSel, additive
 
-GROUP_ELEMS = 1 << 23  # elements of gathered K/V + mask per call
+GROUP_ELEMS = 1 << 21  # elements of gathered K/V + mask per call (8 MiB fp32: recycled by malloc)
 
 
 @dataclass

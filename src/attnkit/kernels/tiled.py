@@ -181,18 +181,21 @@ class GatheredKeys(KeySel):
         y = self._heads(x)  # (heads, Nk, E)
         h, e = y.shape[0], y.shape[-1]
         pos = self.positions
-        if pos.dim() == 2:
-            flat = pos.reshape(-1)
-            if self.scratch is not None and y.is_contiguous():
-                # rows of the (heads x Nk, E) matrix: the fastest gather on the CPU
-                rows = flat if h == 1 else (torch.arange(h, device=flat.device)[:, None] * y.shape[1] + flat).reshape(-1)
+        shape = (h, *pos.shape[-2:], e)
+        if y.is_contiguous():
+            # rows of the (heads x Nk, E) matrix: the fastest gather on the CPU
+            head_rows = torch.arange(h, device=pos.device).view(h, 1, 1) * y.shape[1]
+            rows = (head_rows + pos).reshape(-1)
+            if self.scratch is not None:
                 out = self.scratch.view(name, (rows.numel(), e), y)
                 torch.index_select(y.view(-1, e), 0, rows, out=out)
-                g = out.view(h, *pos.shape, e)
             else:
-                g = y.index_select(1, flat).view(h, *pos.shape, e)
+                out = y.view(-1, e).index_select(0, rows)
+            g = out.view(shape)
+        elif pos.dim() == 2:
+            g = y.index_select(1, pos.reshape(-1)).view(shape)
         else:
-            g = torch.gather(y, 1, pos.reshape(h, -1, 1).expand(-1, -1, e)).view(h, *pos.shape[1:], e)
+            g = torch.gather(y, 1, pos.reshape(h, -1, 1).expand(-1, -1, e)).view(shape)
         if self.expand:
             g = g.expand(h, self.expand, *g.shape[2:])
         g = g if self.heads_first else g.transpose(0, 1)
@@ -207,10 +210,14 @@ class GatheredKeys(KeySel):
         if self.expand:
             g = g.sum(1, keepdim=True)
         g = g.reshape(h, -1, e)
-        if self.positions.dim() == 2:
-            y.index_add_(1, self.positions.reshape(-1), g)
+        pos = self.positions
+        if y.is_contiguous():
+            head_rows = torch.arange(h, device=pos.device).view(h, 1, 1) * y.shape[1]
+            y.view(-1, e).index_add_(0, (head_rows + pos).reshape(-1), g.reshape(-1, e))
+        elif pos.dim() == 2:
+            y.index_add_(1, pos.reshape(-1), g)
         else:
-            y.scatter_add_(1, self.positions.reshape(h, -1, 1).expand(-1, -1, e), g)
+            y.scatter_add_(1, pos.reshape(h, -1, 1).expand(-1, -1, e), g)
 
 
 class Scratch:

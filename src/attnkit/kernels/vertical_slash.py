@@ -36,7 +36,7 @@ import torch
 from .pattern import BlockPattern, causal_mod, cdiv, lists_from_block_mask
 from .tiled import Call, GatheredKeys, Geometry, Plan, RowSel, WindowKeys, additive
 
-DEFAULT_BUDGET_ELEMS = 1 << 25  # floats of gathered K/V per chunk step (~128 MiB fp32): few, large calls
+DEFAULT_BUDGET_ELEMS = 1 << 22  # floats of gathered K/V per call (16 MiB fp32: large calls whose buffers malloc recycles)
 
 
 @dataclass
@@ -140,9 +140,9 @@ def vertical_slash_plan(index: VerticalSlashIndex, dtype: torch.dtype, budget_el
     batch), the slash runs (one gathered call) and the columns (one call, keys shared by
     the blocks). Every query row sees at least its own key (d = 0 is a slash of every head)."""
     block, nqb = index.block, index.num_blocks
-    pad_front = max([int(s.max()) for hs in index.slashes for s in hs if s.numel()] + [0]) + block
-    # Keys padded in front (runs of early blocks start before key 0) and at the back (the
-    # last diagonal tile may run past Nk); queries padded to whole blocks.
+    # Keys padded at the back (the last diagonal tile may run past Nk), queries to whole
+    # blocks; a run's keys before key 0 are read at key 0 and masked (no front padding:
+    # it would copy K and V at up to twice their length).
     pad_back = nqb * block - index.q_len
 
     def calls(geo: Geometry, scratch):
@@ -150,13 +150,13 @@ def vertical_slash_plan(index: VerticalSlashIndex, dtype: torch.dtype, budget_el
         group = geo.group
         for b in range(geo.batch):
             for h in range(geo.q_heads):
-                yield from _head_calls(index.verticals[b][h], index.slashes[b][h], p0, b, h, h // group, pad_front,
+                yield from _head_calls(index.verticals[b][h], index.slashes[b][h], p0, b, h, h // group,
                                        index.kv_len, block, geo.head_size, budget_elems, dtype, scratch)
 
-    return Plan(name, calls, q_pad=pad_back, k_front=pad_front, k_back=pad_back)
+    return Plan(name, calls, q_pad=pad_back, k_back=pad_back)
 
 
-def _head_calls(cols, slashes, p0, b, h, kh, pad_front, nk, block, e, budget_elems, dtype, scratch):
+def _head_calls(cols, slashes, p0, b, h, kh, nk, block, e, budget_elems, dtype, scratch):
     """Calls of one query head h (KV head kh) over all its query blocks."""
     nqb = p0.numel()
     runs = _runs(*slash_groups(slashes, block), block)
@@ -172,16 +172,16 @@ def _head_calls(cols, slashes, p0, b, h, kh, pad_front, nk, block, e, budget_ele
         n = c1 - c0
         rows = RowSel(b, h, 1, 1, c0 * block, block, n)
         # diagonal tiles: keys [p0, p0 + block), causal inside the tile
-        yield Call(rows, WindowKeys(b, kh, 1, 1, int(p0[c0]) + pad_front, block, block, n), causal=True)
+        yield Call(rows, WindowKeys(b, kh, 1, 1, int(p0[c0]), block, block, n), causal=True)
         # slash runs before p0, gathered per block
         offsets, mask = _live_runs(runs, p0[c0:c1], dtype)
         if offsets is not None:
-            positions = p0[c0:c1, None] + pad_front + offsets[None, :]
+            positions = (p0[c0:c1, None] + offsets[None, :]).clamp(min=0)  # keys before 0: masked
             yield Call(rows, GatheredKeys(b, kh, 1, 1, positions, scratch=scratch), mask=mask)
         # columns before p0 that no run of the block covers (later columns are hidden from the whole chunk)
         if col_mask is not None and bool(col_live[c0:c1].any()):
             upto = int(torch.searchsorted(cols, p0[c1 - 1]))
-            keys = GatheredKeys(b, kh, 1, 1, (cols[:upto] + pad_front).view(1, upto), scratch=scratch, blocks=n)
+            keys = GatheredKeys(b, kh, 1, 1, cols[:upto].view(1, upto), scratch=scratch, blocks=n)
             yield Call(rows, keys, mask=col_mask[c0:c1, :, :, :upto])
 
 
