@@ -11,7 +11,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 import attnkit as ak  # noqa: E402
-from attnkit import patching  # noqa: E402
+from attnkit import layer_attention, patching  # noqa: E402
 from attnkit.patching import LayerMethod  # noqa: E402
 
 
@@ -189,7 +189,7 @@ def test_padded_batch_generates_like_single_rows(smollm2, prefill, config):
 def _module(layer_idx: int = 0, spec=None) -> torch.nn.Module:
     module = torch.nn.Module()
     module.layer_idx, module.is_causal = layer_idx, True
-    setattr(module, patching._LAYER_ATTR, spec)
+    setattr(module, layer_attention.LAYER_ATTR, spec)
     return module
 
 
@@ -241,14 +241,18 @@ def test_padded_rows_run_alone(causal, side):
     pad = slice(0, 3) if side == "left" else slice(5, 8)
     real[1, pad] = False
     mask = _padding_mask(real, t, t_kv, causal)
-    assert patching._row_spans(mask, causal, t) == [(0, 8), (3, 8) if side == "left" else (0, 5)]
+    assert patching.row_spans(mask, causal, t) == [(0, 8), (3, 8) if side == "left" else (0, 5)]
     module = _module(spec=LayerMethod("full"))
     module.is_causal = causal
     out, _ = patching.attnkit_attention(module, q, k, v, mask)
     keep = real[1]
     alone, _ = patching.attnkit_attention(module, q[1:, :, keep], k[1:, :, keep], v[1:, :, keep], None)
     torch.testing.assert_close(out[1, keep], alone[0])
-    assert (out[1, ~keep] == 0).all()
+    if causal:
+        assert (out[1, ~keep] == 0).all()  # a padded query of a causal layer sees no key
+    else:  # transformers' mask hides padded keys, not queries: padded queries attend as in SDPA
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
+        torch.testing.assert_close(out[1, ~keep], ref.transpose(1, 2)[1, ~keep])
     exact, _ = patching.attnkit_attention(_module(), q[:1], k[:1], v[:1], None, is_causal=causal)
     torch.testing.assert_close(out[:1], exact)
 
@@ -260,7 +264,7 @@ def test_other_masks_fall_back_to_exact():
     q, k, v = _qkv(t, t)
     mask = sdpa_mask(batch_size=2, q_length=t, kv_length=t, mask_function=sliding_window_causal_mask_function(4),
                      allow_is_causal_skip=False)
-    assert patching._row_spans(mask, True, t) is None
+    assert patching.row_spans(mask, True, t) is None
     out, _ = patching.attnkit_attention(_module(spec=LayerMethod("streaming", {"window": 2})), q, k, v, mask)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
     torch.testing.assert_close(out, ref.transpose(1, 2))

@@ -23,11 +23,13 @@ import torch
 pytest.importorskip("transformers")
 
 import attnkit as ak  # noqa: E402
-from attnkit import api, patching  # noqa: E402
+from attnkit import api, layer_attention, patching  # noqa: E402
 from attnkit.kernels import BACKENDS, DENSE_MAX_ELEMS  # noqa: E402
 from attnkit.kernels.backends import as_block_pattern  # noqa: E402
 from attnkit.patching import LayerMethod  # noqa: E402
 from attnkit.reference import reference_attention  # noqa: E402
+
+ATTENTION = api.attention  # the real one: the spy below replaces api.attention
 
 PREFILL = [m.name for m in ak.methods() if "prefill" in m.kinds]
 
@@ -111,20 +113,20 @@ def calls(monkeypatch):
     seen = []
 
     def spy(*args, **kwargs):
-        out, stats = api.attention(*args, return_stats=True, **kwargs)
+        out, stats = ATTENTION(*args, return_stats=True, **kwargs)
         seen.append((kwargs["backend"], stats))
         return out
 
-    monkeypatch.setattr(ak, "attention", spy)
+    monkeypatch.setattr(api, "attention", spy)
     return seen
 
 
-def oracle_method(spec, q, k, v, causal, scale):
-    """``patching._method`` with the oracle: the allowed set the method selects (its
+def oracle_method(spec, q, k, v, causal, scale, window=None):
+    """``layer_attention.run_method`` with the oracle: the allowed set the method selects (its
     ``stats.pattern``, chosen without gradients) as an explicit mask over
     ``reference_attention`` (autograd through plain ops, float64)."""
     with torch.no_grad():
-        _, stats = api.attention(q, k, v, method=spec.name, causal=causal, scale=scale, return_stats=True, **spec.config)
+        _, stats = ATTENTION(q, k, v, method=spec.name, causal=causal, scale=scale, return_stats=True, **spec.config)
     mask = as_block_pattern(stats.pattern, q.shape[1]).dense_mask(q.shape[0], q.shape[1])
     return reference_attention(q, k, v, mask=mask, causal=causal, scale=scale).to(q.dtype)
 
@@ -144,7 +146,7 @@ def q_proj_grads(model, ids, attention_mask=None, labels=None, oracle=False, **p
     model.zero_grad(set_to_none=True)
     with pytest.MonkeyPatch.context() as mp:
         if oracle:
-            mp.setattr(patching, "_method", oracle_method)
+            mp.setattr(layer_attention, "run_method", oracle_method)
         with ak.patch(model, **patch_kw) if patch_kw else contextlib.nullcontext():
             logits, loss = lm_loss(model, ids, attention_mask, labels)
             loss.backward()
@@ -254,7 +256,7 @@ def test_biformer_trains_in_an_encoder(calls):
         model.zero_grad(set_to_none=True)
         with pytest.MonkeyPatch.context() as mp:
             if oracle:
-                mp.setattr(patching, "_method", oracle_method)
+                mp.setattr(layer_attention, "run_method", oracle_method)
             with ak.patch(model, prefill="biformer", regions=(5, 5), topk=4, **kw):
                 hidden = model(tokens).last_hidden_state
                 (hidden * target).sum().backward()  # not hidden.pow(2): LayerNorm makes that constant

@@ -12,236 +12,39 @@ that carry a ``layer_idx``), so one function serves any number of models and pla
     attnkit.apply(model, {"default": "streaming", "layers": {0: "full", 1: ("full", {})}})
     attnkit.unpatch(model)
 
-What runs where:
-
-- prefill (query length T > 1) on a planned layer: ``attnkit.attention(q, k, v,
-  method=..., causal=True, scale=module.scaling, backend=..., **config)``, in eval or
-  train mode (exact gradients over the selected pattern; no attention dropout);
-- decode steps (T == 1) and layers not in the plan: exact attention over the cache
-  (``torch`` SDPA, GQA without repeating K/V);
-- padded batches: when the mask transformers builds is causal (or full) attention
-  restricted to one contiguous run of real tokens per row (left or right padding), each
-  row runs the method on its own unpadded tokens, exactly as if it were alone; outputs
-  at padded query positions are zero. Any other mask (sliding-window layers beyond
-  their window, packed sequences, custom 4D masks) cannot be given to a sparse method,
-  so that call runs exact SDPA with the mask (logged once at debug level).
+What runs where (``attnkit.layer_attention``): prefill on a planned layer runs
+``attnkit.attention`` with the layer's method (row by row on padded batches); decode
+steps and unplanned layers run exact attention over the cache; the model's own
+sliding-window layers run attnkit's exact ``sliding_window`` kernel (a static method
+there runs within the window); cross-attention, T5's position bias and Gemma 2's
+soft-cap run exactly. ``patch`` refuses what it cannot run, before anything changes,
+and logs at INFO (and stores in ``model.attnkit_assignment``) what each layer runs.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
-from .kernels import attention_with_lse
+from . import api, model_layers, registry, validate
+from .kernels import BACKENDS
+from .layer_attention import CROSS_ATTR, LAYER_ATTR, LayerMethod, attnkit_attention, row_spans
 
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION = "attnkit"
-_LAYER_ATTR = "_attnkit_layer"  # on each attention module: a LayerMethod, or None for exact
 _SAVED_ATTR = "_attnkit_saved"  # on a model changed by `apply`: how to undo it
-_CACHE_LAYER_ATTR = "_attnkit_cache_layer"  # on keys returned by an attnkit.KVCache layer (kvcache.py)
+_ASSIGNMENT_ATTR = "attnkit_assignment"  # on a patched model: {layer_idx: what it runs, in words}
 
-Spec = Union[None, str, tuple, "LayerMethod"]
+Spec = Union[None, str, tuple, LayerMethod]
 PlanLike = Union[str, Mapping[Any, Any]]
 
-
-@dataclass(frozen=True)
-class LayerMethod:
-    """One layer's prefill method: a registered name, its config fields, and the kernel
-    backend that runs it (``"auto"`` or one of ``attnkit.kernels.BACKENDS``, passed to
-    ``attnkit.attention(..., backend=...)``; e.g. ``"dense"`` to run the same allowed set
-    with an explicit mask)."""
-
-    name: str
-    config: dict[str, Any] = field(default_factory=dict)
-    backend: str = "auto"
-
-
-# --- the attention function transformers calls -----------------------------------------
-
-
-def attnkit_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    dropout: float = 0.0,
-    scaling: Optional[float] = None,
-    is_causal: Optional[bool] = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """The ``AttentionInterface`` function registered as ``"attnkit"``.
-
-    query: (B, Hq, T, D); key, value: (B, Hkv, T_kv, D) with RoPE applied, the cache
-    included and GQA heads not repeated; attention_mask: boolean (B, 1, T, T_kv), or
-    None when there is no padding. Returns ((B, T, Hq, D) contiguous, None).
-    """
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attnkit attention does not support logit soft-capping (softcap)")
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    spec: Optional[LayerMethod] = getattr(module, _LAYER_ATTR, None)
-    position_ids = kwargs.get("position_ids")
-
-    def compute() -> torch.Tensor:
-        if spec is None or query.shape[2] == 1:
-            return _exact(query, key, value, attention_mask, causal, scaling, position_ids, dropout)
-        if dropout:
-            raise ValueError(f"attnkit prefill methods do not implement attention dropout (got dropout={dropout}): "
-                             "set the model config's attention_dropout to 0 to train with them, or call model.eval()")
-        return _prefill(spec, query, key, value, attention_mask, causal, scaling, position_ids)
-
-    # K/V from an attnkit.KVCache layer: the layer attends over its own (per-head) slots.
-    cache_layer = getattr(key, _CACHE_LAYER_ATTR, None)
-    if cache_layer is not None and cache_layer.rope_theta is None:
-        cache_layer.rope_theta = _rope_theta(module)  # for policies that rotate queries (expected_attention)
-    out = compute() if cache_layer is None else cache_layer.attention(query, attention_mask, scaling, compute)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _rope_theta(module: torch.nn.Module) -> Optional[float]:
-    """The RoPE base of the module's model config (transformers 4.x ``rope_theta`` or 5.x
-    ``rope_parameters["rope_theta"]``), or None."""
-    cfg = getattr(module, "config", None)
-    params = getattr(cfg, "rope_parameters", None)
-    if isinstance(params, Mapping) and params.get("rope_theta") is not None:
-        return float(params["rope_theta"])
-    theta = getattr(cfg, "rope_theta", None)
-    return float(theta) if theta is not None else None
-
-
-def _prefill(
-    spec: LayerMethod,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    causal: bool,
-    scale: Optional[float],
-    position_ids: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """The layer's method over q: (B, Hq, T, D), k, v: (B, Hkv, T_kv, D) -> (B, Hq, T, D)."""
-    if mask is None:
-        if causal:
-            k, v = _drop_empty_slots(k, v, q.shape[2], position_ids)
-        return _method(spec, q, k, v, causal, scale)
-    spans = _row_spans(mask, causal, q.shape[2])
-    if spans is None:
-        _debug_once(f"layer mask is not padding + {'causal' if causal else 'full'} attention; "
-                    f"method {spec.name!r} falls back to exact SDPA with the mask for such calls")
-        return _exact(q, k, v, mask, causal, scale, position_ids)
-    return _per_row(spec, q, k, v, spans, causal, scale)
-
-
-def _method(spec: LayerMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            causal: bool, scale: Optional[float]) -> torch.Tensor:
-    """``attnkit.attention`` with the layer's method: (B, Hq, Nq, D) -> (B, Hq, Nq, D)."""
-    import attnkit
-
-    return attnkit.attention(q, k, v, method=spec.name, causal=causal, scale=scale, backend=spec.backend,
-                             check_finite=False, **spec.config)
-
-
-def _per_row(spec: LayerMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             spans: list[tuple[int, int]], causal: bool, scale: Optional[float]) -> torch.Tensor:
-    """The method on each row's real tokens: key span [s, e) of row b, and the queries
-    at those positions (query i sits at key position i + T_kv - T). Zeros elsewhere."""
-    t, t_kv = q.shape[2], k.shape[2]
-    shift = t_kv - t
-    if len(set(spans)) == 1:  # all rows alike (e.g. a mask without padding): one call
-        (s, e), = set(spans)
-        q0, q1 = max(s - shift, 0), e - shift
-        if (q0, q1, s, e) == (0, t, 0, t_kv):
-            return _method(spec, q, k, v, causal, scale)
-        spans_iter = [(slice(None), s, e)]
-    else:
-        spans_iter = [(slice(b, b + 1), s, e) for b, (s, e) in enumerate(spans)]
-    out = q.new_zeros(q.shape)
-    for rows, s, e in spans_iter:
-        q0, q1 = max(s - shift, 0), e - shift
-        if q1 <= q0:
-            continue
-        out[rows, :, q0:q1] = _method(spec, q[rows, :, q0:q1], k[rows, :, s:e], v[rows, :, s:e], causal, scale)
-    return out
-
-
-def _row_spans(mask: torch.Tensor, causal: bool, t: int) -> Optional[list[tuple[int, int]]]:
-    """Per batch row, the key span [s, e) of real tokens, if ``mask`` is exactly
-    ``base & (s <= j < e)`` with base causal (bottom-right) or full; None otherwise.
-
-    mask: (B, 1, T, T_kv) boolean (broadcastable over B and T).
-    """
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
-        return None
-    t_kv = mask.shape[-1]
-    m = mask[:, 0].expand(mask.shape[0], t, t_kv)
-    keys = m.any(dim=1)  # (B, T_kv): every real key is seen by the last query
-    start = keys.int().argmax(dim=1)
-    end = t_kv - keys.flip(-1).int().argmax(dim=1)
-    j = torch.arange(t_kv, device=mask.device)
-    span = (j >= start[:, None]) & (j < end[:, None])
-    base = torch.ones(t, t_kv, dtype=torch.bool, device=mask.device)
-    if causal:
-        base = base.tril(t_kv - t)
-    if not torch.equal(m, base[None] & span[:, None, :]):
-        return None
-    return list(zip(start.tolist(), end.tolist()))
-
-
-def _drop_empty_slots(k: torch.Tensor, v: torch.Tensor, t: int,
-                      position_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys beyond the queries when no mask came: transformers omits the mask of a
-    prefill into an empty static cache (T_kv > T, queries from position 0), where the
-    extra keys are unwritten slots; otherwise the queries are the last T positions."""
-    if k.shape[2] > t and position_ids is not None and int(position_ids[:, 0].min()) == 0:
-        return k[:, :, :t], v[:, :, :t]
-    return k, v
-
-
-def _exact(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    causal: bool,
-    scale: Optional[float],
-    position_ids: Optional[torch.Tensor] = None,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """Exact attention (the kernel layer's ``attention_with_lse``), GQA heads not repeated.
-
-    q: (B, Hq, T, D); k, v: (B, Hkv, T_kv, D); mask: boolean or additive, broadcastable
-    to (B, Hq, T, T_kv), or None (then causal, bottom-right aligned, when T > 1).
-    Returns (B, Hq, T, D); a query row that the mask leaves without keys gets zeros.
-    Attention dropout (training with ``attention_dropout > 0``) is not implemented by the
-    kernel layer: such calls run torch SDPA, which draws the dropout mask.
-    """
-    t = q.shape[2]
-    if mask is None and causal and t > 1:
-        k, v = _drop_empty_slots(k, v, t, position_ids)
-    if dropout:
-        is_causal = mask is None and causal and t > 1 and k.shape[2] == t
-        if mask is None and causal and t > 1 and not is_causal:
-            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _ = attention_with_lse(q, k, v, scale, causal=mask is None and causal and t > 1, mask=mask)
-    return out
-
-
-_LOGGED: set[str] = set()
-
-
-def _debug_once(message: str) -> None:
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        logger.debug(message)
+__all__ = ["IMPLEMENTATION", "LayerMethod", "apply", "assignment", "attnkit_attention", "current_plan", "patch",
+           "row_spans", "unpatch"]
 
 
 # --- plans ---------------------------------------------------------------------------
@@ -249,10 +52,11 @@ def _debug_once(message: str) -> None:
 
 @dataclass
 class _Saved:
-    """What installing a plan changed, to put back."""
+    """What installing a plan changed, to put back: the implementation, and each
+    attribute set on a module as (module, attribute, had it, old value)."""
 
     implementation: Optional[str]
-    layer_attrs: list[tuple[torch.nn.Module, bool, Any]]  # module, had attr, old value
+    attrs: list[tuple[torch.nn.Module, str, bool, Any]]
 
 
 def _spec(value: Spec) -> Optional[LayerMethod]:
@@ -286,10 +90,6 @@ def _for_layer(spec: Optional[LayerMethod], idx: int) -> Optional[LayerMethod]:
     """The layer's spec; a method calibrated per layer gets ``layer=idx`` (``registry.for_layer``)."""
     if spec is None:
         return None
-    try:
-        from . import registry
-    except ImportError:  # the operator API is not importable: attnkit.attention will check
-        return spec
     config = registry.for_layer(spec.name, spec.config, idx)
     return spec if config is spec.config else LayerMethod(spec.name, config, spec.backend)
 
@@ -299,10 +99,6 @@ def _check_method(spec: Optional[LayerMethod]) -> None:
     if spec is None:
         return
     _check_backend(spec.backend)
-    try:
-        from . import api, registry
-    except ImportError:  # the operator API is not importable: attnkit.attention will check
-        return
     if "prefill" not in registry.method_info(spec.name).kinds:
         raise ValueError(f"method {spec.name!r} is not a prefill method (it is a cache policy: pass cache=...)")
     api.get(spec.name, **spec.config)
@@ -310,25 +106,23 @@ def _check_method(spec: Optional[LayerMethod]) -> None:
 
 def _check_backend(backend: Any) -> None:
     """A kernel backend name: ``"auto"`` or one of ``attnkit.kernels.BACKENDS``."""
-    from . import validate
-    from .kernels import BACKENDS
-
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, one of {', '.join(BACKENDS)} (attnkit.kernels.BACKENDS); got {backend!r}")
     if backend not in BACKENDS:
         validate.unknown_name("backend", backend, list(BACKENDS))
 
 
-def _attention_modules(model: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
-    """Modules that carry an int ``layer_idx`` (attention and sometimes decoder layers)."""
-    found: dict[int, list[torch.nn.Module]] = {}
-    for module in model.modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int):
-            found.setdefault(idx, []).append(module)
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no modules with a `layer_idx`; attnkit cannot plan its layers")
-    return found
+def _check_architecture(model: torch.nn.Module, chosen: Mapping[int, Optional[LayerMethod]]) -> None:
+    """Refuse, before anything changes, a model attnkit cannot run, and a sparse method on
+    a model whose attention it can only run exactly (soft-capping, position bias)."""
+    reason = model_layers.unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"attnkit cannot patch {type(model).__name__}: {reason}")
+    reason = model_layers.exact_only_reason(model)
+    sparse = sorted({s.name for s in chosen.values() if s is not None and s.name != "full"})
+    if reason is not None and sparse:
+        raise ValueError(f"{type(model).__name__} can run only exact attention under attnkit ({reason}); "
+                         f"got prefill method(s) {sparse}: use prefill=None or 'full'")
 
 
 def _register() -> None:
@@ -340,22 +134,29 @@ def _register() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
+def _set(saved: _Saved, module: torch.nn.Module, name: str, value: Any) -> None:
+    saved.attrs.append((module, name, hasattr(module, name), getattr(module, name, None)))
+    setattr(module, name, value)
+
+
 def _install(model: torch.nn.Module, plan: PlanLike) -> _Saved:
     """Record the plan on the attention modules and select the "attnkit" implementation."""
     default, layers = _normalize(plan)
-    modules = _attention_modules(model)
+    modules = model_layers.attention_modules(model)
     unknown = sorted(set(layers) - set(modules))
     if unknown:
         raise ValueError(f"plan names layers {unknown}, but the model has layers 0..{max(modules)}")
     chosen = {idx: _for_layer(layers.get(idx, default), idx) for idx in modules}
     for spec in {repr(s): s for s in chosen.values()}.values():
         _check_method(spec)
+    _check_architecture(model, chosen)
     _register()
     saved = _Saved(getattr(model.config, "_attn_implementation", None), [])
     for idx, group in modules.items():
         for module in group:
-            saved.layer_attrs.append((module, hasattr(module, _LAYER_ATTR), getattr(module, _LAYER_ATTR, None)))
-            setattr(module, _LAYER_ATTR, chosen[idx])
+            _set(saved, module, LAYER_ATTR, chosen[idx])
+    for module in model_layers.cross_attention_modules(model):
+        _set(saved, module, CROSS_ATTR, True)
     try:
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
@@ -364,17 +165,38 @@ def _install(model: torch.nn.Module, plan: PlanLike) -> _Saved:
     except BaseException:
         _restore(model, saved)
         raise
+    _set(saved, model, _ASSIGNMENT_ATTR, assignment(model))
+    for idx, what in model.attnkit_assignment.items():
+        logger.info("attnkit: layer %d runs %s", idx, what)
     return saved
 
 
 def _restore(model: torch.nn.Module, saved: _Saved) -> None:
-    for module, had, old in reversed(saved.layer_attrs):
+    for module, name, had, old in reversed(saved.attrs):
         if had:
-            setattr(module, _LAYER_ATTR, old)
-        elif hasattr(module, _LAYER_ATTR):
-            delattr(module, _LAYER_ATTR)
+            setattr(module, name, old)
+        elif hasattr(module, name):
+            delattr(module, name)
     if saved.implementation is not None and model.config._attn_implementation != saved.implementation:
         model.set_attn_implementation(saved.implementation)
+
+
+def assignment(model: torch.nn.Module) -> dict[int, str]:
+    """What each layer of a patched model runs, in words ({layer_idx: description}; an
+    encoder-decoder's layers with one index are joined by "; ")."""
+    reason = model_layers.exact_only_reason(model)
+    out: dict[int, str] = {}
+    for idx, group in sorted(model_layers.attention_modules(model).items()):
+        parts = []
+        for module in group:
+            if not hasattr(module, LAYER_ATTR) or module is not model and hasattr(module, "self_attn"):
+                continue  # a decoder layer that carries layer_idx: its attention module speaks for it
+            what = model_layers.describe(getattr(module, LAYER_ATTR), model_layers.own_window(module),
+                                         bool(getattr(module, CROSS_ATTR, False)), reason)
+            if what not in parts:
+                parts.append(what)
+        out[idx] = "; ".join(parts) if parts else "exact"
+    return out
 
 
 CACHE_FIELDS = ("budget", "ratio", "when", "interval")  # always the cache's
@@ -398,7 +220,7 @@ def _split_config(prefill: Optional[str], cache: Optional[str], config: dict[str
     return config, cache_kw
 
 
-def _plan_from_args(prefill: Optional[str], cache: Optional[str], layers: Optional[Iterable[int]],
+def _plan_from_args(prefill: Optional[str], layers: Optional[Iterable[int]],
                     config: dict[str, Any], dense_layers: int = 0, backend: str = "auto") -> PlanLike:
     if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
         raise ValueError(f"dense_layers must be an integer >= 0 (the first layers that keep exact attention), got {dense_layers!r}")
@@ -458,7 +280,7 @@ def patch(
         from .kvcache import KVCache
 
         KVCache(policy=cache, **cache_kw)  # a bad policy or field fails before anything changes
-    saved = _install(model, _plan_from_args(prefill, None, layers, method_config, dense_layers, backend))
+    saved = _install(model, _plan_from_args(prefill, layers, method_config, dense_layers, backend))
     try:
         if cache is None:
             yield model
@@ -491,7 +313,7 @@ def apply(model: torch.nn.Module, plan: PlanLike) -> torch.nn.Module:
     saved = _install(model, plan)
     if previous is not None:
         # Undo to the state before the first apply: the originals are in `previous`.
-        saved = _Saved(previous.implementation, previous.layer_attrs)
+        saved = _Saved(previous.implementation, previous.attrs)
     object.__setattr__(model, _SAVED_ATTR, saved)
     return model
 
@@ -506,4 +328,4 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
 
 def current_plan(model: torch.nn.Module) -> dict[int, Optional[LayerMethod]]:
     """The method each layer runs now ({layer_idx: LayerMethod or None for exact})."""
-    return {idx: getattr(group[0], _LAYER_ATTR, None) for idx, group in sorted(_attention_modules(model).items())}
+    return {idx: getattr(group[0], LAYER_ATTR, None) for idx, group in sorted(model_layers.attention_modules(model).items())}
