@@ -63,25 +63,24 @@ def add_commands(app: typer.Typer) -> None:
     ) -> None:
         from rich.console import Console
 
-        from . import config as cfgmod
+        from . import build, parse, runner
         from . import report as reportmod
-        from . import runner
 
         console = Console(stderr=True)
         if quick and config is not None:
             raise typer.BadParameter("use either --quick or --config, not both", param_hint="--quick")
         try:
             if config is not None:
-                data = cfgmod.load_file(config)
+                data = parse.load_file(config)
             elif quick:
-                data = cfgmod.PRESETS["quick"]
+                data = build.PRESETS["quick"]
             else:
                 data = {"tasks": ["niah"]}
-            data = cfgmod.merge_cli(data, model=model, tasks=tasks, methods=methods, lengths=lengths, depths=depths,
-                                    samples=samples, seed=seed, caches=cache, budgets=budgets, haystack=haystack)
+            data = build.merge_cli(data, model=model, tasks=tasks, methods=methods, lengths=lengths, depths=depths,
+                                   samples=samples, seed=seed, caches=cache, budgets=budgets, haystack=haystack)
             if threads is not None:
                 data["threads"] = threads
-            cfg = cfgmod.build_config(data)
+            cfg = build.build_config(data)
         except (ValueError, TypeError, FileNotFoundError) as exc:
             console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
