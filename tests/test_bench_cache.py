@@ -11,10 +11,10 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from attnkit.bench import config, report, runner
+from attnkit.bench import build, parse, report, runner
 from attnkit.bench.cli_commands import add_commands
 from attnkit.bench.store import Row, Store, row_key
-from attnkit.bench.tasks import TASKS, Task, register_task
+from attnkit.bench.tasks import TASKS, Section, Task, register_task
 
 KVPRESS_SNAPKV = 'snapkv(window=64,kernel=5,pooling="avg")'
 
@@ -23,31 +23,31 @@ KVPRESS_SNAPKV = 'snapkv(window=64,kernel=5,pooling="avg")'
 
 
 def test_parse_budgets_tokens_and_percentages():
-    budgets = config.parse_budgets("128, 256,1k,25%,12.5%,10%,128")
+    budgets = parse.parse_budgets("128, 256,1k,25%,12.5%,10%,128")
     assert [b.text for b in budgets] == ["128", "256", "1024", "25%", "12.5%", "10%"]  # duplicates dropped
     assert budgets[0].kvcache_kwargs == {"budget": 128}
     assert budgets[3].kvcache_kwargs == {"ratio": 0.75}  # keep 25% = kvpress compression_ratio 0.75
     assert budgets[5].kvcache_kwargs == {"ratio": 0.9}
-    assert config.parse_budgets([128, "25%"]) == config.parse_budgets("128,25%")
+    assert parse.parse_budgets([128, "25%"]) == parse.parse_budgets("128,25%")
 
 
 @pytest.mark.parametrize("bad", ["0", "-5", "0%", "100%", "150%", "abc", "x%", 0.25, True, "1.5"])
 def test_budget_errors_say_what_a_budget_is(bad):
     with pytest.raises(ValueError, match="budgets") as info:
-        config.parse_budgets([bad])
+        parse.parse_budgets([bad])
     assert "positive integer" in str(info.value) and "0% and 100%" in str(info.value)
 
 
 def test_parse_caches_labels_round_trip():
-    snap, tova, ada = config.parse_caches(
+    snap, tova, ada = parse.parse_caches(
         f'full, {KVPRESS_SNAPKV}, tova, adakv(scorer="snapkv",scorer_config={{"window":64,"kernel":5,"pooling":"avg"}})')
     assert snap.name == "snapkv" and snap.kwargs == {"window": 64, "kernel": 5, "pooling": "avg"}
     assert snap.label == 'snapkv(kernel=5,pooling="avg",window=64)'
-    assert config.parse_caches(snap.label) == [snap] and tova.label == "tova"
+    assert parse.parse_caches(snap.label) == [snap] and tova.label == "tova"
     assert ada.kwargs["scorer_config"] == {"window": 64, "kernel": 5, "pooling": "avg"}
-    assert config.parse_caches(ada.label) == [ada]
-    assert config.parse_caches([{"name": "snapkv", "window": 64, "kernel": 5, "pooling": "avg"}]) == [snap]
-    assert config.parse_caches("full") == []  # the baseline is always measured
+    assert parse.parse_caches(ada.label) == [ada]
+    assert parse.parse_caches([{"name": "snapkv", "window": 64, "kernel": 5, "pooling": "avg"}]) == [snap]
+    assert parse.parse_caches("full") == []  # the baseline is always measured
 
 
 @pytest.mark.parametrize(("text", "needles"), [
@@ -59,7 +59,7 @@ def test_parse_caches_labels_round_trip():
 ])
 def test_cache_errors_list_valid_choices(text, needles):
     with pytest.raises(ValueError) as info:
-        config.parse_caches(text)
+        parse.parse_caches(text)
     for needle in needles:
         assert needle in str(info.value)
 
@@ -74,13 +74,13 @@ def test_cache_errors_list_valid_choices(text, needles):
 ])
 def test_config_errors(data, needles):
     with pytest.raises(ValueError) as info:
-        config.build_config(data)
+        build.build_config(data)
     for needle in needles:
         assert needle in str(info.value)
 
 
 def test_build_config_cache_runs_and_round_trip(tmp_path):
-    cfg = config.build_config({
+    cfg = build.build_config({
         "tasks": {"niah": {"lengths": [512]}, "perplexity": {}, "kv_decode": {"caches": ["streaming"],
                                                                             "budgets": [64]}},
         "caches": [KVPRESS_SNAPKV, "tova", "full"], "budgets": [128, "25%"],
@@ -92,26 +92,26 @@ def test_build_config_cache_runs_and_round_trip(tmp_path):
     assert ppl.caches == [] and ppl.cache_runs() == [None]
     assert [r.label for r in dec.cache_runs()[1:]] == ["streaming@64"]
     assert niah.cache_runs()[2].kvcache_kwargs == {"ratio": 0.75, "window": 64, "kernel": 5, "pooling": "avg"}
-    assert config.build_config(cfg.to_dict()).to_dict() == cfg.to_dict()
-    quant = config.build_config({"caches": "quantized(bits=4)"}).tasks[0]
+    assert build.build_config(cfg.to_dict()).to_dict() == cfg.to_dict()
+    quant = build.build_config({"caches": "quantized(bits=4)"}).tasks[0]
     assert [r.label for r in quant.cache_runs()[1:]] == ["quantized(bits=4)"]  # no budget, once
     y = tmp_path / "kv.yaml"
     y.write_text('tasks: [niah]\ncaches: ["snapkv(window=64,kernel=5,pooling=\\"avg\\")", tova]\n'
                  'budgets: [128, 256, "25%"]\n')
-    from_file = config.build_config(config.load_file(y)).tasks[0]
+    from_file = build.build_config(parse.load_file(y)).tasks[0]
     assert [c.label for c in from_file.caches] == ['snapkv(kernel=5,pooling="avg",window=64)', "tova"]
     assert [b.text for b in from_file.budgets] == ["128", "256", "25%"]
 
 
 def test_merge_cli_cache_budgets_haystack():
-    data = config.merge_cli({"tasks": {"niah": {"caches": ["tova"], "budgets": [8]}}}, tasks="niah,kv_decode",
+    data = build.merge_cli({"tasks": {"niah": {"caches": ["tova"], "budgets": [8]}}}, tasks="niah,kv_decode",
                             caches="snapkv", budgets="25%,10%", haystack="gpl3")
-    cfg = config.build_config(data)
+    cfg = build.build_config(data)
     for spec in cfg.tasks:
         assert [c.name for c in spec.caches] == ["snapkv"] and [b.text for b in spec.budgets] == ["25%", "10%"]
         assert spec.params.haystack == "gpl3"
     with pytest.raises(ValueError, match="--haystack"):
-        config.merge_cli({}, tasks="model_speed", haystack="gpl3")
+        build.merge_cli({}, tasks="model_speed", haystack="gpl3")
 
 
 # --- keys, resuming and the report on a fake task (no model) ---------------------------------
@@ -125,6 +125,8 @@ def kv_echo():
         uses_depth = True
         uses_cache = True
         score_name = "accuracy"
+        section = Section(title="Retrieval accuracy", layout="retrieval")  # reported like niah
+
         def measure(self, ctx, case, method, spec, cache=None):
             keep = 100.0 if cache is None else (cache.budget.keep or 100 * cache.budget.tokens / case.length)
             return {"score": float(keep >= 50 or case.depth > 0.5), "prompt_tokens": case.length,
@@ -134,9 +136,8 @@ def kv_echo():
     TASKS.pop("kv_echo")
 
 
-def test_keys_resume_and_report_with_a_fake_task(kv_echo, tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "RETRIEVAL", (*report.RETRIEVAL, "kv_echo"))
-    cfg = config.build_config({"tasks": ["kv_echo"], "lengths": [100], "depths": [0.25, 1.0],
+def test_keys_resume_and_report_with_a_fake_task(kv_echo, tmp_path):
+    cfg = build.build_config({"tasks": ["kv_echo"], "lengths": [100], "depths": [0.25, 1.0],
                                "caches": "streaming(sink=2),snapkv", "budgets": "64,25%"})
     work = runner.plan(cfg)
     keys = [w.key for w in work]
@@ -154,7 +155,7 @@ def test_keys_resume_and_report_with_a_fake_task(kv_echo, tmp_path, monkeypatch)
     assert first.measured == 10 and first.failed == 0
     assert "[2/10] kv_echo L=100 depth=25% #0 streaming(sink=2)@64: accuracy=1" in buf.getvalue()
     assert runner.run(cfg, tmp_path, progress=False).measured == 0  # resumed: nothing to measure
-    more = config.build_config({"tasks": ["kv_echo"], "lengths": [100], "depths": [0.25, 1.0],
+    more = build.build_config({"tasks": ["kv_echo"], "lengths": [100], "depths": [0.25, 1.0],
                                 "caches": "streaming(sink=2),snapkv", "budgets": "64,25%,10%"})
     assert runner.run(more, tmp_path, progress=False).measured == 4  # only the new budget
     with Store(tmp_path) as store:
@@ -231,7 +232,7 @@ def test_cli_errors(app, tmp_path, args, needles):
 
 @pytest.mark.slow
 def test_tiny_cache_bench_on_smollm2(smollm2, tmp_path):
-    cfg = config.build_config({
+    cfg = build.build_config({
         "model": "smollm2-135m", "caches": "streaming,snapkv", "budgets": "64,25%",
         "tasks": {"niah": {"lengths": [512], "depths": [0.5, 0.9], "new_tokens": 16},
                   "kv_decode": {"lengths": [512], "caches": ["snapkv"], "budgets": [64], "decode_tokens": 2,

@@ -4,31 +4,31 @@ from __future__ import annotations
 
 import pytest
 
-from attnkit.bench import config
+from attnkit.bench import build, parse
 
 
 def test_parse_methods():
-    specs = config.parse_methods("full, streaming(sink=4,window=256), sliding_window( window = 128 )")
+    specs = parse.parse_methods("full, streaming(sink=4,window=256), sliding_window( window = 128 )")
     assert [s.name for s in specs] == ["full", "streaming", "sliding_window"]
     assert specs[1].kwargs == {"sink": 4, "window": 256}
     assert specs[1].label == "streaming(sink=4,window=256)"
-    assert config.parse_method(specs[1].label) == specs[1]
+    assert parse.parse_method(specs[1].label) == specs[1]
     assert specs[0].label == "full" and specs[0].config_json == "{}"
 
 
 def test_dense_layers_is_a_model_field_not_a_method_field():
-    spec = config.parse_method("vertical_slash(dense_layers=10,vertical_size=500)")
+    spec = parse.parse_method("vertical_slash(dense_layers=10,vertical_size=500)")
     assert spec.dense_layers == 10 and spec.method_config == {"vertical_size": 500}
     assert spec.kwargs == {"dense_layers": 10, "vertical_size": 500}  # what attnkit.patch receives
-    assert config.parse_method(spec.label) == spec
-    assert config.parse_method("vertical_slash(dense_layers=0)") == config.parse_method("vertical_slash")
+    assert parse.parse_method(spec.label) == spec
+    assert parse.parse_method("vertical_slash(dense_layers=0)") == parse.parse_method("vertical_slash")
     with pytest.raises(ValueError, match="dense_layers"):
-        config.parse_method("vertical_slash(dense_layers=-2)")
+        parse.parse_method("vertical_slash(dense_layers=-2)")
 
 
 def test_parse_methods_mapping_form():
-    specs = config.parse_methods([{"name": "streaming", "sink": 2, "window": 64}, "full"])
-    assert specs[0] == config.parse_method("streaming(window=64,sink=2)")
+    specs = parse.parse_methods([{"name": "streaming", "sink": 2, "window": 64}, "full"])
+    assert specs[0] == parse.parse_method("streaming(window=64,sink=2)")
 
 
 @pytest.mark.parametrize(("text", "needle"), [
@@ -41,22 +41,22 @@ def test_parse_methods_mapping_form():
 ])
 def test_method_errors_name_the_problem(text, needle):
     with pytest.raises((ValueError, TypeError), match=needle.replace("(", r"\(")):
-        config.parse_methods(text)
+        parse.parse_methods(text)
 
 
 def test_lengths_and_depths():
-    assert config.parse_lengths("1k,2k,1.5k,4096") == [1024, 2048, 1536, 4096]
-    assert config.parse_depths("0,0.5,1") == [0.0, 0.5, 1.0]
-    assert config.parse_depths("0%,50%,100%") == [0.0, 0.5, 1.0]
-    assert config.parse_depths([0, 25, 100]) == [0.0, 0.25, 1.0]
+    assert parse.parse_lengths("1k,2k,1.5k,4096") == [1024, 2048, 1536, 4096]
+    assert parse.parse_depths("0,0.5,1") == [0.0, 0.5, 1.0]
+    assert parse.parse_depths("0%,50%,100%") == [0.0, 0.5, 1.0]
+    assert parse.parse_depths([0, 25, 100]) == [0.0, 0.25, 1.0]
     with pytest.raises(ValueError, match="lengths: '2q'"):
-        config.parse_lengths("2q")
+        parse.parse_lengths("2q")
     with pytest.raises(ValueError, match="depths"):
-        config.parse_depths("-0.5")
+        parse.parse_depths("-0.5")
 
 
 def test_build_config_per_task_sections():
-    cfg = config.build_config({
+    cfg = build.build_config({
         "methods": "full,streaming(window=64)", "lengths": ["1k"], "samples": 2,
         "tasks": {"niah": {"depths": [0, 1], "variants": ["single", "multikey"]},
                   "fidelity": {"lengths": [512], "layers": [0, 3], "methods": ["full"]}},
@@ -66,7 +66,7 @@ def test_build_config_per_task_sections():
     assert niah.params.variants == ["single", "multikey"]
     assert fid.lengths == [512] and fid.params.layers == [0, 3] and [m.name for m in fid.methods] == ["full"]
     assert [m.name for m in cfg.methods()] == ["full", "streaming"]
-    assert config.build_config(cfg.to_dict() | {"tasks": cfg.to_dict()["tasks"]}).to_dict() == cfg.to_dict()
+    assert build.build_config(cfg.to_dict() | {"tasks": cfg.to_dict()["tasks"]}).to_dict() == cfg.to_dict()
 
 
 @pytest.mark.parametrize(("data", "needles"), [
@@ -80,7 +80,7 @@ def test_build_config_per_task_sections():
 ])
 def test_config_errors_name_field_and_allowed_values(data, needles):
     with pytest.raises(ValueError) as info:
-        config.build_config(data)
+        build.build_config(data)
     for needle in needles:
         assert needle in str(info.value)
 
@@ -89,20 +89,20 @@ def test_config_files(tmp_path):
     y = tmp_path / "sweep.yaml"
     y.write_text("methods: ['full', 'streaming(sink=4, window=256)']\nlengths: [2k]\n"
                  "tasks:\n  niah: {depths: [0, 50, 100]}\n  perplexity: {}\n")
-    cfg = config.build_config(config.load_file(y))
+    cfg = build.build_config(parse.load_file(y))
     assert cfg.tasks[0].depths == [0.0, 0.5, 1.0] and cfg.tasks[1].name == "perplexity"
     t = tmp_path / "sweep.toml"
     t.write_text('methods = ["full"]\nlengths = ["1k"]\n[tasks.fidelity]\nlayers = [1]\n')
-    assert config.build_config(config.load_file(t)).tasks[0].params.layers == [1]
+    assert build.build_config(parse.load_file(t)).tasks[0].params.layers == [1]
     bad = tmp_path / "bad.yaml"
     bad.write_text("tasks:\n  niah: {colour: red}\n")
     with pytest.raises(ValueError, match="'colour'"):
-        config.build_config(config.load_file(bad))
+        build.build_config(parse.load_file(bad))
 
 
 def test_cli_overrides_preset():
-    data = config.merge_cli(config.QUICK, tasks="niah", methods="full", lengths="1k", samples=3)
-    cfg = config.build_config(data)
+    data = build.merge_cli(build.QUICK, tasks="niah", methods="full", lengths="1k", samples=3)
+    cfg = build.build_config(data)
     assert [t.name for t in cfg.tasks] == ["niah"]
     assert cfg.tasks[0].lengths == [1024] and cfg.tasks[0].samples == 3 and cfg.tasks[0].depths == [0.0, 0.5, 1.0]
-    assert config.build_config(config.QUICK).tasks  # the preset itself is valid
+    assert build.build_config(build.QUICK).tasks  # the preset itself is valid

@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from attnkit.bench import config, report, runner
+from attnkit.bench import build, report, runner
 from attnkit.bench.cli_commands import add_commands
 from attnkit.bench.tasks import TASKS, Task, register_task
 
@@ -83,7 +83,7 @@ def test_live_display_on_a_terminal(echo_task, tmp_path):
 
     from rich.console import Console
 
-    cfg = config.build_config({"tasks": ["echo"], "methods": "full,streaming", "lengths": [16], "depths": [0.5],
+    cfg = build.build_config({"tasks": ["echo"], "methods": "full,streaming", "lengths": [16], "depths": [0.5],
                                "samples": 2})
     buf = io.StringIO()
     outcome = runner.run(cfg, tmp_path, console=Console(file=buf, force_terminal=True, width=120))
@@ -94,7 +94,7 @@ def test_live_display_on_a_terminal(echo_task, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_bench_on_smollm2(smollm2, tmp_path):
-    cfg = config.build_config({
+    cfg = build.build_config({
         "model": "smollm2-135m", "methods": "full,streaming(sink=4,window=64)", "samples": 1,
         "tasks": {"niah": {"lengths": [512], "depths": [0.5]},
                   "fidelity": {"lengths": [512], "layers": [1]},

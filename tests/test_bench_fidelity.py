@@ -77,7 +77,8 @@ def _dense(q, k, v, scale):
 def test_dense_layers_run_full_on_the_layers_they_cover():
     """A method spec with dense_layers=N measures `full` on layers below N (as the model
     patch runs them) and the method on the others; no model needed (captured q/k/v given)."""
-    from attnkit.bench.config import TaskSpec, parse_method
+    from attnkit.bench.parse import parse_method
+    from attnkit.bench.spec import TaskSpec
     from attnkit.bench.tasks import Case, Context
     from attnkit.bench.tasks.fidelity import Fidelity
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from attnkit.bench import report
+from attnkit.bench.report.page import plotly_js
 from attnkit.bench.store import Row, Store
 
 EVIL = "evil(tag=\"<script>alert(1)</script>\")"
@@ -57,13 +58,14 @@ def test_markdown_tables(written):
     for heading in ("Retrieval accuracy", "Fidelity", "Perplexity", "Model speed", "Pareto frontier"):
         assert heading in md
     assert "| streaming(sink=4,window=256) | 0 | 1 | 1 |" in md
-    assert "evil(tag=\"<script>alert(1)<\\/script>\")" not in md  # pipes escaped, no raw breakage
+    assert "<script>" not in md  # labels and configs are escaped in Markdown too
+    assert "| evil(tag=&quot;" not in md and "evil(tag=\"&lt;script&gt;alert(1)&lt;/script&gt;\")" in md
     assert re.search(r"\| full \| 1 \| 1 \| 1 \| 1 \| 6 \|", md)
 
 
 def test_html_self_contained_and_escaped(written):
     _, _, page = written
-    bundle = report._plotly_js()
+    bundle = plotly_js()
     assert bundle in page  # plotly.js inlined once
     ours = page.replace(bundle, "")
     assert "<script src" not in ours and "cdn.plot.ly" not in ours and "http" not in ours
@@ -172,7 +174,7 @@ def test_report_writes_svg_figures(written, tmp_path):
 
 
 def test_error_density_curves_keep_trained_estimators_apart():
-    from attnkit.bench.report import _line_name
+    from attnkit.bench.report.fidelity import _line_name
 
     assert _line_name({"method": "sea", "label": "sea(topk=256)"}) == "sea"
     assert _line_name({"method": "sea", "label": 'sea(estimator="runs/e.pt",topk=256)'}) == "sea (trained)"

@@ -38,7 +38,7 @@ def test_store_rows_and_environment(tmp_path):
 SCRIPT = textwrap.dedent('''
     import sys, time
     from dataclasses import dataclass
-    from attnkit.bench import config, runner
+    from attnkit.bench import build, runner
     from attnkit.bench.tasks import Task, register_task
 
     LOG = sys.argv[2]
@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent('''
             time.sleep(spec.params.pause)
             return {"score": case.sample / 10}
 
-    cfg = config.build_config({"tasks": {"sleepy": {}}, "methods": "full,streaming(sink=1,window=8)",
+    cfg = build.build_config({"tasks": {"sleepy": {}}, "methods": "full,streaming(sink=1,window=8)",
                                "lengths": [16, 32], "samples": 10})
     runner.run(cfg, sys.argv[1], command="test")
 ''')

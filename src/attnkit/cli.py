@@ -46,11 +46,15 @@ def list_methods(
     as_json: bool = typer.Option(False, "--json", help="One JSON array of method records."),
     markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (the README's)."),
     family: Optional[str] = typer.Option(None, help="Only this family, e.g. static_sparse."),
+    tasks: bool = typer.Option(False, "--tasks", help="List the benchmark tasks instead (attnkit bench --tasks)."),
 ) -> None:
-    """List the registered methods.
+    """List the registered methods (or, with --tasks, the benchmark tasks).
 
     Example: attnkit list --markdown
     """
+    if tasks:
+        _list_tasks(as_json)
+        return
     infos = registry.methods(family=family)
     if as_json:
         typer.echo(json.dumps([i.to_dict() for i in infos], indent=2))
@@ -63,6 +67,25 @@ def list_methods(
         table.add_column(col)
     for i in infos:
         table.add_row(i.name, i.family, i.paper, i.arxiv, str(i.year), ", ".join(i.supports))
+    console.print(table)
+
+
+def _list_tasks(as_json: bool) -> None:
+    """The registered benchmark tasks: name, score, direction, whether they decode."""
+    from .bench.tasks import TASKS
+
+    records = [{"task": name, "score": cls.score_name, "higher_is_better": cls.higher_is_better,
+                "uses_cache": cls.uses_cache, "needs_model": cls.needs_model,
+                "section": cls.section.title or name} for name, cls in sorted(TASKS.items())]
+    if as_json:
+        typer.echo(json.dumps(records, indent=2))
+        return
+    table = Table(title="attnkit bench tasks")
+    for col in ("task", "score", "better", "KV cache", "report section"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r["task"], r["score"], "higher" if r["higher_is_better"] else "lower",
+                      "yes" if r["uses_cache"] else "", r["section"])
     console.print(table)
 
 

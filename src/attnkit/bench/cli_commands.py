@@ -24,7 +24,7 @@ Examples:
 
   attnkit bench --tasks niah,kv_decode --cache "snapkv,streaming(sink=4),tova" --budgets 256,25% --lengths 2k --depths 0.5,0.9 --out runs/kv
 
-With --cache, tasks that decode (niah, passkey, variable_tracking, kv_decode) run every
+With --cache, tasks that decode (niah, passkey, variable_tracking, kv_decode, ...) run every
 case with the normal cache (the full baseline) and with every (policy x budget); a
 budget is tokens kept per KV head and layer (512) or a share of the prompt kept (25%).
 """
@@ -41,8 +41,8 @@ def add_commands(app: typer.Typer) -> None:
     @app.command("bench", help=BENCH_HELP)
     def bench(
         model: Optional[str] = typer.Option(None, "--model", help="model name (smollm2-135m) or local checkpoint path"),
-        tasks: Optional[str] = typer.Option(None, "--tasks", help="comma list: niah,passkey,variable_tracking,"
-                                                                  "perplexity,fidelity,model_speed,kv_decode"),
+        tasks: Optional[str] = typer.Option(None, "--tasks", help="comma list of tasks (attnkit list --tasks), "
+                                                                  "e.g. niah,fidelity; default niah"),
         methods: Optional[str] = typer.Option(None, "--methods", help='comma list, e.g. "full,streaming(sink=4,window=256)"'),
         cache: str | None = typer.Option(None, "--cache", help='KV-cache policies, comma list, e.g. '
                                             '"snapkv(window=64,kernel=5,pooling=\"avg\"),tova" (full is always measured)'),
@@ -63,25 +63,24 @@ def add_commands(app: typer.Typer) -> None:
     ) -> None:
         from rich.console import Console
 
-        from . import config as cfgmod
+        from . import build, parse, runner
         from . import report as reportmod
-        from . import runner
 
         console = Console(stderr=True)
         if quick and config is not None:
             raise typer.BadParameter("use either --quick or --config, not both", param_hint="--quick")
         try:
             if config is not None:
-                data = cfgmod.load_file(config)
+                data = parse.load_file(config)
             elif quick:
-                data = cfgmod.PRESETS["quick"]
+                data = build.PRESETS["quick"]
             else:
                 data = {"tasks": ["niah"]}
-            data = cfgmod.merge_cli(data, model=model, tasks=tasks, methods=methods, lengths=lengths, depths=depths,
-                                    samples=samples, seed=seed, caches=cache, budgets=budgets, haystack=haystack)
+            data = build.merge_cli(data, model=model, tasks=tasks, methods=methods, lengths=lengths, depths=depths,
+                                   samples=samples, seed=seed, caches=cache, budgets=budgets, haystack=haystack)
             if threads is not None:
                 data["threads"] = threads
-            cfg = cfgmod.build_config(data)
+            cfg = build.build_config(data)
         except (ValueError, TypeError, FileNotFoundError) as exc:
             console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

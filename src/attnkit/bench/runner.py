@@ -1,8 +1,8 @@
 """Run a benchmark: every (task case x method [x KV-cache setting]) not yet in the run
 directory's database.
 
-    from attnkit.bench import config, runner
-    cfg = config.build_config({"tasks": ["niah"], "methods": "full,streaming(window=256)"})
+    from attnkit.bench import build, runner
+    cfg = build.build_config({"tasks": ["niah"], "methods": "full,streaming(window=256)"})
     runner.run(cfg, "runs/demo")
 
 Each result is committed the moment it is measured; starting the same run again skips
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import BenchConfig, CacheRun, MethodSpec, TaskSpec, run_label
+from .spec import BenchConfig, CacheRun, MethodSpec, TaskSpec, run_label
 from .store import Row, Store, row_key
 from .tasks import TASKS, Case, Context, Task
 

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 DB_NAME = "results.sqlite"
 
@@ -199,11 +199,6 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return str(value)
-
-
-def iter_rows(run_dir: str | Path, task: Optional[str] = None) -> Iterator[Row]:
-    with Store(run_dir) as store:
-        yield from store.rows(task)
 
 
 # --- environment -------------------------------------------------------------------------

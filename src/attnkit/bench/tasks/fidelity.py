@@ -23,8 +23,8 @@ from typing import Any, Optional
 import torch
 
 from ...kernels import attention_with_lse
-from ..config import MethodSpec, TaskSpec
-from . import Case, Context, Task, case_seed, register_task
+from ..spec import MethodSpec, TaskSpec
+from .base import Case, Context, Section, Task, case_seed, register_task
 from .perplexity import token_ids
 
 CAPTURE = "attnkit_capture"
@@ -160,6 +160,8 @@ def compare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 class Fidelity(Task):
     score_name = "rel_error"
     higher_is_better = False
+    section = Section(title="Fidelity on captured activations", layout="fidelity", figures=("error_vs_density",),
+                      order=20)
 
     @dataclass
     class Params:

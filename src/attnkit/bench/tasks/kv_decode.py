@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import haystack
-from ..config import CacheRun, MethodSpec, TaskSpec
-from . import Case, Context, Task, register_task
+from ..spec import CacheRun, MethodSpec, TaskSpec
+from .base import Case, Context, Section, Task, register_task
 from .model_speed import cache_bytes
 from .perplexity import token_ids
 
@@ -28,6 +28,7 @@ class KVDecode(Task):
     uses_cache = True
     score_name = "decode_ms_per_token"
     higher_is_better = False
+    section = Section(title="KV-cache decode speed and memory", layout="kv_decode", order=80)
 
     @dataclass
     class Params:

@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import MethodSpec, TaskSpec
-from . import Case, Context, Task, register_task
+from ..spec import MethodSpec, TaskSpec
+from .base import Case, Context, Section, Task, register_task
 from .perplexity import token_ids
 
 
@@ -38,6 +38,7 @@ def cache_bytes(cache: Any) -> int:
 class ModelSpeed(Task):
     score_name = "prefill_seconds"
     higher_is_better = False
+    section = Section(title="Model speed and memory", layout="speed", figures=("vs_length",), order=40)
 
     @dataclass
     class Params:

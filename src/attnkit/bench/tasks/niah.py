@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import haystack
-from ..config import CacheRun, MethodSpec, TaskSpec
-from . import Case, Context, Task, register_task
+from ..spec import CacheRun, MethodSpec, TaskSpec
+from .base import Case, Context, Section, Task, register_task
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 
@@ -170,11 +170,19 @@ def kv_metrics(kv: Any) -> dict[str, Any]:
             "kv_kept_mean": sum(kept) / len(kept), "kv_kept_max": max(kept), "kv_seen": stats["seen"]}
 
 
+RETRIEVAL_SECTION = Section(
+    title="Retrieval accuracy", layout="retrieval", figures=("heatmap", "vs_depth"), order=10,
+    intro="Share of the asked values found in the greedy answer, by needle depth (0% = start of the context, "
+          "100% = just before the question). A local method (sliding window, streaming) fails where the needle "
+          "lies further back than its reach.")
+
+
 @register_task("niah")
 class NIAH(Task):
     uses_depth = True
     uses_cache = True
     score_name = "accuracy"
+    section = RETRIEVAL_SECTION
 
     @dataclass
     class Params:

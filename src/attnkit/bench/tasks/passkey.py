@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import haystack
-from ..config import CacheRun, MethodSpec, TaskSpec
-from . import Case, Context, Task, register_task
-from .niah import Sample, answer_metrics, build, generate
+from ..spec import CacheRun, MethodSpec, TaskSpec
+from .base import Case, Context, Task, register_task
+from .niah import RETRIEVAL_SECTION, Sample, answer_metrics, build, generate
 
 PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
             "I will quiz you about the important information there.\n\n")
@@ -34,6 +34,7 @@ class Passkey(Task):
     uses_depth = True
     uses_cache = True
     score_name = "accuracy"
+    section = RETRIEVAL_SECTION
 
     @dataclass
     class Params:

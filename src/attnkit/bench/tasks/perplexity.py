@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import haystack
-from ..config import MethodSpec, TaskSpec
-from . import Case, Context, Task, register_task
+from ..spec import MethodSpec, TaskSpec
+from .base import Case, Column, Context, Section, Task, register_task
 
 
 def token_ids(tokenizer: Any, length: int, seed: int, kind: str = "licenses") -> list[int]:
@@ -43,6 +43,10 @@ def token_nll(model: Any, input_ids: Any, chunk: int = 512) -> Any:
 class Perplexity(Task):
     score_name = "perplexity"
     higher_is_better = False
+    section = Section(
+        title="Perplexity", table_title="Token-level perplexity of real text (lower is better)", variant_header="text",
+        columns=(Column("perplexity", "perplexity", 4), Column("perplexity_first_half", "first half", 4),
+                 Column("perplexity_second_half", "second half", 4)), order=30)
 
     @dataclass
     class Params:

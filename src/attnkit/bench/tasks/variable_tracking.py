@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import haystack
-from ..config import CacheRun, MethodSpec, TaskSpec
-from . import Case, Context, Task, register_task
-from .niah import Sample, answer_metrics, build, generate
+from ..spec import CacheRun, MethodSpec, TaskSpec
+from .base import Case, Context, Task, register_task
+from .niah import RETRIEVAL_SECTION, Sample, answer_metrics, build, generate
 
 PREAMBLE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n")
 
@@ -45,6 +45,7 @@ class VariableTracking(Task):
     uses_depth = True
     uses_cache = True
     score_name = "accuracy"
+    section = RETRIEVAL_SECTION
 
     @dataclass
     class Params:

@@ -1,0 +1,83 @@
+"""The ``speed`` layout (model prefill / decode time and KV bytes vs length) and the
+``kv_decode`` layout (decode speed and memory per KV-cache policy x budget)."""
+
+from __future__ import annotations
+
+import html
+
+from ..store import Row
+from ..tasks import Section
+from .aggregate import (
+    budget_sort,
+    color,
+    fmt,
+    full_name,
+    group,
+    line_of,
+    method_labels,
+    metric,
+)
+from .page import Report, Table
+
+
+def speed_layout(rep: Report, section: Section, rows: list[Row]) -> None:
+    """Prefill seconds (and speedup vs full), decode ms/token and KV bytes per method and
+    length; prefill and decode vs length, log-log (figure ``"vs_length"``)."""
+    labels = method_labels(rows)
+    by = group(rows, lambda r: (r.label, r.length))
+    t = Table("Prefill, decode and KV cache (means over samples)",
+              ["method", "length", "prefill s", "speedup vs full", "decode ms/token", "KV cache MiB", "n"])
+    full = {n: metric(rs, "prefill_seconds") for (label, n), rs in by.items() if label == "full"}
+    for (label, length) in sorted(by, key=lambda k: (labels.index(k[0]), k[1])):
+        rs = by[(label, length)]
+        pre = metric(rs, "prefill_seconds")
+        speedup = full.get(length) / pre if full.get(length) and pre else None
+        kv = metric(rs, "kv_cache_bytes")
+        t.add(label, length, fmt(pre), fmt(speedup), fmt(metric(rs, "decode_ms_per_token")),
+              fmt(kv / 2**20 if kv is not None else None), len(rs))
+    rep.table(t)
+    if "vs_length" in section.figures:
+        _speed_figure(rep, labels, by)
+
+
+def _speed_figure(rep: Report, labels: list[str], by: dict) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["prefill seconds", "decode ms / token"])
+    for label in labels:
+        lengths = sorted(n for (lab, n) in by if lab == label)
+        fig.add_trace(go.Scatter(x=lengths, y=[metric(by[(label, n)], "prefill_seconds") for n in lengths],
+                                 mode="lines+markers", name=html.escape(label), legendgroup=label,
+                                 line={"color": color(labels, label)}), row=1, col=1)
+        fig.add_trace(go.Scatter(x=lengths, y=[metric(by[(label, n)], "decode_ms_per_token") for n in lengths],
+                                 mode="lines+markers", name=html.escape(label), legendgroup=label, showlegend=False,
+                                 line={"color": color(labels, label)}), row=1, col=2)
+    fig.update_xaxes(type="log", title_text="length (tokens)")
+    fig.update_yaxes(type="log")
+    fig.update_layout(title="Speed vs length (log-log)", height=400)
+    rep.fig(fig)
+
+
+def kv_decode_layout(rep: Report, section: Section, rows: list[Row]) -> None:
+    """Decode ms/token and KV bytes per cache policy x budget (rows of every cache
+    setting, the normal cache as reference)."""
+    t = Table("Decode ms/token (median of timed steps, warm-up excluded) and KV bytes, per policy x budget",
+              ["cache", "budget", "context", "KV MiB", "full / KV", "decode ms/token", "speedup vs full",
+               "prefill s", "n"],
+              note="KV bytes after the decode steps (attnkit caches: keys, values, slot positions, policy state and "
+                   "observation window); full / KV: bytes of a full cache of the same tokens over the bytes held.")
+    by = group(rows, lambda r: (r.method, r.config, line_of(r) if r.cache else "", r.budget, r.length))
+    full_ms = {(k[0], k[1], k[4]): metric(rs, "decode_ms_per_token") for k, rs in by.items() if not k[2]}
+    order = list(dict.fromkeys((k[2], k[0], k[1]) for k in by))
+    for key in sorted(by, key=lambda k: (k[4], order.index((k[2], k[0], k[1])) if k[2] else -1,
+                                         budget_sort(k[3]))):
+        method, cfg, line, budget, length = key
+        rs = by[key]
+        held, full = metric(rs, "kv_bytes"), metric(rs, "kv_full_bytes")
+        ms = metric(rs, "decode_ms_per_token")
+        base = full_ms.get((method, cfg, length))
+        t.add(line or full_name(rs[0].label), budget or "all", length, fmt(held / 2**20 if held else None),
+              f"{full / held:.2f}x" if held and full else "-", fmt(ms), fmt(base / ms if base and ms else None),
+              fmt(metric(rs, "prefill_seconds")), len(rs))
+    rep.table(t)
