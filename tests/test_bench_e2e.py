@@ -116,6 +116,10 @@ def test_tiny_bench_on_smollm2(smollm2, tmp_path):
     assert rows[("perplexity", "full")].score < rows[("perplexity", "streaming")].score
     speed = rows[("model_speed", "full")].metrics
     assert speed["prefill_seconds"] > 0 and speed["decode_ms_per_token"] > 0
+    # the full row also timed transformers' own attention on the same tokens, same run
+    assert speed["transformers_prefill_seconds"] > 0 and speed["prefill_speedup_vs_transformers"] > 0
+    assert speed["max_abs_logit_diff_vs_transformers"] < 1e-3
+    assert "transformers_prefill_seconds" not in rows[("model_speed", "streaming")].metrics
     assert speed["kv_cache_bytes"] == 2 * 30 * 3 * 256 * 64 * 4  # K and V, 30 layers, 3 KV heads, fp32
     md, page = report.write(tmp_path)
     html = page.read_text()

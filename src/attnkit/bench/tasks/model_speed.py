@@ -36,6 +36,11 @@ def cache_bytes(cache: Any) -> int:
 
 @register_task("model_speed")
 class ModelSpeed(Task):
+    """Prefill and decode timings of the patched model; with ``baseline`` (default), the
+    ``full`` row also times the unpatched model (transformers' own attention) on the same
+    tokens in the same run, and reports the ratio and the largest last-token logit
+    difference (window layers run attnkit's kernel under ``full``: docs/architectures.md)."""
+
     score_name = "prefill_seconds"
     higher_is_better = False
     section = Section(title="Model speed and memory", layout="speed", figures=("vs_length",), order=40)
@@ -43,11 +48,16 @@ class ModelSpeed(Task):
     @dataclass
     class Params:
         decode_tokens: int = 16
+        repeats: int = 1  # timed prefills per row (median reported, min / max kept)
+        baseline: bool = True  # the full row also times transformers' own attention
 
         def check(self) -> None:
-            value = self.decode_tokens
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"tasks.model_speed.decode_tokens: must be an integer >= 1, got {value!r}")
+            for name in ("decode_tokens", "repeats"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"tasks.model_speed.{name}: must be an integer >= 1, got {value!r}")
+            if not isinstance(self.baseline, bool):
+                raise ValueError(f"tasks.model_speed.baseline: must be true or false, got {self.baseline!r}")
 
     def measure(self, ctx: Context, case: Case, method: MethodSpec, spec: TaskSpec) -> dict[str, Any]:
         import torch
@@ -56,27 +66,52 @@ class ModelSpeed(Task):
 
         lm, model = ctx.lm, ctx.lm.model
         ids = torch.tensor([token_ids(lm.tokenizer, case.length, case.seed)])
-        with torch.inference_mode(), patching.patch(model, prefill=method.name, **method.kwargs):
-            if ("warm", method) not in ctx.memo:
-                model(input_ids=ids[:, :64], use_cache=True, logits_to_keep=1)
-                ctx.memo[("warm", method)] = True
+        params = spec.params
+        with patching.patch(model, prefill=method.name, **method.kwargs):
+            row, logits = _timed(ctx, model, ids, params.repeats, params.decode_tokens, ("warm", method))
+        if params.baseline and method.name == "full" and not method.kwargs:
+            base, base_logits = _timed(ctx, model, ids, params.repeats, params.decode_tokens, ("warm", "transformers"))
+            row.update({f"transformers_{name}": value for name, value in base.items() if name != "threads"})
+            row["prefill_speedup_vs_transformers"] = base["prefill_seconds"] / row["prefill_seconds"]
+            row["decode_speedup_vs_transformers"] = base["decode_ms_per_token"] / row["decode_ms_per_token"]
+            row["max_abs_logit_diff_vs_transformers"] = (logits - base_logits).abs().max().item()
+        return row
+
+
+def _timed(ctx: Context, model: Any, ids: Any, repeats: int, decode_tokens: int, warm_key: Any) -> tuple[dict, Any]:
+    """(timings, last-token logits (1, V)) of ``repeats`` prefills of ``ids`` (1, N) and
+    ``decode_tokens`` greedy decode steps after the last one, with the model as it is."""
+    import statistics
+
+    import torch
+
+    with torch.inference_mode():
+        if warm_key not in ctx.memo:
+            model(input_ids=ids[:, :64], use_cache=True, logits_to_keep=1)
+            ctx.memo[warm_key] = True
+        times = []
+        for _ in range(repeats):
             start = time.perf_counter()
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            prefill = time.perf_counter() - start
-            cache = out.past_key_values
-            kv = cache_bytes(cache)
+            times.append(time.perf_counter() - start)
+        prefill = statistics.median(times)
+        logits = out.logits[:, -1].float()
+        cache = out.past_key_values
+        kv = cache_bytes(cache)
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1:].argmax(-1)
-            n = spec.params.decode_tokens
-            start = time.perf_counter()
-            for _ in range(n):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                token = out.logits[:, -1:].argmax(-1)
-            decode = time.perf_counter() - start
-        return {
-            "score": prefill,
-            "prefill_seconds": prefill,
-            "prefill_tokens_per_second": case.length / prefill,
-            "decode_ms_per_token": 1000 * decode / n,
-            "kv_cache_bytes": kv,
-            "threads": torch.get_num_threads(),
-        }
+        decode = time.perf_counter() - start
+    row = {
+        "score": prefill,
+        "prefill_seconds": prefill,
+        "prefill_seconds_min": min(times),
+        "prefill_seconds_max": max(times),
+        "prefill_tokens_per_second": ids.shape[1] / prefill,
+        "decode_ms_per_token": 1000 * decode / decode_tokens,
+        "kv_cache_bytes": kv,
+        "threads": torch.get_num_threads(),
+    }
+    return row, logits
