@@ -194,6 +194,22 @@ def test_gemma3_finds_needle_in_1k_tokens(gemma3, license_text):
     assert "58213" in answer, answer
 
 
+def test_gemma3_patch_runs_window_layers_exactly(gemma3, license_text):
+    """``ak.patch(gemma)`` with no method: the 15 window layers run attnkit's
+    sliding_window kernel (1,100 tokens: the window of 512 bites), the 3 global layers
+    exact; the last-token logits equal transformers' own (fp32 tolerance)."""
+    import attnkit as ak
+
+    ids = gemma3.tokenizer(license_text, return_tensors="pt").input_ids[:, :1100]
+    want = gemma3.next_token_logits(ids)
+    with ak.patch(gemma3.model):
+        got = gemma3.next_token_logits(ids)
+        plan = gemma3.model.attnkit_assignment
+    windowed = [i for i, what in plan.items() if "sliding_window(512)" in what]
+    assert windowed == [i for i in range(18) if i not in (5, 11, 17)], plan
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
 def test_models_doc_example_runs(gemma3):
     """The Python block of docs/models.md, executed as written (reads the cache)."""
     import pathlib
