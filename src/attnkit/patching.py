@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .cache_tag import cache_layer_of
 from .kernels import attention_with_lse
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 IMPLEMENTATION = "attnkit"
 _LAYER_ATTR = "_attnkit_layer"  # on each attention module: a LayerMethod, or None for exact
 _SAVED_ATTR = "_attnkit_saved"  # on a model changed by `apply`: how to undo it
-_CACHE_LAYER_ATTR = "_attnkit_cache_layer"  # on keys returned by an attnkit.KVCache layer (kvcache.py)
 
 Spec = Union[None, str, tuple, "LayerMethod"]
 PlanLike = Union[str, Mapping[Any, Any]]
@@ -97,7 +97,7 @@ def attnkit_attention(
         return _prefill(spec, query, key, value, attention_mask, causal, scaling, position_ids)
 
     # K/V from an attnkit.KVCache layer: the layer attends over its own (per-head) slots.
-    cache_layer = getattr(key, _CACHE_LAYER_ATTR, None)
+    cache_layer = cache_layer_of(key)
     if cache_layer is not None and cache_layer.rope_theta is None:
         cache_layer.rope_theta = _rope_theta(module)  # for policies that rotate queries (expected_attention)
     out = compute() if cache_layer is None else cache_layer.attention(query, attention_mask, scaling, compute)
@@ -398,7 +398,7 @@ def _split_config(prefill: Optional[str], cache: Optional[str], config: dict[str
     return config, cache_kw
 
 
-def _plan_from_args(prefill: Optional[str], cache: Optional[str], layers: Optional[Iterable[int]],
+def _plan_from_args(prefill: Optional[str], layers: Optional[Iterable[int]],
                     config: dict[str, Any], dense_layers: int = 0, backend: str = "auto") -> PlanLike:
     if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
         raise ValueError(f"dense_layers must be an integer >= 0 (the first layers that keep exact attention), got {dense_layers!r}")
@@ -458,7 +458,7 @@ def patch(
         from .kvcache import KVCache
 
         KVCache(policy=cache, **cache_kw)  # a bad policy or field fails before anything changes
-    saved = _install(model, _plan_from_args(prefill, None, layers, method_config, dense_layers, backend))
+    saved = _install(model, _plan_from_args(prefill, layers, method_config, dense_layers, backend))
     try:
         if cache is None:
             yield model

@@ -109,7 +109,7 @@ class CacheSpec:
     def uses_budget(self) -> bool:
         from ..registry import policy_class
 
-        return bool(policy_class(self.name).uses_budget)
+        return policy_class(self.name)(**self.kwargs).has_budget()
 
 
 @dataclass(frozen=True)
@@ -341,7 +341,7 @@ def cache_spec(name: str, config: Mapping[str, Any]) -> CacheSpec | None:
         if key in config:
             raise ValueError(f"cache policy {name!r}: give budgets with --budgets (budgets: in a config file), "
                              f"not as the field {key!r}; e.g. --cache {name} --budgets 512,25%")
-    KVCache(policy=name, budget=1 if cls.needs_budget else None, **config)  # unknown fields, bad values
+    KVCache(policy=name, budget=1 if cls(**config).has_budget() else None, **config)  # unknown fields, bad values
     return CacheSpec(name, json.dumps(config, sort_keys=True))
 
 
