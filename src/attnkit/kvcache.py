@@ -14,7 +14,8 @@ How it works (see docs/kv-cache.md):
 - The cache needs attnkit's attention function (``attnkit.patch(model)``): transformers
   builds one mask per batch row for all heads, so only attnkit can attend over per-head
   sets. The attention function finds the cache layer from the key tensor the layer's
-  ``update`` returned, and calls ``layer.attention``.
+  ``update`` returned (``attnkit.cache_tag.cache_layer_of``), and calls ``layer.attention``
+  (``KVCacheLayer``, in ``attnkit.kvcache_layer``).
 - Prefill attends to the whole prompt (or the prefill method); the layer records the
   last ``window`` queries (the observation window) and, once the forward pass is over
   (at the layer's next ``update``, or when the cache is inspected), compresses to the
