@@ -41,3 +41,19 @@ def license_text() -> str:
         pytest.skip(f"{path} is not present on this machine")
     with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A randomly initialised 2-layer Llama (GQA: 4 query / 2 KV heads, head dim 16, vocab
+    128), float32, eval mode: seconds to build and to generate with."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.1, attention_dropout=0.0, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    return LlamaForCausalLM(config).eval()

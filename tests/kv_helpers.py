@@ -7,7 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnkit.kvcache import CACHE_LAYER_ATTR, KVCache
+from attnkit.cache_tag import cache_layer_of
+from attnkit.kvcache import KVCache
+from attnkit.reference import reference_attention
 
 B, HQ, HKV, N, D = 2, 4, 2, 40, 8
 G = HQ // HKV
@@ -26,7 +28,7 @@ def _qkv(n=N, b=B, seed=0):
 def _step(cache: KVCache, q, k, v, mask=None, layer=0):
     """One forward of one layer as a model runs it: update, then attnkit's attention."""
     keys, values = cache.update(k, v, layer)
-    cache_layer = getattr(keys, CACHE_LAYER_ATTR)
+    cache_layer = cache_layer_of(keys)
     t = q.shape[2]
 
     def default():
@@ -37,3 +39,15 @@ def _step(cache: KVCache, q, k, v, mask=None, layer=0):
                                               attn_mask=m, scale=SCALE)
 
     return cache_layer.attention(q, mask, SCALE, default)
+
+
+def check_output(out, q1, k, v, sel):
+    """out: (B, HQ, 1, D) equals attention of q1 over the slots ``sel`` (B, HKV, L) of k, v."""
+    ref = reference_attention(q1, k, v, mask=sel.repeat_interleave(G, 1)[:, :, None], scale=SCALE)
+    torch.testing.assert_close(out, ref)
+
+
+def topk_mask(scores, k):
+    """(..., L) bool: the ``k`` highest ``scores`` along the last dim."""
+    idx = scores.topk(k, -1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)

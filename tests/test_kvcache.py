@@ -15,14 +15,14 @@ from attnkit.reference import reference_attention
 from kv_helpers import B, D, G, HKV, HQ, N, SCALE, _qkv, _step  # noqa: F401
 POLICIES = [m.name for m in ak.methods(kind="cache")]
 # Policies that keep every token (quantize or prune it, or select per step, or keep it on
-# retrieval heads): their kept-set and budget checks live in tests/test_kvcache_more.py,
-# tests/test_kvcache_extra.py and tests/test_kvcache_think_zip.py.
+# retrieval heads): their kept-set and budget checks live in tests/test_kvcache_select.py,
+# tests/test_kvcache_store.py and tests/test_kvcache_evict.py (duo).
 FULL_CACHE = {"quantized", "quest", "duo", "tokenselect", "recycled", "retrieval", "infllm", "think", "zipcache"}
 DROPPING = [p for p in POLICIES if p not in FULL_CACHE]
 # Storage policies have no budget (passing one is an error); their settings that make the
 # cache exact: KIVI with a full-precision window longer than the run, ThinK pruning no
 # channel. ZipCache has none (it quantizes the prompt right after the prefill, even at
-# 8 bits): its outputs are checked against a reference quantizer in test_kvcache_think_zip.py.
+# 8 bits): its outputs are checked against a reference quantizer in test_kvcache_store.py.
 EXACT_CONFIG = {"quantized": {"bits": 8, "residual": 32 * (N // 32 + 4)}, "think": {"pruning_ratio": 0.0}}
 NO_EXACT_SETTING = {"zipcache"}
 

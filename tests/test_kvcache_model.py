@@ -13,7 +13,7 @@ import attnkit as ak
 from attnkit.kvcache import KVCache
 
 # Token-dropping policies from the first batch; the others decode on SmolLM2 together in
-# tests/test_kvcache_more.py (one short run for all, to keep CI fast).
+# test_decoding_smollm2_with_new_policies below (one short run for all, to keep CI fast).
 POLICIES = ["streaming", "snapkv", "pyramidkv", "adakv", "h2o", "a2sf", "tova", "knorm", "keydiff", "random"]
 BUDGET = 48
 
@@ -133,7 +133,7 @@ def test_generate_with_cache_injects_a_kvcache(smollm2):
 
 # Policies with their own storage (no eviction, no budget): ThinK prunes the prompt's key
 # channels, ZipCache quantizes at mixed precision; KIVI (`quantized`) decodes in
-# tests/test_kvcache_more.py's shared run. A left-padded batch of two prompts.
+# test_decoding_smollm2_with_new_policies's shared run. A left-padded batch of two prompts.
 STORAGE = {"think": 0.9, "zipcache": 0.25}  # bytes held / bytes of a full cache must stay below
 
 
@@ -164,3 +164,47 @@ def test_think_without_pruning_equals_default_cache(smollm2, prompt):
         ref = smollm2.model.generate(**inputs, max_new_tokens=6, do_sample=False)
     out = _generate(smollm2, inputs, KVCache("think", pruning_ratio=0.0), new=6)
     assert torch.equal(out.sequences, ref)
+
+
+# --- on the real model: one short decode with each new policy -------------------------------
+
+NEW = [("quantized", dict(bits=4, group_size=32, residual=32)), ("quest", dict(budget=32, page_size=8)),
+       ("expected_attention", dict(budget=48)), ("chunkkv", dict(budget=48)), ("scissorhands", dict(budget=48)),
+       ("duo", dict(budget=48)), ("compose", dict(budget=48, prefill="snapkv", decode="tova")),
+       # query-aware selection: every token kept, 48 attended per decode step
+       ("tokenselect", dict(budget=48)), ("recycled", dict(budget=48, stride=2)), ("retrieval", dict(budget=48)),
+       ("infllm", dict(budget=48))]
+QUERY_AWARE = ("quantized", "quest", "tokenselect", "recycled", "retrieval", "infllm")
+
+
+def test_decoding_smollm2_with_new_policies(smollm2, license_text):
+    tok, model = smollm2.tokenizer, smollm2.model
+    prompt = smollm2.chat_prompt(license_text[:300] + "\n\nWhich license is this text from?")
+    inputs = tok(prompt, return_tensors="pt")
+    n = inputs.input_ids.shape[1]
+    texts = {}
+    for policy, kw in NEW:
+        cache = KVCache(policy, **kw)
+        with ak.patch(model), torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, past_key_values=cache)
+        assert all(bool(torch.isfinite(s[:, s[0] > float("-inf")]).all()) for s in out.scores), policy
+        texts[policy] = tok.decode(out.sequences[0, n:], skip_special_tokens=True)
+        assert texts[policy].strip(), policy
+        kept = [int((cache.kept_positions(i) >= 0).sum(-1).max()) for i in range(len(cache.layers))]
+        if policy in QUERY_AWARE:
+            assert kept == [n + 2] * len(kept)  # full cache kept
+        elif policy == "duo":  # retrieval heads full, streaming heads within the budget
+            per_head = torch.stack([(cache.kept_positions(i) >= 0).sum(-1)[0] for i in range(len(cache.layers))])
+            assert int(per_head.max()) == n + 2 and int(per_head.min()) <= 48
+        else:
+            assert max(kept) <= 48 + 2, (policy, kept)  # default when="prefill" adds decode tokens on top
+    assert cache_bytes_saving(model, inputs)
+    print(texts)
+
+
+def cache_bytes_saving(model, inputs):
+    cache = KVCache("quantized", bits=2, group_size=32, residual=32)
+    with ak.patch(model), torch.no_grad():
+        model(**inputs, past_key_values=cache)
+    return cache.nbytes() * 3 < cache.full_nbytes()

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import api
+from .cache_tag import cache_layer_of
 from .kernels import attention_with_lse
 from .methods.base import PatternMethod
 from .methods.sparse_static.within_window import WithinWindow
@@ -41,7 +42,6 @@ logger = logging.getLogger("attnkit.patching")
 
 LAYER_ATTR = "_attnkit_layer"  # on each attention module: a LayerMethod, or None for exact
 CROSS_ATTR = "_attnkit_cross"  # on cross-attention modules: True
-CACHE_LAYER_ATTR = "_attnkit_cache_layer"  # on keys returned by an attnkit.KVCache layer (kvcache.py)
 
 # Keyword arguments that do not change the attention itself (bookkeeping of the model).
 IGNORED_KWARGS = frozenset({
@@ -124,7 +124,7 @@ def attnkit_attention(
         return prefill(spec, query, key, value, attention_mask, call, scaling)
 
     # K/V from an attnkit.KVCache layer: the layer attends over its own (per-head) slots.
-    cache_layer = getattr(key, CACHE_LAYER_ATTR, None)
+    cache_layer = cache_layer_of(key)
     if cache_layer is not None and cache_layer.rope_theta is None:
         cache_layer.rope_theta = rope_theta(module)  # for policies that rotate queries (expected_attention)
     out = compute() if cache_layer is None else cache_layer.attention(query, attention_mask, scaling, compute)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from . import validate
+from .configurable import config_defaults
 
 FAMILIES = ("exact", "static_sparse", "dynamic_sparse", "linear", "kv_cache")
 SUPPORT_FLAGS = ("causal", "non_causal", "decode", "gqa")
@@ -144,19 +145,6 @@ def policy_class(name: str) -> type:
     if name not in _POLICIES:
         validate.unknown_name("KV-cache policy", name, sorted(_POLICIES))
     return _POLICIES[name]
-
-
-def config_defaults(config_cls: type) -> dict[str, Any]:
-    """Field name -> default value of a config dataclass."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config_cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = f.default_factory()  # type: ignore[misc]
-        else:
-            out[f.name] = None
-    return out
 
 
 def _ensure_loaded() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import typing
 from typing import Any, NoReturn, Sequence
@@ -82,31 +81,8 @@ def check_scale(scale: Any) -> None:
         raise ValueError(f"scale must be a finite number > 0 or None (1/sqrt(D)), got {scale}")
 
 
-def build_config(config_cls: type, method: str, kwargs: dict[str, Any]) -> Any:
-    """Make ``config_cls(**kwargs)``; unknown fields and wrong types raise with the valid fields."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    unknown = [key for key in kwargs if key not in fields]
-    if unknown:
-        listing = ", ".join(f"{n}={_default_of(f)!r}" for n, f in fields.items()) or "(none)"
-        raise ValueError(
-            f"unknown config field(s) {', '.join(map(repr, unknown))} for method {method!r}; "
-            f"valid fields with defaults: {listing}"
-        )
-    hints = typing.get_type_hints(config_cls)
-    for key, value in kwargs.items():
-        _check_type(method, key, value, hints.get(key, Any))
-    return config_cls(**kwargs)
-
-
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None
-
-
-def _check_type(method: str, key: str, value: Any, hint: Any) -> None:
+def check_type(method: str, key: str, value: Any, hint: Any) -> None:
+    """A TypeError unless ``value`` of config field ``key`` fits the type hint ``hint``."""
     allowed = _allowed_types(hint)
     if allowed is None:
         return

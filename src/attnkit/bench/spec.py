@@ -97,7 +97,7 @@ class CacheSpec:
 
     @property
     def uses_budget(self) -> bool:
-        return _policy_takes_budget(self.name)
+        return _policy_takes_budget(self.name, self.kwargs)
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def _fmt(value: Any) -> str:
     return repr(value)
 
 
-
-def _policy_takes_budget(name: str) -> bool:
-    """Whether the KV-cache policy ``name`` keeps a budget of tokens (``quantized`` does not)."""
-    return bool(policy_class(name).uses_budget)
+def _policy_takes_budget(name: str, config: Mapping[str, Any]) -> bool:
+    """Whether the KV-cache policy ``name`` with ``config`` keeps a budget of tokens
+    (``quantized`` does not)."""
+    return policy_class(name)(**config).has_budget()

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from .. import validate
+from ..configurable import Configurable
 from ..kernels import BlockPattern, MaskMod, Needs, compatible_backends, count_allowed_pairs, lists_from_block_mask, run
 from ..kernels.pattern import cdiv, slots_of
 from ..registry import MethodInfo
@@ -48,21 +49,10 @@ def full_pairs(q_len: int, kv_len: int, causal: bool) -> int:
     return q_len * offset + q_len * (q_len + 1) // 2
 
 
-class Method:
+class Method(Configurable):
     """A configured attention method: ``m(q, k, v, causal=...)``."""
 
-    Config: ClassVar[type]
-    name: ClassVar[str]
     info: ClassVar[MethodInfo]
-
-    def __init__(self, config: Any = None, **kwargs: Any) -> None:
-        if config is not None and kwargs:
-            raise ValueError("pass either a config object or keyword fields, not both")
-        self.config = config if config is not None else validate.build_config(self.Config, self.name, kwargs)
-        self.check_config()
-
-    def check_config(self) -> None:
-        """Raise ValueError for out-of-range hyper-parameters (override)."""
 
     def __repr__(self) -> str:
         return f"attnkit.get({self.name!r}, {self.config})"

@@ -1,7 +1,9 @@
 """KV-cache policies: what to keep, evict, quantize or retrieve during prefill and decode.
 
 One policy per file (paper + arXiv id at the top, a config dataclass, its rule);
-``common.py`` holds the shared helpers and ``attnkit.kvcache`` the cache itself.
+``base.py`` is the contract (``CachePolicy`` and its ``mode``, ``LayerView``, ``Store``),
+``common.py`` the helpers policies share, ``quantize.py`` the quantizers of the storing
+policies, and ``attnkit.kvcache`` / ``attnkit.kvcache_layer`` the cache itself.
 """
 
 from . import a2sf, adakv, h2o, keydiff, knorm, pyramidkv, random, snapkv, streaming, tova  # noqa: F401

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register
-from .common import LayerView, group_mean
+from .base import LayerView
+from .common import group_mean
 from .h2o import H2O
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...registry import policy_class, register
-from .common import CachePolicy, LayerView, topk_per_head
+from .base import CachePolicy, LayerView, topk_per_head
 
 
 @register("adakv", family="kv_cache",
@@ -36,10 +36,16 @@ class AdaKV(CachePolicy):
         if self.config.scorer == "adakv":
             raise ValueError("adakv: scorer must be another policy")
         self.inner: CachePolicy = policy_class(self.config.scorer)(**self.config.scorer_config)
-        if self.inner.query_aware:
-            raise ValueError(f"adakv: scorer {self.config.scorer!r} selects per query; it has no scores to share")
-        self.accumulates = self.inner.accumulates
-        self.default_when = self.inner.default_when
+        if not self.inner.evicts():
+            raise ValueError(f"adakv: scorer {self.config.scorer!r} does not evict (mode {self.inner.mode!r}); "
+                             "it has no scores to share")
+
+    @property
+    def default_when(self) -> str:  # type: ignore[override]
+        return self.inner.default_when
+
+    def accumulates(self) -> bool:
+        return self.inner.accumulates()
 
     def obs_window(self) -> int:
         return self.inner.obs_window()

@@ -20,7 +20,8 @@ import torch
 
 from ... import validate
 from ...registry import register
-from .common import CachePolicy, LayerView, protect, ranks, window_slots
+from .base import CachePolicy, LayerView
+from .common import protect, ranks, window_slots
 from .snapkv import POOLINGS, snapkv_votes
 
 

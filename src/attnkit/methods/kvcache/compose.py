@@ -20,15 +20,13 @@ from typing import Optional
 import torch
 
 from ...registry import policy_class, register
-from .common import CachePolicy, LayerView
+from .base import CachePolicy, LayerView
 
 
 @register("compose", family="kv_cache", paper="attnkit composition of a prefill and a decode policy",
           arxiv="", year=2025, supports=("causal", "decode", "gqa"), kinds=("cache",))
 class Compose(CachePolicy):
     """A prefill policy's compression, then a decode policy's eviction or selection."""
-
-    default_when = "both"
 
     @dataclass
     class Config:
@@ -44,14 +42,21 @@ class Compose(CachePolicy):
         self.first: CachePolicy = policy_class(c.prefill)(**c.prefill_config)
         self.second: CachePolicy = policy_class(c.decode)(**c.decode_config)
         for part in (self.first, self.second):
-            if part.make_store(0) is not None:
+            if part.mode == "store":
                 raise ValueError(f"compose: {part.name!r} stores its tokens itself (quantized or pruned); "
                                  "it cannot be composed yet")
-        if not self.first.evicts:
+        if not self.first.evicts():
             raise ValueError(f"compose: prefill policy {c.prefill!r} evicts nothing")
-        self.accumulates = self.first.accumulates or self.second.accumulates
-        self.query_aware = self.second.query_aware
-        self.default_when = "prefill" if not self.second.evicts else "both"
+
+    @property
+    def default_when(self) -> str:  # type: ignore[override]
+        return "both" if self.second.evicts() else "prefill"
+
+    def selects(self) -> bool:
+        return self.second.selects()
+
+    def accumulates(self) -> bool:
+        return self.first.accumulates() or self.second.accumulates()
 
     def obs_window(self) -> int:
         return max(self.first.obs_window(), self.second.obs_window())
@@ -78,7 +83,7 @@ class Compose(CachePolicy):
 
     def accumulate(self, view: LayerView, probs: torch.Tensor, query_positions: torch.Tensor) -> None:
         for part in (self.first, self.second):
-            if part.accumulates:
+            if part.accumulates():
                 part.accumulate(view, probs, query_positions)
 
     def decode_select(self, view: LayerView, q: torch.Tensor, budget: int) -> Optional[torch.Tensor]:

@@ -29,7 +29,8 @@ import torch
 
 from ... import validate
 from ...registry import register
-from .common import CachePolicy, LayerView, group_mean, protect, recent_mask, sink_mask, topk_per_head, window_probs
+from .base import CachePolicy, LayerView, topk_per_head
+from .common import group_mean, protect, recent_mask, sink_mask, window_probs
 
 
 def load_plan(plan: Any) -> Optional[dict[int, list[int]]]:

@@ -29,7 +29,8 @@ import torch
 
 from ... import validate
 from ...registry import register
-from .common import CachePolicy, LayerView, group_mean, protect, sink_mask
+from .base import CachePolicy, LayerView
+from .common import group_mean, protect, sink_mask
 
 
 def rope_cos_sin(positions: torch.Tensor, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

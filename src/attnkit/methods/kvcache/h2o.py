@@ -17,7 +17,8 @@ import torch
 
 from ... import validate
 from ...registry import register
-from .common import CachePolicy, LayerView, group_mean, protect, recent_mask
+from .base import CachePolicy, LayerView
+from .common import group_mean, protect, recent_mask
 
 
 @register("h2o", family="kv_cache",
@@ -27,7 +28,6 @@ class H2O(CachePolicy):
     """Accumulated attention (heavy hitters) plus a recent window."""
 
     default_when = "both"
-    accumulates = True
 
     @dataclass
     class Config:

@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 
 from ...registry import register
-from .common import CachePolicy, LayerView, group_mean, mask_state, ranks, window_probs
+from .base import CachePolicy, LayerView
+from .common import group_mean, mask_state, ranks, window_probs
 
 REPR, FORMED = "infllm_repr", "infllm_formed"
 
@@ -57,8 +58,7 @@ class InfLLM(CachePolicy):
     """Keeps the full cache; each decode step attends to sinks + local window + the top
     memory blocks by q . representative keys."""
 
-    query_aware = True
-    evicts = False
+    mode = "select"
 
     @dataclass
     class Config:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...registry import register
-from .common import CachePolicy, LayerView
+from .base import CachePolicy, LayerView
 
 
 @register("keydiff", family="kv_cache", paper="KeyDiff: Key Similarity-Based KV Cache Eviction",

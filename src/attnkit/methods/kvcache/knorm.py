@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register
-from .common import CachePolicy, LayerView
+from .base import CachePolicy, LayerView
 
 
 @register("knorm", family="kv_cache",

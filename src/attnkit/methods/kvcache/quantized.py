@@ -29,15 +29,8 @@ from typing import Callable, Optional
 import torch
 
 from ...registry import register
-from .common import (
-    CachePolicy,
-    LayerView,
-    dequantize_channelwise,
-    dequantize_tokenwise,
-    nbytes_of,
-    quantize_channelwise,
-    quantize_tokenwise,
-)
+from .base import CachePolicy, LayerView, nbytes_of
+from .quantize import dequantize_channelwise, dequantize_tokenwise, quantize_channelwise, quantize_tokenwise
 
 BITS = (2, 4, 8)
 
@@ -104,6 +97,9 @@ class KIVIStore:
         return [x for x in (self.k_fp, self.v_fp, self.kq, self.k_scale, self.k_zero, self.vq, self.v_scale,
                             self.v_zero) if x is not None]
 
+    def observe(self, view: LayerView, q: torch.Tensor, query_positions: torch.Tensor) -> None:
+        """KIVI decides nothing from the queries."""
+
     def nbytes(self) -> int:
         return nbytes_of(self.tensors())
 
@@ -125,9 +121,7 @@ class KIVI(CachePolicy):
     """Keeps every token, quantized (keys per channel, values per token) with a
     full-precision recent window; no eviction, no budget."""
 
-    needs_budget = False
-    uses_budget = False
-    evicts = False
+    mode = "store"
 
     @dataclass
     class Config:
@@ -147,6 +141,3 @@ class KIVI(CachePolicy):
 
     def make_store(self, layer_idx: int) -> KIVIStore:
         return KIVIStore(self.config.bits, self.config.group_size, self.config.residual)
-
-    def score(self, view: LayerView) -> torch.Tensor:  # never called: nothing is evicted
-        return view.positions.float()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ... import validate
 from ...registry import register
-from .common import CachePolicy, LayerView
+from .base import CachePolicy, LayerView
 
 
 def page_bounds(keys: torch.Tensor, valid: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,8 +62,7 @@ def page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Te
 class Quest(CachePolicy):
     """Keeps the full cache; each decode step attends to the top pages by min/max key bounds."""
 
-    query_aware = True
-    evicts = False
+    mode = "select"
 
     @dataclass
     class Config:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register
-from .common import CachePolicy, LayerView
+from .base import CachePolicy, LayerView
 
 
 @register("random", family="kv_cache", paper="baseline: uniform random eviction (kvpress RandomPress; the baseline H2O compares against)",

@@ -26,7 +26,8 @@ import torch
 
 from ... import validate
 from ...registry import register
-from .common import CachePolicy, LayerView, decode_probs, group_mean, mask_state, topk_per_head
+from .base import CachePolicy, LayerView, topk_per_head
+from .common import decode_probs, group_mean, mask_state
 
 SEL = "recycled_sel"
 
@@ -38,8 +39,7 @@ class Recycled(CachePolicy):
     """Keeps the full cache; full attention every ``stride`` steps, the last full step's
     top-``budget`` tokens (plus newer tokens) in between."""
 
-    query_aware = True
-    evicts = False
+    mode = "select"
 
     @dataclass
     class Config:

@@ -32,7 +32,8 @@ from typing import Any, Optional
 import torch
 
 from ...registry import register
-from .common import CachePolicy, LayerView, ranks
+from .base import CachePolicy, LayerView
+from .common import ranks
 
 INDEXES = ("hnsw", "flat")
 
@@ -75,8 +76,7 @@ class Retrieval(CachePolicy):
     """Keeps the full cache; each decode step attends to sinks + recent window + the keys a
     faiss inner-product index retrieves for its query."""
 
-    query_aware = True
-    evicts = False
+    mode = "select"
 
     @dataclass
     class Config:

@@ -23,7 +23,8 @@ import torch
 
 from ... import validate
 from ...registry import register
-from .common import CachePolicy, LayerView, group_mean, protect, recent_mask
+from .base import CachePolicy, LayerView
+from .common import group_mean, protect, recent_mask
 
 
 @register("scissorhands", family="kv_cache",
@@ -34,7 +35,6 @@ class Scissorhands(CachePolicy):
     """Evict tokens rarely important in the last `history` steps; keep the recent ones."""
 
     default_when = "both"
-    accumulates = True
 
     @dataclass
     class Config:

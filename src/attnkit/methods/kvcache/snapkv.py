@@ -18,7 +18,8 @@ import torch
 
 from ... import validate
 from ...registry import register
-from .common import CachePolicy, LayerView, group_mean, pool1d, protect, window_probs, window_slots
+from .base import CachePolicy, LayerView
+from .common import group_mean, pool1d, protect, window_probs, window_slots
 
 POOLINGS = ("max", "avg", "none")
 

@@ -16,7 +16,8 @@ import torch
 
 from ... import validate
 from ...registry import register
-from .common import CachePolicy, LayerView, protect, sink_mask
+from .base import CachePolicy, LayerView
+from .common import protect, sink_mask
 
 
 @register("streaming", family="kv_cache", paper="Efficient Streaming Language Models with Attention Sinks",

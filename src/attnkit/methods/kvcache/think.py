@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register
-from .common import CachePolicy, LayerView, group_mean, nbytes_of
+from .base import CachePolicy, LayerView, nbytes_of
+from .common import group_mean
 
 
 def channel_scores(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Tensor:
@@ -112,9 +113,7 @@ class ThinK(CachePolicy):
     """Prunes the least query-relevant key channels of the prompt's keys (all but the
     ``recent`` newest tokens); no eviction, no budget."""
 
-    needs_budget = False
-    uses_budget = False
-    evicts = False
+    mode = "store"
 
     @dataclass
     class Config:
@@ -135,6 +134,3 @@ class ThinK(CachePolicy):
 
     def make_store(self, layer_idx: int) -> ThinKStore:
         return ThinKStore(self.config.pruning_ratio, self.config.window, self.config.recent)
-
-    def score(self, view: LayerView) -> torch.Tensor:  # never called: nothing is evicted
-        return view.positions.float()

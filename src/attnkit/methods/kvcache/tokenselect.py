@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ...registry import register
-from .common import CachePolicy, LayerView, decode_probs, mask_state, protect, recent_mask, sink_mask, topk_per_head
+from .base import CachePolicy, LayerView, topk_per_head
+from .common import decode_probs, mask_state, protect, recent_mask, sink_mask
 
 SEL = "tokenselect_sel"
 
@@ -53,8 +54,7 @@ def soft_vote(view: LayerView, q: torch.Tensor) -> torch.Tensor:
 class TokenSelect(CachePolicy):
     """Keeps the full cache; each decode step attends to the top soft-voted tokens per head."""
 
-    query_aware = True
-    evicts = False
+    mode = "select"
 
     @dataclass
     class Config:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register
-from .common import CachePolicy, LayerView, group_mean, window_probs
+from .base import CachePolicy, LayerView
+from .common import group_mean, window_probs
 
 
 @register("tova", family="kv_cache", paper="Transformers are Multi-State RNNs (TOVA)",

@@ -59,20 +59,17 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register
-from .common import (
-    CachePolicy,
-    LayerView,
+from .base import CachePolicy, LayerView, nbytes_of
+from .common import group_mean, window_probs
+from .quantize import (
     dequantize_channelwise,
     dequantize_cst,
     dequantize_tokenwise,
-    group_mean,
-    nbytes_of,
     pack_codes,
     quantize_channelwise,
     quantize_cst,
     quantize_tokenwise,
     unpack_codes,
-    window_probs,
 )
 
 BITS = (2, 4, 8)
@@ -236,9 +233,7 @@ class ZipCache(CachePolicy):
     """Keeps every token, quantized: salient tokens (normalized attention of probe queries)
     at ``high_bits``, the rest at ``low_bits``; no eviction, no budget."""
 
-    needs_budget = False
-    uses_budget = False
-    evicts = False
+    mode = "store"
 
     @dataclass
     class Config:
@@ -276,6 +271,3 @@ class ZipCache(CachePolicy):
 
     def make_store(self, layer_idx: int) -> ZipCacheStore:
         return ZipCacheStore(self.config, self.config.seed + layer_idx)
-
-    def score(self, view: LayerView) -> torch.Tensor:  # never called: nothing is evicted
-        return view.positions.float()

@@ -1,6 +1,7 @@
-"""ThinK (key-channel pruning) and ZipCache (mixed-precision quantization) on small float64
-tensors: each rule re-implemented here from the paper's description; decode outputs
-against ``reference_attention`` over the keys/values the rule leaves."""
+"""Storing KV-cache policies (mode "store": quantized/KIVI, ThinK key-channel pruning,
+ZipCache mixed-precision quantization) on small float64 tensors: each rule re-implemented
+here from the paper's description; decode outputs against ``reference_attention`` over
+the keys/values the rule leaves, and the bytes held."""
 
 from __future__ import annotations
 
@@ -8,20 +9,94 @@ import math
 
 import pytest
 import torch
-from kv_helpers import (  # batch 2, GQA: 4 query heads, 2 KV heads
-    HKV,
-    SCALE,
-    B,
-    D,
-    G,
-    N,
-    _qkv,
-    _step,
-)
+from kv_helpers import HKV, HQ, SCALE, B, D, G, N, _qkv, _step, check_output, topk_mask  # noqa: F401
 
-from attnkit.kvcache import CACHE_LAYER_ATTR, KVCache
+from attnkit.cache_tag import cache_layer_of
+from attnkit.kvcache import KVCache
 from attnkit.methods.kvcache.zipcache import probe_indices
 from attnkit.reference import reference_attention
+
+# --- quantized (KIVI) ------------------------------------------------------------------
+
+
+def ref_quant(x, bits):
+    """Asymmetric quantization of each row of x (..., G): (dequantized, scale)."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = (hi - lo) / (2**bits - 1)
+    code = ((x - lo) / scale).round().clamp(0, 2**bits - 1)
+    return code * scale + lo, scale
+
+
+def ref_kivi(k, v, bits, group, residual):
+    """KIVI's rule: keys in chunks of `residual` tokens, per channel over groups of `group`
+    tokens; values per token over groups of `group` channels, the newest `residual` exact."""
+    b, h, n, d = k.shape
+    mk = (n // residual) * residual
+    xk = k[:, :, :mk].reshape(b, h, mk // group, group, d).transpose(-1, -2)
+    dk, sk = ref_quant(xk, bits)
+    k_deq = torch.cat([dk.transpose(-1, -2).reshape(b, h, mk, d), k[:, :, mk:]], 2)
+    sk = sk.expand_as(xk).transpose(-1, -2).reshape(b, h, mk, d)
+    mv = max(n - residual, 0)
+    xv = v[:, :, :mv].reshape(b, h, mv, d // group, group)
+    dv, sv = ref_quant(xv, bits)
+    v_deq = torch.cat([dv.reshape(b, h, mv, d), v[:, :, mv:]], 2)
+    return k_deq, v_deq, sk, sv.expand_as(xv).reshape(b, h, mv, d), mk, mv
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantized_round_trip_outputs_and_bytes(bits):
+    q, k, v = _qkv()
+    group, residual = 4, 8
+    cache = KVCache("quantized", bits=bits, group_size=group, residual=residual)
+    out = _step(cache, q, k, v)
+    store = cache.layers[0].store
+    k_deq, v_deq = store.load()
+    rk, rv, sk, sv, mk, mv = ref_kivi(k, v, bits, group, residual)
+    assert mk == 40 and mv == 32
+    # round-trip error within the bound the bit-width allows, and the reference's values
+    assert bool(((k - k_deq).abs() <= sk_full(sk, k, mk) / 2 + 1e-12).all())
+    assert bool(((v[:, :, :mv] - v_deq[:, :, :mv]).abs() <= sv / 2 + 1e-12).all())
+    torch.testing.assert_close(k_deq, rk)
+    torch.testing.assert_close(v_deq, rv)
+    assert torch.equal(v_deq[:, :, mv:], v[:, :, mv:])  # the recent window is exact
+    assert int((k - k_deq).abs().max()) < 10 and float((k - k_deq).abs().max()) > 0
+    torch.testing.assert_close(out, reference_attention(q, rk, rv, causal=True, scale=SCALE))
+    # decode: tokens enter the full-precision window; keys quantized when `residual` accumulate
+    for s in range(9):
+        q1, k1, v1 = _qkv(1, seed=10 + s)
+        k, v = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
+        out = _step(cache, q1, k1, v1)
+    rk, rv, *_ = ref_kivi(k, v, bits, group, residual)
+    torch.testing.assert_close(out, reference_attention(q1, rk, rv, scale=SCALE))
+    assert cache.layers[0].keys is None  # the dequantized read-out is not held
+    assert torch.equal(cache.kept_positions(0), torch.arange(N + 9).expand(B, HKV, N + 9))
+    assert store.nbytes() < 0.7 * cache.full_nbytes()  # tiny groups: scales dominate here
+    assert store.kq.dtype == torch.uint8 and store.kq.shape[-1] == D * bits // 8
+
+
+def test_quantized_bytes_at_model_like_shapes():
+    gen = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 1, 3, 512, 64, generator=gen)
+    cache = KVCache("quantized", bits=2, group_size=32, residual=32)
+    keys, _ = cache.update(k, v, 0)
+    cache_layer_of(keys).attention(torch.randn(1, 9, 512, 64), None, 0.125, lambda: torch.zeros(1))
+    store = cache.layers[0].store
+    assert store.nbytes() * 6 < cache.full_nbytes(), (store.nbytes(), cache.full_nbytes())
+    assert cache.nbytes() * 4 < cache.full_nbytes()  # slot positions (int64) included
+
+
+def sk_full(sk, k, mk):
+    return torch.cat([sk, torch.zeros_like(k[:, :, mk:])], 2)
+
+
+def test_quantized_config_and_budget_errors():
+    with pytest.raises(ValueError, match="bits"):
+        KVCache("quantized", bits=3)
+    with pytest.raises(ValueError, match="residual"):
+        KVCache("quantized", group_size=32, residual=48)
+    with pytest.raises(ValueError, match="no budget"):
+        KVCache("quantized", budget=16)
+
 
 # --- ThinK ---------------------------------------------------------------------------------
 
@@ -273,7 +348,7 @@ def test_zipcache_bytes_at_model_like_shapes():
     k, v = torch.randn(2, 1, 3, 512, 64, generator=gen)
     cache = KVCache("zipcache")
     keys, _ = cache.update(k, v, 0)
-    getattr(keys, CACHE_LAYER_ATTR).attention(torch.randn(1, 9, 512, 64, generator=gen), None, 0.125,
+    cache_layer_of(keys).attention(torch.randn(1, 9, 512, 64, generator=gen), None, 0.125,
                                               lambda: torch.zeros(1))
     store = cache.layers[0].store
     assert store.nbytes() == 3 * zip_bytes(307, 205, 64, 4, 512)  # round(0.6 * 512) salient

@@ -1,32 +1,19 @@
-"""Query-aware KV-cache policies (tokenselect, recycled, retrieval, infllm) on small
-tensors: each against a reference written here from the paper's rule; outputs against
+"""Selecting KV-cache policies (mode "select": tokenselect, recycled, retrieval, infllm,
+quest) on small tensors: the full cache is kept and each decode step attends to a
+selection, checked against a reference written here from the paper's rule and against
 ``reference_attention`` over the selected set."""
 
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kv_helpers import HKV, HQ, SCALE, B, D, G, N, _qkv, _step, check_output, topk_mask  # noqa: F401
 
 from attnkit.kvcache import KVCache
 from attnkit.reference import reference_attention
-
-from kv_helpers import B, D, G, HKV, HQ, N, SCALE, _qkv, _step  # noqa: F401
-
-
-
-
-
-
-def _check_output(out, q1, k, v, sel):
-    ref = reference_attention(q1, k, v, mask=sel.repeat_interleave(G, 1)[:, :, None], scale=SCALE)
-    torch.testing.assert_close(out, ref)
-
-
-def _topk_mask(scores, k):
-    idx = scores.topk(k, -1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
 
 
 def _decode(cache, k, v, seed):
@@ -47,7 +34,7 @@ def ref_tokenselect(q1, k, budget, sink, recent):
     forced = torch.zeros(n, dtype=torch.bool)
     forced[:sink] = True
     forced[n - recent:] = True
-    return _topk_mask(votes.masked_fill(forced, float("inf")), budget)
+    return topk_mask(votes.masked_fill(forced, float("inf")), budget)
 
 
 def test_tokenselect_soft_vote_and_selection_cache():
@@ -59,7 +46,7 @@ def test_tokenselect_soft_vote_and_selection_cache():
         out, q1, k, v = _decode(cache, k, v, 100 + s)
         sel = ref_tokenselect(q1, k, budget, sink, recent)
         assert bool((sel.sum(-1) == budget).all())
-        _check_output(out, q1, k, v, sel)
+        check_output(out, q1, k, v, sel)
     assert cache.kept_positions(0).shape[-1] == N + 3  # full cache kept
     # selection cache: an identical direction of query reuses the last selection (+ the new token)
     cache = KVCache("tokenselect", budget=budget, sink=sink, recent=recent, threshold=0.9)
@@ -67,19 +54,19 @@ def test_tokenselect_soft_vote_and_selection_cache():
     _step(cache, q, k, v)
     out, q1, k, v = _decode(cache, k, v, 110)
     first = ref_tokenselect(q1, k, budget, sink, recent)
-    _check_output(out, q1, k, v, first)
+    check_output(out, q1, k, v, first)
     _, k1, v1 = _qkv(1, seed=111)
     q2 = q1 * 1.5  # cosine 1 with the previous query
     k, v = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
     out = _step(cache, q2, k1, v1)
     reused = torch.cat([first, torch.ones(B, HKV, 1, dtype=torch.bool)], -1)
-    _check_output(out, q2, k, v, reused)
+    check_output(out, q2, k, v, reused)
     assert cache.policy.reused == 1 and cache.policy.recomputed == 1
     # a dissimilar query recomputes
     out, q3, k, v = _decode(cache, k, v, 112)
     cos = F.cosine_similarity(q3[:, :, 0].reshape(B, HKV, -1), q1[:, :, 0].reshape(B, HKV, -1), dim=-1)
     assert bool((cos < 0.9).any())
-    _check_output(out, q3, k, v, ref_tokenselect(q3, k, budget, sink, recent))
+    check_output(out, q3, k, v, ref_tokenselect(q3, k, budget, sink, recent))
 
 
 # --- recycled ---------------------------------------------------------------------------
@@ -95,13 +82,13 @@ def test_recycled_full_every_stride_then_top_k():
         out, q1, k, v = _decode(cache, k, v, 200 + s)
         n = k.shape[2]
         if s % stride == 0:  # full step: exact, then the top-k of its attention (mean over the group)
-            _check_output(out, q1, k, v, torch.ones(B, HKV, n, dtype=torch.bool))
+            check_output(out, q1, k, v, torch.ones(B, HKV, n, dtype=torch.bool))
             logits = (q1[:, :, 0, None, :] * k.repeat_interleave(G, 1)).sum(-1) * SCALE
             probs = logits.softmax(-1).view(B, HKV, G, n).mean(2)
-            recycled, full_n = _topk_mask(probs, budget), n
+            recycled, full_n = topk_mask(probs, budget), n
         else:
             sel = torch.cat([recycled, torch.ones(B, HKV, n - full_n, dtype=torch.bool)], -1)
-            _check_output(out, q1, k, v, sel)
+            check_output(out, q1, k, v, sel)
     assert cache.kept_positions(0).shape[-1] == N + 7
 
 
@@ -116,7 +103,7 @@ def ref_retrieval(q1, k, budget, sink, recent):
     static = torch.zeros(n, dtype=torch.bool)
     static[:sink] = True
     static[n - recent:] = True
-    got = _topk_mask(ip.masked_fill(static, float("-inf")), budget - sink - recent)
+    got = topk_mask(ip.masked_fill(static, float("-inf")), budget - sink - recent)
     return got | static
 
 
@@ -131,7 +118,7 @@ def test_retrieval_sinks_recent_and_top_inner_products(index):
         out, q1, k, v = _decode(cache, k, v, 300 + s)
         sel = ref_retrieval(q1, k, budget, sink, recent)
         assert bool((sel.sum(-1) == budget).all())
-        _check_output(out, q1, k, v, sel)
+        check_output(out, q1, k, v, sel)
     heads = cache.policy.indexes[0]
     assert heads[0][0].index.ntotal == N + 4 - sink - recent  # every non-static key is indexed
     assert cache.kept_positions(0).shape[-1] == N + 4
@@ -186,7 +173,7 @@ def test_infllm_blocks_representatives_and_retrieval():
         steps.append(q1)
         sel = ref_infllm(q, steps, k, budget, cfg["sink"], cfg["recent"], cfg["block_size"], cfg["repr_tokens"],
                          cfg["window"])
-        _check_output(out, q1, k, v, sel)
+        check_output(out, q1, k, v, sel)
     assert cache.kept_positions(0).shape[-1] == N + 6
 
 
@@ -215,3 +202,54 @@ def test_config_errors():
     if pytest.importorskip("faiss"):
         with pytest.raises(ValueError, match="index"):
             KVCache("retrieval", budget=8, index="ivf")
+
+
+# --- quest ----------------------------------------------------------------------------
+
+
+def ref_quest_pages(q1, k, budget, page):
+    """Per (b, kv head): the selected pages, from the rule (loops)."""
+    n = k.shape[2]
+    n_pages = math.ceil(n / page)
+    want = torch.zeros(B, HKV, n, dtype=torch.bool)
+    for b in range(B):
+        for h in range(HKV):
+            scores = []
+            for p in range(n_pages):
+                kp = k[b, h, p * page:(p + 1) * page]
+                lo, hi = kp.min(0).values, kp.max(0).values
+                s = sum(max(float(q1[b, h * G + j, 0, c] * lo[c]), float(q1[b, h * G + j, 0, c] * hi[c]))
+                        for j in range(G) for c in range(D)) / G
+                scores.append(s)
+            scores[n_pages - 1] = float("inf")  # the newest page
+            top = sorted(range(n_pages), key=lambda p: -scores[p])[: max(1, budget // page)]
+            for p in top:
+                want[b, h, p * page:(p + 1) * page] = True
+    return want
+
+
+def test_quest_selects_pages_by_bounds():
+    q, k, v = _qkv()
+    cache = KVCache("quest", budget=16, page_size=4, skip_layers=0)
+    out = _step(cache, q, k, v)  # prefill: exact
+    torch.testing.assert_close(out, reference_attention(q, k, v, causal=True, scale=SCALE))
+    for s in range(3):
+        q1, k1, v1 = _qkv(1, seed=40 + s)
+        k, v = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
+        out = _step(cache, q1, k1, v1)
+        sel = ref_quest_pages(q1, k, 16, 4)
+        assert bool((sel.sum(-1) <= 16).all())
+        ref = reference_attention(q1, k, v, mask=sel.repeat_interleave(G, 1)[:, :, None], scale=SCALE)
+        torch.testing.assert_close(out, ref)
+    assert cache.kept_positions(0).shape[-1] == N + 3  # full cache kept
+
+
+def test_quest_large_budget_and_skipped_layers_are_exact():
+    q, k, v = _qkv()
+    for kw in (dict(budget=64, page_size=4, skip_layers=0), dict(budget=8, page_size=4)):
+        cache = KVCache("quest", **kw)
+        _step(cache, q, k, v)
+        q1, k1, v1 = _qkv(1, seed=50)
+        out = _step(cache, q1, k1, v1)
+        ref = reference_attention(q1, torch.cat([k, k1], 2), torch.cat([v, v1], 2), scale=SCALE)
+        torch.testing.assert_close(out, ref)

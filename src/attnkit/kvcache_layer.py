@@ -1,0 +1,312 @@
+"""``KVCacheLayer``: one layer of an ``attnkit.KVCache`` — its slots, the attention over
+them, and compression to the budget (see ``attnkit.kvcache`` for how the cache works).
+
+Storage per layer: keys/values (B, Hkv, L, D) and the original position of every slot
+(B, Hkv, L), ``-1`` for an empty slot; heads may keep different numbers of tokens (padded
+to the largest head). What the layer asks of its policy is the contract of
+``attnkit.methods.kvcache.base`` (``CachePolicy``, ``Store``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import CacheLayerMixin
+
+from .cache_tag import tag_keys
+from .kernels import attention_with_lse
+from .methods.kvcache.base import LayerView, Store
+from .methods.kvcache.common import window_probs
+
+
+class KVCacheLayer(CacheLayerMixin):
+    """One layer of a ``KVCache``. ``update`` and ``attention`` are called by the model.
+
+    ``cache``: the ``KVCache`` that owns the layer (its policy, budget and schedule).
+    Storage: a ``"store"`` policy's ``make_store(layer_idx)`` gives a ``Store`` that holds
+    the tokens (``append`` in ``update``, ``load`` for the keys and values attended,
+    ``observe`` at the end of every ``attention``); otherwise plain tensors.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.positions: Optional[torch.Tensor] = None  # (B, Hkv, L) long, -1 = empty
+        self.state: dict[str, torch.Tensor] = {}  # per-slot policy state (B, Hkv, L)
+        self.seen = 0
+        self.plain = True  # storage is every token seen, in order (nothing compressed yet)
+        self.obs_q: Optional[torch.Tensor] = None  # (B, Hq, W, D)
+        self.obs_pos: Optional[torch.Tensor] = None  # (W,)
+        self.scale = 1.0
+        self.pending = False
+        self.since = 0  # decode steps since the last compression
+        self.compressions = 0
+        self.budget_rows: Optional[torch.Tensor] = None  # (B,) fixed at the first compression
+        self._awaiting_attention = False
+        self._last_t = 0
+        # Storage hook (quantized / pruned caches, see the class docstring): ``keys`` /
+        # ``values`` are then the store's read-out, alive only from ``update`` to the end of
+        # ``attention`` (so ``nbytes`` is the store's).
+        self.store: Optional[Store] = cache.policy.make_store(layer_idx)
+        self.rope_theta: Optional[float] = None  # set by attnkit's attention from the module's config
+
+    # --- transformers' layer API ----------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros(b, h, 0, d)
+        self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+        self.positions = torch.zeros(b, h, 0, dtype=torch.long, device=self.device)
+        self.kv_dims = (b, h, d, value_states.shape[-1], key_states.element_size())
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append T new tokens (B, Hkv, T, D); return the K/V this step attends to."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._awaiting_attention:
+            raise RuntimeError(
+                "attnkit.KVCache needs attnkit's attention function, but the last forward pass did not use "
+                "it: run the model inside `with attnkit.patch(model):` (or attnkit.apply(model, ...))")
+        self.flush()
+        t = key_states.shape[2]
+        b, h = key_states.shape[:2]
+        new_pos = torch.arange(self.seen, self.seen + t, device=self.device).view(1, 1, t).expand(b, h, t)
+        if self.store is not None:
+            self.store.append(key_states, value_states)
+            self.keys, self.values = self.store.load()
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=2)
+            self.values = torch.cat([self.values, value_states], dim=2)
+        self.positions = torch.cat([self.positions, new_pos], dim=2)
+        for name, tensor in self.state.items():
+            self.state[name] = F.pad(tensor, (0, t))
+        self.seen += t
+        self._last_t = t
+        self._awaiting_attention = True
+        return tag_keys(self.keys, self), self.values
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (RoPE positions of new tokens are derived from it)."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset): the slots held plus the new tokens; bottom-right aligned.
+
+        Only the columns of the new tokens (their padding and causality) are read by
+        ``attention`` once the cache is compressed; the held slots use their own validity.
+        """
+        held = 0 if self.positions is None else self.positions.shape[2]
+        return held + query_length, self.seen - held
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.cache, self.layer_idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._apply_batch(lambda x: x[indices.to(x.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._apply_batch(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("attnkit.KVCache cannot be cropped (compressed tokens cannot be restored)")
+
+    def _apply_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.store is not None:
+            self.store.apply_batch(fn)
+            self.keys = self.values = None
+        else:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+        self.positions = fn(self.positions)
+        self.state = {n: fn(t) for n, t in self.state.items()}
+        if self.obs_q is not None:
+            self.obs_q = fn(self.obs_q)
+        if self.budget_rows is not None:
+            self.budget_rows = fn(self.budget_rows)
+
+    # --- attention, called by attnkit's attention function ------------------------
+
+    def attention(self, q: torch.Tensor, mask: Optional[torch.Tensor], scale: Optional[float],
+                  default: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Attention of q: (B, Hq, T, D) over this layer's slots -> (B, Hq, T, D).
+
+        ``default`` computes it the ordinary way (transformers' mask, prefill method);
+        it is used while the storage is plain (nothing compressed, all heads alike) and
+        the policy needs nothing special from the step.
+        """
+        self._awaiting_attention = False
+        policy = self.cache.policy
+        t = q.shape[2]
+        self.scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+        self._mark_padding(mask, t)
+        decode = t == 1
+        special = decode and (policy.accumulates() or policy.selects())
+        if self.plain and not special:
+            out = default()
+        else:
+            out = self._attend(q, mask, special)
+        if t > 1 and policy.accumulates():
+            self._accumulate_prefill(q, t)
+        self._observe(q, t)
+        self._schedule(t)
+        if self.store is not None:
+            self.store.observe(self.view(), q, torch.arange(self.seen - t, self.seen, device=q.device))
+            self.keys = self.values = None  # drop the dequantized read-out
+        return out
+
+    def _accumulate_prefill(self, q: torch.Tensor, t: int) -> None:
+        """Accumulating policies (H2O, ...) start from the attention of the chunk's last
+        ``window`` queries: O(window x L), not the full T x L attention."""
+        w = min(t, self.cache.policy.obs_window() or t)
+        view = self.view()
+        view.queries, view.query_positions = q[:, :, -w:], torch.arange(self.seen - w, self.seen, device=q.device)
+        self.cache.policy.accumulate(view, window_probs(view), view.query_positions)
+
+    def _mark_padding(self, mask: Optional[torch.Tensor], t: int) -> None:
+        """New tokens that no query may see (padding) become empty slots."""
+        if mask is None or mask.dtype != torch.bool or mask.dim() != 4:
+            return
+        seen_by_any = mask[:, 0, :, -t:].any(dim=1)  # (B or 1, T)
+        if bool(seen_by_any.all()):
+            return
+        tail = self.positions[:, :, -t:]
+        self.positions[:, :, -t:] = tail.masked_fill(~seen_by_any[:, None, :].expand_as(tail), -1)
+
+    def _attend(self, q: torch.Tensor, mask: Optional[torch.Tensor], special: bool) -> torch.Tensor:
+        b, hq, t, d = q.shape
+        hkv, length = self.keys.shape[1], self.keys.shape[2]
+        g = hq // hkv
+        allowed = (self.positions >= 0)[:, :, None, :].expand(b, hkv, t, length)
+        if t > 1:
+            allowed = allowed.clone()
+            causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+            if mask is not None and mask.dtype == torch.bool and mask.dim() == 4:
+                causal = causal & mask[:, 0, :, -t:]
+                causal = causal[:, None]
+            allowed[..., length - t:] = allowed[..., length - t:] & causal
+        policy = self.cache.policy
+        if special and policy.selects():
+            chosen = policy.decode_select(self.view(), q, self.cache.budget_for(self))
+            if chosen is not None:
+                allowed = allowed & chosen[:, :, None, :]
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # rows with no key: padding queries
+        qg = q.reshape(b, hkv, g * t, d)
+        if t > 1:
+            allowed = allowed[:, :, None].expand(b, hkv, g, t, length).reshape(b, hkv, g * t, length)
+        if special and policy.accumulates():
+            logits = torch.matmul(qg, self.keys.transpose(2, 3)) * self.scale
+            probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1, dtype=torch.float32)
+            out = torch.matmul(probs.to(self.values.dtype), self.values)
+            qpos = torch.arange(self.seen - t, self.seen, device=q.device)
+            policy.accumulate(self.view(), probs.view(b, hq, t, length), qpos)
+        else:
+            out, _ = attention_with_lse(qg, self.keys, self.values, self.scale, mask=allowed)
+        return out.reshape(b, hq, t, -1)
+
+    def _observe(self, q: torch.Tensor, t: int) -> None:
+        w = self.cache.policy.obs_window()
+        if w <= 0:
+            return
+        qpos = torch.arange(self.seen - t, self.seen, device=q.device)
+        if self.obs_q is None or t >= w:
+            self.obs_q, self.obs_pos = q[:, :, -w:].detach().clone(), qpos[-w:]
+        else:
+            self.obs_q = torch.cat([self.obs_q, q], dim=2)[:, :, -w:]
+            self.obs_pos = torch.cat([self.obs_pos, qpos])[-w:]
+
+    def _schedule(self, t: int) -> None:
+        when = self.cache.when
+        policy = self.cache.policy
+        if not policy.evicts() or self.cache.budget is None and self.cache.ratio is None:
+            return
+        if t > 1:
+            self.pending = when in ("prefill", "both") or self.pending
+        else:
+            self.since += 1
+            if when in ("decode", "both") and self.since >= self.cache.interval:
+                self.pending = True
+
+    # --- compression -----------------------------------------------------------------
+
+    def view(self) -> LayerView:
+        return LayerView(keys=self.keys, values=self.values, positions=self.positions, queries=self.obs_q,
+                         query_positions=self.obs_pos, scale=self.scale, layer_idx=self.layer_idx,
+                         num_layers=len(self.cache.layers), seen=self.seen, state=self.state,
+                         phase="prefill" if self._last_t > 1 else "decode", rope_theta=self.rope_theta)
+
+    def flush(self) -> None:
+        """Run a scheduled compression now."""
+        if self.pending:
+            self.pending = False
+            self.compress()
+
+    def compress(self) -> None:
+        """Keep each head's budget of slots, chosen by the policy."""
+        if self.keys is None or self.keys.shape[2] == 0:
+            return
+        policy = self.cache.policy
+        valid = self.positions >= 0
+        counts = valid.sum(dim=-1)  # (B, Hkv)
+        if self.budget_rows is None:
+            self.budget_rows = self.cache.row_budgets(counts.max(dim=1).values, self)
+        budget = self.budget_rows
+        if bool((counts <= budget[:, None]).all()):
+            return  # nothing to evict: the cache stays exact
+        view = self.view()
+        view.budget = int(budget.max())
+        self._gather(policy.keep(view, budget))
+        self.plain = False
+        self.since = 0
+        self.compressions += 1
+
+    def _gather(self, keep: torch.Tensor) -> None:
+        """Keep the ``keep`` slots (B, Hkv, L), in position order, padded to the largest head."""
+        length = keep.shape[-1]
+        slot = torch.arange(length, device=keep.device).expand_as(keep)
+        order = torch.where(keep, slot, slot + length).argsort(dim=-1)
+        width = int(keep.sum(dim=-1).max())
+        idx = order[..., :width]
+        kept = keep.gather(-1, idx)
+        d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
+        self.keys = self.keys.gather(2, idx[..., None].expand(*idx.shape, d_k)).contiguous()
+        self.values = self.values.gather(2, idx[..., None].expand(*idx.shape, d_v)).contiguous()
+        self.positions = self.positions.gather(-1, idx).masked_fill(~kept, -1)
+        self.state = {n: s.gather(-1, idx) for n, s in self.state.items()}
+
+    # --- inspection --------------------------------------------------------------------
+
+    def kept_positions(self) -> torch.Tensor:
+        """(B, Hkv, kept) long: original positions held, sorted; -1 pads smaller heads."""
+        self.flush()
+        pos = self.positions
+        key = torch.where(pos >= 0, pos, torch.iinfo(torch.long).max)
+        out = key.sort(dim=-1).values
+        width = int((pos >= 0).sum(dim=-1).max()) if pos.numel() else 0
+        out = out[..., :width]
+        return out.masked_fill(out == torch.iinfo(torch.long).max, -1)
+
+    def nbytes(self) -> int:
+        self.flush()
+        tensors = [self.positions, *self.state.values()]
+        if self.store is None:
+            tensors += [self.keys, self.values]
+        if self.obs_q is not None:
+            tensors.append(self.obs_q)
+        held = sum(x.numel() * x.element_size() for x in tensors if x is not None)
+        return held + (self.store.nbytes() if self.store is not None else 0)
