@@ -55,6 +55,10 @@ class KVCacheLayer(CacheLayerMixin):
         # ``values`` are then the store's read-out, alive only from ``update`` to the end of
         # ``attention`` (so ``nbytes`` is the store's).
         self.store: Optional[Store] = cache.policy.make_store(layer_idx)
+        # The layer's own sliding window (set by attnkit's attention function): such a layer
+        # holds only the last window - 1 tokens (all a later query can see), and the
+        # policy, which compresses the layers of full attention, leaves it alone.
+        self.window: Optional[int] = None
         self.rope_theta: Optional[float] = None  # set by attnkit's attention from the module's config
 
     # --- transformers' layer API ----------------------------------------------------
@@ -155,6 +159,10 @@ class KVCacheLayer(CacheLayerMixin):
         t = q.shape[2]
         self.scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
         self._mark_padding(mask, t)
+        if self.window is not None and self.store is None:
+            out = default()  # the model's own window (in transformers' mask): exact over the held slots
+            self._keep_window()
+            return out
         decode = t == 1
         special = decode and (policy.accumulates() or policy.selects())
         if self.plain and not special:
@@ -169,6 +177,15 @@ class KVCacheLayer(CacheLayerMixin):
             self.store.observe(self.view(), q, torch.arange(self.seen - t, self.seen, device=q.device))
             self.keys = self.values = None  # drop the dequantized read-out
         return out
+
+    def _keep_window(self) -> None:
+        """Drop the slots no later query can see: keep the last ``window - 1`` (plain,
+        in-order storage; a query at position p sees keys p - window < j <= p)."""
+        extra = self.positions.shape[2] - (self.window - 1)
+        if extra > 0:
+            self.keys, self.values = self.keys[:, :, extra:], self.values[:, :, extra:]
+            self.positions = self.positions[:, :, extra:]
+            self.state = {n: s[..., extra:] for n, s in self.state.items()}
 
     def _accumulate_prefill(self, q: torch.Tensor, t: int) -> None:
         """Accumulating policies (H2O, ...) start from the attention of the chunk's last

@@ -125,8 +125,10 @@ def attnkit_attention(
 
     # K/V from an attnkit.KVCache layer: the layer attends over its own (per-head) slots.
     cache_layer = cache_layer_of(key)
-    if cache_layer is not None and cache_layer.rope_theta is None:
-        cache_layer.rope_theta = rope_theta(module)  # for policies that rotate queries (expected_attention)
+    if cache_layer is not None:
+        cache_layer.window = None if call.cross else call.window  # a window layer holds only its window
+        if cache_layer.rope_theta is None:
+            cache_layer.rope_theta = rope_theta(module)  # for policies that rotate queries (expected_attention)
     out = compute() if cache_layer is None else cache_layer.attention(query, attention_mask, scaling, compute)
     return out.transpose(1, 2).contiguous(), None
 
