@@ -50,7 +50,7 @@ import torch
 from ... import validate
 from ...kernels.pattern import cdiv
 from ...registry import register
-from ._shared_extra import lookup_2d
+from .permuted import lookup_2d
 from .common import DynamicMethod, anchor_block_mask, block_pattern, gqa_scores, pool
 
 _CHUNK_ELEMS = 1 << 24
