@@ -7,6 +7,9 @@ the selection is a discrete choice), the kernel chosen and run by the kernel lay
 (``kernels.run``: every backend that can run the pattern, exact gradients, the
 log-sum-exp), and ``density`` counted without an N x N tensor when stats are wanted.
 
+``MixedPatternMethod`` is the base of methods that pick a pattern kind per head
+(``kernels.mixed.MixedIndex``: vertical-slash heads and block-sparse heads).
+
 Helpers (all shapes documented; none builds an Nq x Nk tensor):
 
 - ``pool(x, block, mode)``: mean/max pooling of tokens into blocks, ragged tail handled.
@@ -38,11 +41,18 @@ from ...kernels import (
     lists_from_block_mask,
     run,
 )
+from ...kernels.mixed import (
+    MixedIndex,
+    mixed_attention,
+    mixed_block_pattern,
+    mixed_count_pairs,
+)
 from ...kernels.pattern import cdiv, slots_of
 from ..base import AttentionStats, Method, full_pairs
 
 __all__ = [
     "DynamicMethod",
+    "MixedPatternMethod",
     "anchor_block_mask",
     "block_pattern",
     "causal_block_mask",
@@ -103,6 +113,25 @@ class DynamicMethod(Method):
             density = self.count_pairs(pattern, b, hq) / (full_pairs(nq, k.shape[2], causal) * b * hq)
             block = self.to_block_pattern(pattern)
         return out, lse, AttentionStats(self.name, density, block, estimator_seconds, used)
+
+
+class MixedPatternMethod(DynamicMethod):
+    """A dynamic method whose estimate is a ``MixedIndex`` (vertical-slash heads plus
+    block-sparse heads): each group of heads runs on its own kernel."""
+
+    def attend(self, q, k, v, pattern: MixedIndex, scale, backend, want_lse):
+        return mixed_attention(q, k, v, pattern, scale, backend, self.name)
+
+    def patterns(self, q, k, causal, scale):
+        with torch.no_grad():
+            index = self.estimate(q, k, causal, scale)
+        return [p for p in (index.vs, index.bs) if p is not None]
+
+    def count_pairs(self, pattern: MixedIndex, batch, heads):
+        return mixed_count_pairs(pattern, batch)
+
+    def to_block_pattern(self, pattern: MixedIndex):
+        return mixed_block_pattern(pattern)
 
 
 # --- pooling and scores -------------------------------------------------------------

@@ -19,11 +19,10 @@ them all.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
-
-from dataclasses import replace
 
 from ...kernels import run
 from ...kernels.pattern import cdiv
