@@ -47,7 +47,7 @@ from ...kernels.mixed import (
     mixed_block_pattern,
     mixed_count_pairs,
 )
-from ...kernels.pattern import cdiv, slots_of
+from ...kernels.pattern import cdiv, slots_of, tile_ranges
 from ..base import AttentionStats, Method, full_pairs
 
 __all__ = [
@@ -249,18 +249,9 @@ def cumulative_mask(weights: torch.Tensor, gamma: float, dim: int = -1) -> torch
 # --- block geometry -------------------------------------------------------------------
 
 
-def _block_bounds(q_len: int, kv_len: int, block_q: int, block_k: int, device) -> tuple[torch.Tensor, ...]:
-    offset = kv_len - q_len
-    q_lo = torch.arange(cdiv(q_len, block_q), device=device) * block_q
-    q_hi = torch.clamp(q_lo + block_q - 1, max=q_len - 1)
-    k_lo = torch.arange(cdiv(kv_len, block_k), device=device) * block_k
-    k_hi = torch.clamp(k_lo + block_k - 1, max=kv_len - 1)
-    return (q_lo + offset)[:, None], (q_hi + offset)[:, None], k_lo[None, :], k_hi[None, :]
-
-
 def causal_block_mask(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
     """(nQB, nKB) bool: tiles holding at least one causal pair (k <= q)."""
-    _, q_hi, k_lo, _ = _block_bounds(q_len, kv_len, block_q, block_k, device)
+    _, q_hi, k_lo, _ = tile_ranges(q_len, kv_len, block_q, block_k, device)
     return k_lo <= q_hi
 
 
@@ -270,7 +261,7 @@ def diagonal_block_mask(q_len: int, kv_len: int, block_q: int, block_k: int, dev
     Keeping these tiles guarantees every causal query row at least one key. For Nq > Nk
     (non-causal only) rows beyond the keys map to the last key block.
     """
-    q_lo, q_hi, k_lo, k_hi = _block_bounds(q_len, kv_len, block_q, block_k, device)
+    q_lo, q_hi, k_lo, k_hi = tile_ranges(q_len, kv_len, block_q, block_k, device)
     q_lo, q_hi = q_lo.clamp(0, kv_len - 1), q_hi.clamp(0, kv_len - 1)
     return (k_lo <= q_hi) & (k_hi >= q_lo)
 
@@ -285,7 +276,7 @@ def anchor_block_mask(
     ``sink = local = 0`` gives no tile. Geometry is causal (keys at or before queries);
     the caller intersects with its causal mask.
     """
-    q_lo, q_hi, k_lo, k_hi = _block_bounds(q_len, kv_len, block_q, block_k, device)
+    q_lo, q_hi, k_lo, k_hi = tile_ranges(q_len, kv_len, block_q, block_k, device)
     sink_tiles = (k_lo < sink).expand(q_lo.shape[0], -1)
     band = (k_hi >= q_lo - local + 1) & (k_lo <= q_hi) if local > 0 else torch.zeros_like(sink_tiles)
     return sink_tiles | band
@@ -293,7 +284,7 @@ def anchor_block_mask(
 
 def _full_causal_tiles(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
     """(nQB, nKB) bool: tiles whose every pair is causal and inside the sequence."""
-    q_lo, _, _, k_hi = _block_bounds(q_len, kv_len, block_q, block_k, device)
+    q_lo, _, _, k_hi = tile_ranges(q_len, kv_len, block_q, block_k, device)
     return k_hi <= q_lo
 
 
