@@ -1,5 +1,5 @@
 """Dynamic sparse methods (block_topk, moba, hip, routing, sea, pbs, biformer; hyper in
-test_dyn_hyper.py): the kernel is exact given each method's own returned pattern, a
+test_hyper.py): the kernel is exact given each method's own returned pattern, a
 budget that covers everything gives exact attention, and each estimator finds what it
 promises on planted inputs."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_checks import check_against_oracle, max_err, oracle
 from prefill_cases import (
     CASES,
     CONFIGS,
@@ -33,23 +34,10 @@ from torch.autograd import gradcheck
 
 import attnkit as ak
 from attnkit.bench.speed import PeakMemory
-from attnkit.reference import reference_attention
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max abs difference relative to max(1, |b|_max)."""
-    return (a.double() - b.double()).abs().max().item() / max(1.0, b.double().abs().max().item())
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _oracle(q, k, v, mask, causal, grad_out):
-    """(out, (dq, dk, dv)) of the float64 oracle over ``mask`` (None: every key)."""
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out = reference_attention(*leaves, mask=mask, causal=causal)
-    return out, torch.autograd.grad(out, leaves, grad_out.double())
 
 
 def test_every_prefill_method_is_covered():
@@ -78,28 +66,7 @@ def test_gradients_equal_the_oracle_on_every_backend(name, causal, shape):
     assert nq * nk > DENSE_MAX_ELEMS
     q, k, v = make_inputs(b, hq, hkv, nq, nk, seed=len(name) + 7 * causal, requires_grad=True)
     grad_out = torch.randn(b, hq, nq, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    method = ak.get(name, **config_for(name, hq))
-    backends = method.compatible_backends(q, k, v, causal, training=True)
-    assert backends and "flex" not in backends  # CPU FlexAttention has no backward
-    reference = None  # (mask, out, grads) of the oracle, from the first run's pattern
-    for backend in ["auto"] + backends:
-        out, stats = method(q, k, v, causal=causal, backend=backend, return_stats=True)
-        if backend == "auto":
-            assert "dense" not in stats.backend.split("+"), f"auto chose {stats.backend} at Nq*Nk = {nq * nk}"
-        else:
-            assert stats.backend in (backend, f"{backend}+{backend}"), (backend, stats.backend)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
-        mask = None if stats.pattern is None else stats.pattern.dense_mask(b, hq)
-        if reference is None:
-            assert name == "full" or stats.density < 0.7, f"{name}: density {stats.density:.2f} is not sparse"
-            reference = (mask, *_oracle(q, k, v, mask, causal, grad_out))
-        elif mask is not None:
-            assert torch.equal(mask, reference[0]), f"{backend}: another pattern than auto's"
-        _, expected, expected_grads = reference
-        assert out.dtype == torch.float64 and out.shape == (b, hq, nq, D)
-        assert _max_err(out, expected) < 1e-10, f"{backend} ({stats.backend}): forward"
-        for which, got, want in zip("qkv", grads, expected_grads):
-            assert _max_err(got, want) < 1e-10, f"{backend} ({stats.backend}): d{which} off by {_max_err(got, want):.2e}"
+    check_against_oracle(name, config_for(name, hq), causal, q, k, v, grad_out)
 
 
 # --- gradcheck of each kernel, forced, through out and lse ------------------------------
@@ -198,14 +165,14 @@ def test_gradcheck_biformer(backend):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["streaming", "moba", "vertical_slash"])
-def test_low_precision_gradients_are_close_to_the_oracle(name, dtype, tol):
+def test_low_precision_gradients_are_close_to_theoracle(name, dtype, tol):
     b, hq, hkv, n = 1, 2, 1, 1100
     q, k, v = make_inputs(b, hq, hkv, n, n, dtype=dtype, seed=11, requires_grad=True)
     grad_out = torch.randn(b, hq, n, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     out, stats = ak.attention(q, k, v, method=name, causal=True, return_stats=True, **config_for(name, hq))
     assert out.dtype == dtype
     grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
-    expected, expected_grads = _oracle(q, k, v, stats.pattern.dense_mask(b, hq), True, grad_out)
+    expected, expected_grads = oracle(q, k, v, stats.pattern.dense_mask(b, hq), True, grad_out)
     assert _rel_err(out, expected) < tol
     for which, got, want in zip("qkv", grads, expected_grads):
         assert got.dtype == dtype
@@ -215,7 +182,7 @@ def test_low_precision_gradients_are_close_to_the_oracle(name, dtype, tol):
 # --- regressions of the old kernels (these use only the plain ak.attention API) ------------
 
 
-def test_regression_streaming_causal_gradients_equal_the_oracle():
+def test_regression_streaming_causal_gradients_equal_theoracle():
     """The old range kernel's backward was wrong for causal streaming (dq, dk off by up to 3)."""
     n, sink, window = 1100, 4, 100
     q, k, v = make_inputs(1, 4, 2, n, n, seed=13, requires_grad=True)
@@ -225,10 +192,10 @@ def test_regression_streaming_causal_gradients_equal_the_oracle():
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
     mask = (j < sink) | (i - window < j)  # StreamingLLM, written independently of attnkit
-    expected, expected_grads = _oracle(q, k, v, mask, True, grad_out)
-    assert _max_err(out, expected) < 1e-10
+    expected, expected_grads = oracle(q, k, v, mask, True, grad_out)
+    assert max_err(out, expected) < 1e-10
     for which, got, want in zip("qkv", grads, expected_grads):
-        assert _max_err(got, want) < 1e-10, f"d{which} off by {_max_err(got, want):.2e}"
+        assert max_err(got, want) < 1e-10, f"d{which} off by {max_err(got, want):.2e}"
 
 
 REGRESSION_BACKWARD = [

@@ -25,7 +25,7 @@ def vertical_slash_attention(q, k, v, index, scale, budget_elems=1 << 25):
     """The vertical-slash kernel alone (its plan on the tiled executor)."""
     return tiled_attention(q, k, v, vertical_slash_plan(index, torch.float32, budget_elems), scale)[0]
 from attnkit.methods.base import full_pairs
-from attnkit.methods.sparse_dynamic import vertical_slash as vs  # registers the methods
+from attnkit.methods.sparse_dynamic import minference_plan
 from attnkit.reference import causal_mask, reference_attention
 
 # (B, Hq, Hkv, Nq, Nk, D): odd lengths, GQA, B=2, Nq < Nk (bottom-right aligned), Nq = 1.
@@ -187,14 +187,14 @@ def test_search_assigns_a_shape_to_a_sink_local_head(tmp_path):
     u = torch.randn(d, generator=g)
     q[0, 1] = 2 * u + 0.3 * q[0, 1]
     k[0, 1, 300] = 6 * u  # a mid-sequence column no A-shape covers
-    plan = vs.search_head_patterns(q, k, budget=0.3)
+    plan = minference_plan.search_head_patterns(q, k, budget=0.3)
     assert plan[0]["pattern"] == "a_shape", plan
     assert plan[1]["pattern"] != "a_shape", plan
     assert all(0 < e["density"] <= 0.3 for e in plan)
 
     path = str(tmp_path / "plan.json")
-    vs.save_plan(path, [plan, plan])
-    layers = vs.load_plan(path)
+    minference_plan.save_plan(path, [plan, plan])
+    layers = minference_plan.load_plan(path)
     assert len(layers) == 2 and [e["pattern"] for e in layers[1]] == [e["pattern"] for e in plan]
     v = torch.randn(1, 2, n, d, generator=g)
     by_plan = ak.attention(q, k, v, method="minference", causal=True, plan=path, layer=1)
@@ -221,12 +221,12 @@ def test_config_validation_messages(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         ak.get("minference", plan=str(tmp_path / "nope.json"))
     path = str(tmp_path / "p.json")
-    vs.save_plan(path, [[{"pattern": "a_shape", "sink": 4, "window": 8}]])
+    minference_plan.save_plan(path, [[{"pattern": "a_shape", "sink": 4, "window": 8}]])
     with pytest.raises(ValueError, match="layer=3 .* out of range"):
         ak.get("minference", plan=path, layer=3)
     with pytest.raises(ValueError, match="one per query head"):
         q, k, v = _inputs(1, 2, 2, 10, 10, 8)
         ak.attention(q, k, v, method="minference", causal=True, plan=path)
     with pytest.raises(ValueError, match="budget"):
-        vs.search_head_patterns(q, k, budget=0.0)
+        minference_plan.search_head_patterns(q, k, budget=0.0)
 

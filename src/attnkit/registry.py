@@ -3,6 +3,8 @@
 A method is a config dataclass (its hyper-parameters with defaults) plus a class that
 holds one config and computes attention. ``@register`` records the paper it comes from
 and what it supports; ``attnkit.methods()`` and ``attnkit list`` read the registry.
+The registry imports no method: importing ``attnkit`` registers the built-in ones
+(``api`` imports the ``methods`` package), a user's module registers its own on import.
 """
 
 from __future__ import annotations
@@ -139,7 +141,6 @@ def _merge(name: str, cls: type, info: MethodInfo) -> None:
 def policy_class(name: str) -> type:
     """The KV-cache policy class registered under ``name``; a ValueError listing the
     cache policies otherwise."""
-    _ensure_loaded()
     if not isinstance(name, str):
         raise TypeError(f"policy must be a str naming a KV-cache policy, got {type(name).__name__}")
     if name not in _POLICIES:
@@ -147,14 +148,10 @@ def policy_class(name: str) -> type:
     return _POLICIES[name]
 
 
-def _ensure_loaded() -> None:
-    # Importing the methods package registers every built-in method.
-    from . import methods  # noqa: F401
 
 
 def method_class(name: str) -> type:
     """The registered class of ``name``; a ValueError listing close matches otherwise."""
-    _ensure_loaded()
     if not isinstance(name, str):
         raise TypeError(f"method must be a str naming a registered method, got {type(name).__name__}")
     if name not in _REGISTRY:
@@ -164,7 +161,6 @@ def method_class(name: str) -> type:
 
 def methods(kind: str | None = None, family: str | None = None) -> list[MethodInfo]:
     """All registered methods (optionally only one kind / family), sorted by family and name."""
-    _ensure_loaded()
     infos = list(_INFO.values())
     if kind is not None:
         infos = [i for i in infos if kind in i.kinds]

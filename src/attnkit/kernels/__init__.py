@@ -2,7 +2,8 @@
 
 - ``pattern``: ``BlockPattern`` (block lists + element rule), the contract between a
   sparse method and the kernels; ``vertical_slash.VerticalSlashIndex`` and
-  ``slots.KeySlots`` are the two patterns with kernels of their own.
+  ``slots.KeySlots`` are the two patterns with kernels of their own; ``mixed.MixedIndex``
+  runs some heads on a vertical-slash index and the others on a BlockPattern.
 - ``backends``: ``choose_backend`` / ``compatible_backends`` / ``run`` — one chain of
   ``can_run_*`` predicates that say why a backend declines (logged at debug level).
 - ``tiled``: every kernel but FlexAttention is a plan of fused calls run forward and

@@ -87,12 +87,6 @@ class BlockPattern:
     def num_kv_blocks(self) -> int:
         return cdiv(self.kv_len, self.block_k)
 
-    def block_density(self) -> float:
-        """Listed tiles / all tiles (a cheap upper bound of the element density)."""
-        listed = (self.kv_blocks >= 0).sum().item()
-        total = self.kv_blocks.shape[0] * self.kv_blocks.shape[1] * self.num_q_blocks * self.num_kv_blocks
-        return listed / max(total, 1)
-
     def dense_mask(self, batch: int = 1, heads: int = 1) -> torch.Tensor:
         """(max(Bp, batch), max(Hp, heads), Nq, Nk) bool: the exact allowed set.
 
@@ -135,11 +129,18 @@ def lists_from_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(slot < counts[..., None], order, torch.full_like(order, -1))
 
 
-def tile_bounds(pattern_len: int, block: int, offset: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last absolute position covered by each block (last clipped to the sequence)."""
-    starts = torch.arange(cdiv(pattern_len, block), device=device) * block
-    ends = torch.clamp(starts + block - 1, max=pattern_len - 1)
-    return starts + offset, ends + offset
+def tile_ranges(
+    q_len: int, kv_len: int, block_q: int, block_k: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First/last absolute query position of each query block, shape (nQB, 1), and
+    first/last key position of each key block, shape (1, nKB) (last ones clipped to the
+    sequence; query i of Nq sits at Nk - Nq + i)."""
+    offset = kv_len - q_len
+    q_lo = torch.arange(cdiv(q_len, block_q), device=device) * block_q
+    q_hi = torch.clamp(q_lo + block_q - 1, max=q_len - 1)
+    k_lo = torch.arange(cdiv(kv_len, block_k), device=device) * block_k
+    k_hi = torch.clamp(k_lo + block_k - 1, max=kv_len - 1)
+    return (q_lo + offset)[:, None], (q_hi + offset)[:, None], k_lo[None, :], k_hi[None, :]
 
 
 def slots_of(block_mask: torch.Tensor, kv_blocks: torch.Tensor) -> torch.Tensor:

@@ -157,6 +157,19 @@ class PatternMethod(Method):
         hold length-dependent tables)."""
         raise NotImplementedError
 
+    def flex_mask_mod(self, q_len: int, kv_len: int, causal: bool, device: Optional[torch.device] = None) -> MaskMod:
+        """The pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for Nq = ``q_len``
+        queries over Nk = ``kv_len`` keys: ``q_idx`` counts from the first query (the
+        queries are the last Nq positions), so it goes straight into
+        ``torch.nn.attention.flex_attention.create_block_mask(mod, B, H, q_len, kv_len)``."""
+        rule = self.mask_mod(causal, kv_len, device)
+        offset = kv_len - q_len
+
+        def flex_mod(b, h, q_idx, kv_idx):
+            return rule(b, h, q_idx + offset, kv_idx)
+
+        return flex_mod
+
     def block_size(self) -> tuple[int, int]:
         return self.block_q, self.block_k
 

@@ -1,3 +1,16 @@
 """Dynamic (content-aware) sparse prefill: an estimator picks blocks/columns/diagonals from q, k."""
 
-from . import biformer, block_topk, flexprefill, hip, hyper, moba, pbs, routing, sea, vertical_slash  # noqa: F401
+from . import (  # noqa: F401
+    biformer,
+    block_topk,
+    flexprefill,
+    hip,
+    hyper,
+    minference,
+    minference_block,
+    moba,
+    pbs,
+    routing,
+    sea,
+    vertical_slash,
+)

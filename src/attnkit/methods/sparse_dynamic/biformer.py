@@ -29,8 +29,8 @@ import torch
 
 from ... import validate
 from ...registry import register
-from ._shared_extra import Permutation, PermutedMethod, pattern_from_mask
 from .common import gqa_scores, pool, topk_mask
+from .permuted import Permutation, PermutedMethod, pattern_from_mask
 
 
 @register(

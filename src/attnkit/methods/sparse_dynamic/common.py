@@ -7,6 +7,9 @@ the selection is a discrete choice), the kernel chosen and run by the kernel lay
 (``kernels.run``: every backend that can run the pattern, exact gradients, the
 log-sum-exp), and ``density`` counted without an N x N tensor when stats are wanted.
 
+``MixedPatternMethod`` is the base of methods that pick a pattern kind per head
+(``kernels.mixed.MixedIndex``: vertical-slash heads and block-sparse heads).
+
 Helpers (all shapes documented; none builds an Nq x Nk tensor):
 
 - ``pool(x, block, mode)``: mean/max pooling of tokens into blocks, ragged tail handled.
@@ -38,11 +41,18 @@ from ...kernels import (
     lists_from_block_mask,
     run,
 )
-from ...kernels.pattern import cdiv, slots_of
+from ...kernels.mixed import (
+    MixedIndex,
+    mixed_attention,
+    mixed_block_pattern,
+    mixed_count_pairs,
+)
+from ...kernels.pattern import cdiv, slots_of, tile_ranges
 from ..base import AttentionStats, Method, full_pairs
 
 __all__ = [
     "DynamicMethod",
+    "MixedPatternMethod",
     "anchor_block_mask",
     "block_pattern",
     "causal_block_mask",
@@ -103,6 +113,25 @@ class DynamicMethod(Method):
             density = self.count_pairs(pattern, b, hq) / (full_pairs(nq, k.shape[2], causal) * b * hq)
             block = self.to_block_pattern(pattern)
         return out, lse, AttentionStats(self.name, density, block, estimator_seconds, used)
+
+
+class MixedPatternMethod(DynamicMethod):
+    """A dynamic method whose estimate is a ``MixedIndex`` (vertical-slash heads plus
+    block-sparse heads): each group of heads runs on its own kernel."""
+
+    def attend(self, q, k, v, pattern: MixedIndex, scale, backend, want_lse):
+        return mixed_attention(q, k, v, pattern, scale, backend, self.name)
+
+    def patterns(self, q, k, causal, scale):
+        with torch.no_grad():
+            index = self.estimate(q, k, causal, scale)
+        return [p for p in (index.vs, index.bs) if p is not None]
+
+    def count_pairs(self, pattern: MixedIndex, batch, heads):
+        return mixed_count_pairs(pattern, batch)
+
+    def to_block_pattern(self, pattern: MixedIndex):
+        return mixed_block_pattern(pattern)
 
 
 # --- pooling and scores -------------------------------------------------------------
@@ -220,18 +249,9 @@ def cumulative_mask(weights: torch.Tensor, gamma: float, dim: int = -1) -> torch
 # --- block geometry -------------------------------------------------------------------
 
 
-def _block_bounds(q_len: int, kv_len: int, block_q: int, block_k: int, device) -> tuple[torch.Tensor, ...]:
-    offset = kv_len - q_len
-    q_lo = torch.arange(cdiv(q_len, block_q), device=device) * block_q
-    q_hi = torch.clamp(q_lo + block_q - 1, max=q_len - 1)
-    k_lo = torch.arange(cdiv(kv_len, block_k), device=device) * block_k
-    k_hi = torch.clamp(k_lo + block_k - 1, max=kv_len - 1)
-    return (q_lo + offset)[:, None], (q_hi + offset)[:, None], k_lo[None, :], k_hi[None, :]
-
-
 def causal_block_mask(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
     """(nQB, nKB) bool: tiles holding at least one causal pair (k <= q)."""
-    _, q_hi, k_lo, _ = _block_bounds(q_len, kv_len, block_q, block_k, device)
+    _, q_hi, k_lo, _ = tile_ranges(q_len, kv_len, block_q, block_k, device)
     return k_lo <= q_hi
 
 
@@ -241,7 +261,7 @@ def diagonal_block_mask(q_len: int, kv_len: int, block_q: int, block_k: int, dev
     Keeping these tiles guarantees every causal query row at least one key. For Nq > Nk
     (non-causal only) rows beyond the keys map to the last key block.
     """
-    q_lo, q_hi, k_lo, k_hi = _block_bounds(q_len, kv_len, block_q, block_k, device)
+    q_lo, q_hi, k_lo, k_hi = tile_ranges(q_len, kv_len, block_q, block_k, device)
     q_lo, q_hi = q_lo.clamp(0, kv_len - 1), q_hi.clamp(0, kv_len - 1)
     return (k_lo <= q_hi) & (k_hi >= q_lo)
 
@@ -256,7 +276,7 @@ def anchor_block_mask(
     ``sink = local = 0`` gives no tile. Geometry is causal (keys at or before queries);
     the caller intersects with its causal mask.
     """
-    q_lo, q_hi, k_lo, k_hi = _block_bounds(q_len, kv_len, block_q, block_k, device)
+    q_lo, q_hi, k_lo, k_hi = tile_ranges(q_len, kv_len, block_q, block_k, device)
     sink_tiles = (k_lo < sink).expand(q_lo.shape[0], -1)
     band = (k_hi >= q_lo - local + 1) & (k_lo <= q_hi) if local > 0 else torch.zeros_like(sink_tiles)
     return sink_tiles | band
@@ -264,7 +284,7 @@ def anchor_block_mask(
 
 def _full_causal_tiles(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
     """(nQB, nKB) bool: tiles whose every pair is causal and inside the sequence."""
-    q_lo, _, _, k_hi = _block_bounds(q_len, kv_len, block_q, block_k, device)
+    q_lo, _, _, k_hi = tile_ranges(q_len, kv_len, block_q, block_k, device)
     return k_hi <= q_lo
 
 

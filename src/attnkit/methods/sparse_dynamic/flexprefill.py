@@ -49,10 +49,12 @@ from dataclasses import dataclass
 import torch
 
 from ... import validate
+from ...kernels.mixed import MixedIndex
 from ...kernels.pattern import cdiv
 from ...kernels.vertical_slash import VerticalSlashIndex
 from ...registry import register
 from .common import (
+    MixedPatternMethod,
     block_pattern,
     causal_block_mask,
     cumulative_mask,
@@ -61,10 +63,6 @@ from .common import (
     gqa_scores,
     last_query_probs,
     pool,
-)
-from .vertical_slash import (
-    MixedIndex,
-    MixedPatternMethod,
 )
 
 

@@ -23,7 +23,7 @@ Algorithm here (per batch, KV head, query block of ``block_size`` queries):
 3. each query block attends to exactly its kept keys (gathered per group of blocks, a
    token may serve many blocks); the anchors — the first ``sink`` keys and the ``local`` keys up to
    each query — run exactly in the original order, and the two parts are merged through
-   their log-sum-exps (``KeySlotMethod`` in ``_key_slots.py``, shared with ``sea``).
+   their log-sum-exps (``KeySlotMethod`` in ``key_slots.py``, shared with ``sea``).
 
 Deliberate deviations: query blocks of 64 (the kernel tile; the paper uses b_q = 32); one
 key set per KV head (the scores of a GQA group's query heads are maxed together: one
@@ -42,7 +42,7 @@ import torch
 
 from ... import validate
 from ...registry import register
-from ._key_slots import KeySlotMethod
+from .key_slots import KeySlotMethod
 
 
 @register(

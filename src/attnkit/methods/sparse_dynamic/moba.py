@@ -50,8 +50,8 @@ import torch
 from ... import validate
 from ...kernels.pattern import cdiv
 from ...registry import register
-from ._shared_extra import lookup_2d
 from .common import DynamicMethod, anchor_block_mask, block_pattern, gqa_scores, pool
+from .permuted import lookup_2d
 
 _CHUNK_ELEMS = 1 << 24
 _KERNEL_BLOCK = 64

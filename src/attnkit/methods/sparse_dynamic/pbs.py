@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from ... import validate
 from ...kernels.pattern import cdiv
 from ...registry import register
-from ._shared_extra import Permutation, PermutedMethod, lookup, pattern_from_mask
 from .common import cumulative_mask, gqa_scores, last_query_probs, pool
+from .permuted import Permutation, PermutedMethod, lookup, pattern_from_mask
 
 
 @register(

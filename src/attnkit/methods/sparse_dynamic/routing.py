@@ -49,7 +49,7 @@ import torch
 from ... import validate
 from ...kernels.pattern import cdiv
 from ...registry import register
-from ._shared_extra import Permutation, PermutedMethod, lookup, pattern_from_mask
+from .permuted import Permutation, PermutedMethod, lookup, pattern_from_mask
 
 MEMBERSHIPS = ("balanced", "nearest")
 

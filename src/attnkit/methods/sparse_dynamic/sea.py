@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from ... import validate
 from ...kernels.pattern import cdiv
 from ...registry import register
-from ._key_slots import KeySlotMethod
+from .key_slots import KeySlotMethod
 
 ESTIMATOR_VERSION = 1
 

@@ -33,10 +33,9 @@ from typing import Optional
 import torch
 
 from ... import validate
-from ...kernels.pattern import cdiv
+from ...kernels.pattern import cdiv, tile_ranges
 from ...registry import register
 from ..base import PatternMethod
-from .common import tile_ranges
 
 _ROW_SEED_STRIDE = 1_000_003  # distinct generator seeds per (seed, query block)
 

@@ -1,4 +1,5 @@
-"""Shared helpers of the static sparse patterns: tile geometry and distance bands.
+"""Shared helpers of the static sparse patterns: distance bands over tiles (whose bounds
+``kernels.pattern.tile_ranges`` gives).
 
 Positions are absolute: query i of Nq sits at Nk - Nq + i; key j at j.
 """
@@ -6,21 +7,6 @@ Positions are absolute: query i of Nq sits at Nk - Nq + i; key j at j.
 from __future__ import annotations
 
 import torch
-
-from ...kernels.pattern import cdiv
-
-
-def tile_ranges(
-    q_len: int, kv_len: int, block_q: int, block_k: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First/last absolute query position of each query block, shape (nQB, 1), and
-    first/last key position of each key block, shape (1, nKB)."""
-    offset = kv_len - q_len
-    q_lo = torch.arange(cdiv(q_len, block_q), device=device) * block_q
-    q_hi = torch.clamp(q_lo + block_q - 1, max=q_len - 1)
-    k_lo = torch.arange(cdiv(kv_len, block_k), device=device) * block_k
-    k_hi = torch.clamp(k_lo + block_k - 1, max=kv_len - 1)
-    return (q_lo + offset)[:, None], (q_hi + offset)[:, None], k_lo[None, :], k_hi[None, :]
 
 
 def band_tiles(

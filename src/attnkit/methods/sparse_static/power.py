@@ -28,9 +28,9 @@ from typing import Optional
 import torch
 
 from ... import validate
+from ...kernels.pattern import tile_ranges
 from ...registry import register
 from ..base import PatternMethod
-from .common import tile_ranges
 
 
 @register(

@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 
 from ... import validate
+from ...kernels.pattern import tile_ranges
 from ...registry import register
 from ..base import PatternMethod
-from .common import band_full_tiles, band_tiles, tile_ranges, window_band
+from .common import band_full_tiles, band_tiles, window_band
 
 
 @register(

@@ -19,16 +19,15 @@ them all.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from dataclasses import replace
-
 from ...kernels import run
 from ...kernels.pattern import cdiv
 from ...kernels.slots import KeySlots
-from ._shared_extra import PermutedMethod, anchor_rule
+from .permuted import PermutedMethod, anchor_rule
 
 # Query blocks are processed in groups so that (B, Hkv, blocks, chunks, D) float32 of a
 # group stays near this many elements.

@@ -1,5 +1,5 @@
-"""Helpers shared by dynamic methods beyond ``common.py``: per-token tables in element
-rules, and methods that run block-sparse attention on *permuted* tokens.
+"""The base of methods that run block-sparse attention on *permuted* tokens
+(``PermutedMethod``), and per-token tables read inside element rules (``lookup``).
 
 Permuted methods (``routing``, ``pbs``, ``biformer``) reorder queries and/or keys so that
 the pairs they want fall into few blocks, run the ordinary block kernel in the permuted
