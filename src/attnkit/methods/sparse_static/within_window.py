@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from ..base import PatternMethod
-from .common import band_full_tiles, band_tiles, tile_ranges, window_band
+from ...kernels.pattern import tile_ranges
+from .common import band_full_tiles, band_tiles, window_band
 from .sliding_window import SlidingWindow
 
 
