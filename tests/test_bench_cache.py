@@ -266,3 +266,38 @@ def test_tiny_cache_bench_on_smollm2(smollm2, tmp_path):
     assert "| cache | all tokens | 64 | 25% | n |" in text and "| full cache | 1 | - | - | 2 |" in text
     assert "accuracy vs KV budget" in html and "KV-cache decode speed and memory" in text
     assert "| snapkv | 64 | 512 |" in text
+
+
+def test_budget_below_always_kept_is_recorded_not_applicable(tmp_path):
+    """A ratio budget below what the policy always keeps (snapkv's window of 32 at 10% of
+    100 tokens) raises BudgetBelowAlwaysKept at prefill; the runner records the cell as
+    not applicable (no failure, not retried) and the report still builds."""
+    from attnkit import KVCache
+
+    @register_task("kv_ratio")
+    class KVRatio(Task):
+        needs_model = False
+        uses_depth = True
+        uses_cache = True
+        score_name = "accuracy"
+        section = Section(title="Retrieval accuracy", layout="retrieval")
+
+        def measure(self, ctx, case, method, spec, cache=None):
+            if cache is not None:
+                kv = KVCache(cache.cache.name, ratio=1 - cache.budget.keep / 100, **cache.cache.kwargs)
+                kv.policy.check_budget(int(case.length * cache.budget.keep / 100), f"{cache.budget.text} of {case.length}")
+            return {"score": 1.0, "prompt_tokens": case.length, "kv_bytes": 1.0, "kv_full_bytes": 1.0}
+
+    try:
+        cfg = build.build_config({"tasks": ["kv_ratio"], "lengths": [100], "depths": [0.5],
+                                   "caches": "snapkv", "budgets": "50%,10%"})
+        outcome = runner.run(cfg, tmp_path, progress=False)
+        assert outcome.failed == 0 and outcome.measured == 3
+        with Store(tmp_path) as store:
+            rows = {r.budget: r for r in store.rows()}
+        assert rows["10%"].score is None and "below the 32 tokens it always keeps" in rows["10%"].metrics["not_applicable"]
+        assert rows["50%"].score == 1.0
+        assert runner.run(cfg, tmp_path, progress=False).measured == 0  # recorded: not retried
+        report.write(tmp_path)
+    finally:
+        TASKS.pop("kv_ratio")

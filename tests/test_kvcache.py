@@ -252,3 +252,31 @@ def test_stats_and_nbytes():
     st = cache.stats()
     assert st["kept_per_layer"] == [10] and st["seen"] == N
     assert cache.nbytes() < cache.full_nbytes()
+
+
+def test_budget_below_always_kept_is_an_error():
+    from attnkit.methods.kvcache.base import BudgetBelowAlwaysKept
+
+    with pytest.raises(BudgetBelowAlwaysKept, match="below the 32 tokens it always keeps: observation window"):
+        KVCache("snapkv", budget=10)
+    with pytest.raises(BudgetBelowAlwaysKept, match="attention sinks, sink=4"):
+        KVCache("streaming", budget=3)
+    with pytest.raises(BudgetBelowAlwaysKept, match="sink=4 \\+ recent=16"):
+        KVCache("tokenselect", budget=8)
+    # a ratio is checked at prefill, against the prompt's length: 10% of N=64 tokens < 32
+    q, k, v = _qkv()
+    cache = KVCache("snapkv", ratio=0.9)
+    with pytest.raises(BudgetBelowAlwaysKept, match="ratio=0.9 of"):
+        _step(cache, q, k, v)
+        cache.compress()
+
+
+def test_ties_keep_the_most_recent_slots():
+    from attnkit.methods.kvcache.base import topk_per_head
+
+    scores = torch.tensor([[[float("inf")] * 6 + [1.0, 2.0]]])  # six always-kept slots, budget 4
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    kept = topk_per_head(scores, torch.tensor([4]), valid)
+    assert kept[0, 0].nonzero().flatten().tolist() == [2, 3, 4, 5]
+    equal = topk_per_head(torch.zeros(1, 1, 6), torch.tensor([2]), torch.ones(1, 1, 6, dtype=torch.bool))
+    assert equal[0, 0].nonzero().flatten().tolist() == [4, 5]

@@ -75,6 +75,8 @@ class KVCache(Cache):
             raise ValueError(f"when must be one of {WHEN}, got {when!r}")
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int (decode steps), got {interval!r}")
+        if budget is not None:
+            self.policy.check_budget(budget, f"budget={budget}")
         self.budget, self.ratio, self.when, self.interval = budget, ratio, when, interval
 
     def __repr__(self) -> str:
@@ -88,7 +90,11 @@ class KVCache(Cache):
 
     def budget_for(self, layer: KVCacheLayer) -> int:
         """Tokens per head this layer keeps (or attends to, for query-aware policies)."""
-        base = self.budget if self.budget is not None else max(1, int(layer.seen * (1 - self.ratio)))
+        if self.budget is not None:
+            base = self.budget
+        else:
+            base = max(1, int(layer.seen * (1 - self.ratio)))
+            self.policy.check_budget(base, f"ratio={self.ratio} of {layer.seen} tokens")
         return self.policy.layer_budget(base, layer.layer_idx, len(self.layers))
 
     def row_budgets(self, counts: torch.Tensor, layer: KVCacheLayer) -> torch.Tensor:
@@ -97,6 +103,8 @@ class KVCache(Cache):
             k = self.policy.layer_budget(self.budget, layer.layer_idx, len(self.layers))
             return torch.full_like(counts, k)
         kept = [max(1, int(int(n) * (1 - self.ratio))) for n in counts]
+        for n, k in zip(counts.tolist(), kept):
+            self.policy.check_budget(k, f"ratio={self.ratio} of {n} tokens")
         kept = [self.policy.layer_budget(k, layer.layer_idx, len(self.layers)) for k in kept]
         return torch.tensor(kept, dtype=torch.long, device=counts.device)
 

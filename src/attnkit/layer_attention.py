@@ -308,8 +308,44 @@ def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                               is_causal=mask is None and causal and k.shape[2] == t, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
+    if q.shape[2] * (q.shape[1] // k.shape[1]) <= DECODE_ROWS and not torch.is_grad_enabled():
+        return few_queries(q, k, v, _boolean(mask, causal, t, k.shape[2], q.device), scale)
     out, _ = attention_with_lse(q, k, v, scale, causal=mask is None and causal, mask=mask)
     return out
+
+
+DECODE_ROWS = 64  # query rows per KV head (T x group) up to which few_queries runs
+
+
+def few_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                scale: float) -> torch.Tensor:
+    """Exact attention for a few queries (decode steps): each KV head's query rows packed
+    into one (group x T, N) product, as transformers' SDPA path packs GQA at decode; the
+    tiled kernels are built for many rows and are slow here.
+
+    q: (B, Hq, T, D); k, v: (B, Hkv, N, D); mask: boolean or additive, broadcastable to
+    (B, Hq, T, N), or None. Returns (B, Hq, T, Dv); a row without keys gets zeros.
+    """
+    b, hq, t, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.reshape(b, hkv, g * t, d) @ k.transpose(-1, -2)).to(compute) * scale  # (B, Hkv, g T, N)
+    if mask is not None:
+        mask = _packed_mask(mask, hq, hkv, t, n)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(compute)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
+    return (probs @ v).reshape(b, hq, t, v.shape[-1])
+
+
+def _packed_mask(mask: torch.Tensor, hq: int, hkv: int, t: int, n: int) -> torch.Tensor:
+    """A mask broadcastable to (B, Hq, T, N) in the packed layout (B, Hkv or 1, group x T, N)."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    mb, g = mask.shape[0], hq // hkv
+    if mask.shape[1] == 1:
+        return mask.expand(mb, 1, t, n).unsqueeze(2).expand(mb, 1, g, t, n).reshape(mb, 1, g * t, n)
+    return mask.expand(mb, hq, t, n).reshape(mb, hkv, g * t, n)
 
 
 def _boolean(mask: Optional[torch.Tensor], causal: bool, t: int, t_kv: int, device: torch.device) -> Optional[torch.Tensor]:

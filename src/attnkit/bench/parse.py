@@ -135,7 +135,7 @@ def cache_spec(name: str, config: Mapping[str, Any]) -> CacheSpec | None:
             raise ValueError(f"cache policy {name!r}: give budgets with --budgets (budgets: in a config file), "
                              f"not as the field {key!r}; e.g. --cache {name} --budgets 512,25%")
     spec = CacheSpec(name, json.dumps(config, sort_keys=True))
-    KVCache(policy=name, budget=1 if spec.uses_budget else None, **config)  # unknown fields, bad values
+    KVCache(policy=name, budget=1 << 30 if spec.uses_budget else None, **config)  # unknown fields, bad values
     return spec
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import NotApplicable
 from .spec import BenchConfig, CacheRun, MethodSpec, TaskSpec, run_label
 from .store import Row, Store, row_key
 from .tasks import TASKS, Case, Context, Task
@@ -121,6 +122,8 @@ def _one(store: Store, ctx: Context, cfg: BenchConfig, w: Work, outcome: Outcome
         metrics = w.task.measure(ctx, w.case, w.method, w.spec, **extra)
     except (KeyboardInterrupt, SystemExit):
         raise
+    except NotApplicable as exc:  # e.g. a KV budget below what the policy always keeps: a recorded cell
+        metrics = {"score": None, "not_applicable": str(exc)}
     except Exception as exc:  # noqa: BLE001 - one failing (case, method) must not end a long run
         store.conn.execute(
             "INSERT INTO errors (key, run_id, task, label, error, traceback, created) VALUES (?,?,?,?,?,?,?)",

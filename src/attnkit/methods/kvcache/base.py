@@ -48,6 +48,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol
 import torch
 
 from ...configurable import Configurable
+from ...errors import NotApplicable
 from ...registry import MethodInfo
 
 MODES = ("evict", "select", "store")
@@ -179,6 +180,20 @@ class CachePolicy(Configurable):
         """(B, Hkv, L) bool slots to keep: the top ``budget[b]`` valid slots of each head."""
         return topk_per_head(scores, budget, view.valid)
 
+    def always_kept(self) -> tuple[int, str]:
+        """(tokens per head this policy keeps whatever the scores, what they are): e.g.
+        SnapKV's observation window, StreamingLLM's sinks. A budget below it is an error."""
+        return 0, ""
+
+    def check_budget(self, budget: int, source: str) -> None:
+        """Raise if ``budget`` (tokens per head) is below ``always_kept``; ``source`` says
+        where the budget came from (``budget=10``, ``ratio=0.9 of 40 tokens``)."""
+        need, what = self.always_kept()
+        if budget < need:
+            raise BudgetBelowAlwaysKept(
+                f"{self.name}: a budget of {budget} tokens per head ({source}) is below the {need} tokens it always "
+                f"keeps: {what}. Use a budget >= {need}, or lower those settings")
+
     def keep(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, L) bool slots a compression keeps: ``select`` over ``score``; budget: (B,)."""
         return self.select(self.score(view).float(), budget, view) & view.valid
@@ -201,15 +216,23 @@ class CachePolicy(Configurable):
 def topk_per_head(scores: torch.Tensor, budget: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, Hkv, L) bool: per head, the ``budget[b]`` highest-scoring valid slots.
 
-    scores: (B, Hkv, L); budget: (B,) long; ties are broken by ``torch.topk``.
+    scores: (B, Hkv, L); budget: (B,) long. Ties (e.g. several always-kept slots at +inf)
+    go to the most recent slot (valid slots are in position order along L).
     """
     scores = scores.masked_fill(~valid, float("-inf"))
-    k = min(int(budget.max()), scores.shape[-1])
-    idx = scores.topk(k, dim=-1).indices  # sorted by score, descending
+    length = scores.shape[-1]
+    k = min(int(budget.max()), length)
+    # a stable descending sort of the reversed slots: among equal scores the later slot first
+    flipped = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    idx = length - 1 - flipped
     keep_rank = torch.arange(k, device=scores.device).view(1, 1, k) < budget.view(-1, 1, 1)
     sel = torch.zeros_like(valid)
     sel.scatter_(-1, idx, keep_rank.expand_as(idx))
     return sel & valid
+
+
+class BudgetBelowAlwaysKept(NotApplicable):
+    """A KV budget below the tokens a policy always keeps (its window, its sinks)."""
 
 
 def nbytes_of(tensors: Any) -> int:

@@ -59,6 +59,9 @@ class ChunkKV(CachePolicy):
         kernel: int = 7
         pooling: str = "max"
 
+    def always_kept(self) -> tuple[int, str]:
+        return self.config.window, f"observation window, window={self.config.window}"
+
     def check_config(self) -> None:
         c = self.config
         validate.check_positive(self.name, chunk_size=c.chunk_size, window=c.window, kernel=c.kernel)

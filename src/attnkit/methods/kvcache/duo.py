@@ -65,6 +65,9 @@ class DuoAttention(CachePolicy):
         sink: int = 4
         window: int = 32
 
+    def always_kept(self) -> tuple[int, str]:
+        return self.config.sink, f"attention sinks of streaming heads, sink={self.config.sink}"
+
     def check_config(self) -> None:
         validate.check_positive(self.name, sink=self.config.sink, window=self.config.window)
         if not 0 <= self.config.retrieval_ratio <= 1:

@@ -70,6 +70,9 @@ class ExpectedAttention(CachePolicy):
         epsilon: float = 0.0
         rope_theta: Optional[float] = None
 
+    def always_kept(self) -> tuple[int, str]:
+        return self.config.n_sink, f"attention sinks, n_sink={self.config.n_sink}"
+
     def check_config(self) -> None:
         c = self.config
         validate.check_positive(self.name, window=c.window, n_future_positions=c.n_future_positions)

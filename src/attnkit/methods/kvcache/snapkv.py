@@ -46,6 +46,9 @@ class SnapKV(CachePolicy):
         kernel: int = 7
         pooling: str = "max"
 
+    def always_kept(self) -> tuple[int, str]:
+        return self.config.window, f"observation window, window={self.config.window}"
+
     def check_config(self) -> None:
         validate.check_positive(self.name, window=self.config.window, kernel=self.config.kernel)
         if self.config.pooling not in POOLINGS:

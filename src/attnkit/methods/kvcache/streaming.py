@@ -31,6 +31,9 @@ class StreamingPolicy(CachePolicy):
     class Config:
         sink: int = 4
 
+    def always_kept(self) -> tuple[int, str]:
+        return self.config.sink, f"attention sinks, sink={self.config.sink}"
+
     def check_config(self) -> None:
         validate.check_positive(self.name, sink=self.config.sink)
 

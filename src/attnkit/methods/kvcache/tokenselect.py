@@ -68,6 +68,10 @@ class TokenSelect(CachePolicy):
         self.reused = 0
         self.recomputed = 0
 
+    def always_kept(self) -> tuple[int, str]:
+        c = self.config
+        return c.sink + max(c.recent, 1), f"sinks and recent tokens, sink={c.sink} + recent={c.recent}"
+
     def check_config(self) -> None:
         c = self.config
         for name in ("sink", "recent"):
