@@ -28,8 +28,9 @@ class Arch:
     kind: str  # "decoder", "encoder", "encoder-decoder" or "refused"
     config: dict[str, Any] = field(default_factory=dict)
     window: bool = False  # has its own sliding-window layers (WINDOW)
-    exact_only: bool = False  # refuses sparse methods (soft-cap, position bias)
+    exact_only: bool = False  # refuses sparse methods (an additive position bias)
     reference: str = "sdpa"  # the implementation whose logits attnkit must equal
+    softcap: bool = False  # soft-capped logits: methods run the dense route
 
     def build(self, seed: int = 0) -> torch.nn.Module:
         import transformers
@@ -45,7 +46,8 @@ def _decoder(name: str, cls: str, **extra: Any) -> Arch:
     window = extra.pop("window", False)
     exact_only = extra.pop("exact_only", False)
     reference = extra.pop("reference", "sdpa")
-    return Arch(name, cls, "decoder", {**COMMON, **extra}, window, exact_only, reference)
+    softcap = extra.pop("softcap", False)
+    return Arch(name, cls, "decoder", {**COMMON, **extra}, window, exact_only, reference, softcap)
 
 
 DECODERS = [
@@ -53,7 +55,7 @@ DECODERS = [
     _decoder("mistral", "MistralForCausalLM", sliding_window=WINDOW, window=True),
     _decoder("qwen2", "Qwen2ForCausalLM"),
     _decoder("qwen3", "Qwen3ForCausalLM", head_dim=16),
-    _decoder("gemma2", "Gemma2ForCausalLM", head_dim=16, sliding_window=WINDOW, window=True, exact_only=True,
+    _decoder("gemma2", "Gemma2ForCausalLM", head_dim=16, sliding_window=WINDOW, window=True, softcap=True,
              reference="eager", layer_types=["sliding_attention", "full_attention"]),
     _decoder("gemma3_text", "Gemma3ForCausalLM", head_dim=16, sliding_window=WINDOW, window=True,
              layer_types=["sliding_attention", "full_attention"]),

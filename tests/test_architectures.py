@@ -74,7 +74,7 @@ def test_sparse_method_bites_or_is_refused(arch):
     assert (got - want).abs().max() > 1e-3, "the method changed nothing: it did not run"
 
 
-@pytest.mark.parametrize("arch", [a for a in DECODERS if a.name != "gemma2"], ids=lambda a: a.name)
+@pytest.mark.parametrize("arch", DECODERS, ids=lambda a: a.name)
 def test_left_padding_equals_each_row_alone(arch):
     model, ids = model_of(arch), ids_for()
     mask = torch.ones_like(ids)
@@ -116,7 +116,8 @@ def window_layers(model: torch.nn.Module) -> list[int]:
     return [i for i, what in patching.assignment(model).items() if "window" in what]
 
 
-@pytest.mark.parametrize("arch", [a for a in RUNNABLE if a.window and not a.exact_only], ids=lambda a: a.name)
+@pytest.mark.parametrize("arch", [a for a in RUNNABLE if a.window and not a.exact_only and not a.softcap],
+                         ids=lambda a: a.name)
 def test_own_window_runs_attnkit_kernel(arch, monkeypatch):
     """With no method, a window layer runs ``sliding_window`` (the kernel, not masked SDPA)."""
     model, ids = model_of(arch), ids_for()
@@ -221,6 +222,34 @@ def test_softcap_and_bias_are_exact():
         torch.testing.assert_close(out[1, 2:], want[1, 2:])
 
 
+def test_method_with_softcap_is_exact_over_its_allowed_set():
+    """Gemma 2 soft-caps its logits: a method runs the dense route, the cap applied over
+    exactly the method's allowed set (formula at the function level; on the model, a
+    streaming window wider than the prompt equals the model's eager attention)."""
+    from attnkit import layer_attention
+    from attnkit.layer_attention import LayerMethod, attnkit_attention
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 11, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 11, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    module = torch.nn.Module()
+    module.is_causal = True
+    setattr(module, layer_attention.LAYER_ATTR, LayerMethod("streaming", {"sink": 2, "window": 3}))
+    out, _ = attnkit_attention(module, q, k, v, None, scaling=0.5, softcap=3.0)
+    i, j = torch.arange(11)[:, None], torch.arange(11)[None]
+    allowed = (j <= i) & ((j < 2) | (i - j < 3))
+    scores = torch.tanh(q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.5 / 3.0) * 3.0
+    want = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(out, want.transpose(1, 2))
+
+    arch = next(a for a in DECODERS if a.name == "gemma2")
+    model, ids = model_of(arch), ids_for()
+    want = forward(model, arch, ids)  # transformers' eager attention
+    with ak.patch(model, prefill="streaming", sink=1, window=4 * T):
+        assert "soft-capped" in model.attnkit_assignment[1]
+        torch.testing.assert_close(forward(model, arch, ids), want, rtol=0, atol=ATOL)
+
+
 def architecture_table() -> str:
     """The supported-architecture table of docs/architectures.md, from the matrix."""
     rows = ["| architecture | transformers class | kind | own sliding window | sparse prefill methods |",
@@ -228,8 +257,8 @@ def architecture_table() -> str:
     for arch in ALL:
         if arch.kind == "refused":
             continue
-        methods = "no: exact only (" + ("soft-capped logits" if arch.name == "gemma2" else "position bias") + ")" \
-            if arch.exact_only else "yes"
+        methods = "no: exact only (additive position bias)" if arch.exact_only else \
+            "yes (soft-capped logits: exact math over the method's allowed set, dense cost)" if arch.softcap else "yes"
         rows.append(f"| {arch.name} | `{arch.model_class}` | {arch.kind} | {'yes' if arch.window else 'no'} | {methods} |")
     rows.append("")
     rows.append("Refused at `patch()` with the reason: " + ", ".join(f"{a.name} (`{a.model_class}`)" for a in REFUSED) + ".")

@@ -102,7 +102,7 @@ def test_static_pattern_recipe(add_module, causal):
         assert torch.equal(mask, rule(config, nq, nk, causal).expand_as(mask)), f"{name} {config}: pattern != rule"
 
 
-@pytest.mark.parametrize(("causal", "shape"), zip([True, False], SHAPES), ids=["causal-gqa-N1100", "noncausal-Nq801-Nk1409"])
+@pytest.mark.parametrize(("causal", "shape"), list(zip([True, False], SHAPES)), ids=["causal-gqa-N1100", "noncausal-Nq801-Nk1409"])
 def test_dynamic_estimator_recipe(add_module, causal, shape):
     (method_file,) = code_blocks(section("Recipe: a dynamic estimator"))[:1]
     name = registered_name(add_module(method_file))

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from . import api
 from .cache_tag import cache_layer_of
 from .kernels import attention_with_lse
+from .kernels.backends import as_block_pattern
 from .methods.base import PatternMethod
 from .methods.sparse_static.within_window import WithinWindow
 
@@ -115,7 +116,7 @@ def attnkit_attention(
     spec: Optional[LayerMethod] = None if call.cross else getattr(module, LAYER_ATTR, None)
 
     def compute() -> torch.Tensor:
-        exact_call = query.shape[2] == 1 or call.bias is not None or call.softcap is not None
+        exact_call = query.shape[2] == 1 or call.bias is not None or (spec is None and call.softcap is not None)
         if exact_call or (spec is None and (dropout or call.window is None)):
             return exact(query, key, value, attention_mask, call, scaling, dropout)
         if dropout:
@@ -156,7 +157,7 @@ def prefill(spec: Optional[LayerMethod], q: torch.Tensor, k: torch.Tensor, v: to
             k, v = _drop_empty_slots(k, v, q.shape[2], call.position_ids)
         if spec is None:
             return exact(q, k, v, None, call, scale)
-        return run_method(spec, q, k, v, call.causal, scale)
+        return run_method(spec, q, k, v, call.causal, scale, softcap=call.softcap)
     spans = row_spans(mask, call.causal, q.shape[2], call.window)
     if spans is None:
         window = f" with a sliding window of {call.window}" if call.window else ""
@@ -167,15 +168,40 @@ def prefill(spec: Optional[LayerMethod], q: torch.Tensor, k: torch.Tensor, v: to
 
 
 def run_method(spec: Optional[LayerMethod], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-               scale: Optional[float], window: Optional[int] = None) -> torch.Tensor:
-    """The layer's method, within the layer's own ``window`` if it has one:
-    (B, Hq, Nq, D) -> (B, Hq, Nq, D)."""
+               scale: Optional[float], window: Optional[int] = None, softcap: Optional[float] = None) -> torch.Tensor:
+    """The layer's method, within the layer's own ``window`` if it has one, with the
+    layer's logit ``softcap`` if it has one: (B, Hq, Nq, D) -> (B, Hq, Nq, D)."""
+    if softcap is not None:
+        return softcapped_method(spec, q, k, v, causal, scale, window, softcap)
     if window is None:
         assert spec is not None
         return api.attention(q, k, v, method=spec.name, causal=causal, scale=scale, backend=spec.backend,
                              check_finite=False, **spec.config)
     method = windowed(spec, window)
     return method(q, k, v, causal=causal, scale=scale, backend=spec.backend if spec else "auto", check_finite=False)
+
+
+def softcapped_method(spec: Optional[LayerMethod], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      scale: Optional[float], window: Optional[int], cap: float) -> torch.Tensor:
+    """A method on a layer with soft-capped logits (Gemma 2): the allowed set the method
+    selects for these q, k (its patterns, as one Nq x Nk mask) under ``softcapped``
+    exact attention. The sparse kernels do not apply a cap, so this is the dense route:
+    O(Nq Nk) like transformers' eager path, with the method's exact semantics.
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) -> (B, Hq, Nq, D)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    method = windowed(spec, window) if window is not None else None if spec is None or spec.name == "full" \
+        else api.get(spec.name, **spec.config)
+    if method is None:
+        return softcapped(q, k, v, allowed_positions(q.shape[2], k.shape[2], causal, None, q.device), scale, cap)
+    patterns = method.patterns(q, k, causal, scale)
+    if not patterns:
+        raise NotImplementedError(f"method {spec.name!r} runs its own kernel, which does not apply a logit soft-cap "
+                                  "(this model soft-caps its attention logits): use a pattern-based method")
+    mask = None
+    for pattern in patterns:  # a mixed method's parts are disjoint: their union is its allowed set
+        part = as_block_pattern(pattern, q.shape[1]).dense_mask(q.shape[0], q.shape[1])
+        mask = part if mask is None else mask | part
+    return softcapped(q, k, v, mask, scale, cap)
 
 
 _WINDOWED: dict[tuple, Any] = {}
@@ -211,7 +237,7 @@ def per_row(spec: Optional[LayerMethod], q: torch.Tensor, k: torch.Tensor, v: to
     if len(set(spans)) == 1:  # all rows alike (e.g. a mask without padding): one call
         (s, e), = set(spans)
         if queries(s, e) == (0, t) and (s, e) == (0, t_kv):
-            return run_method(spec, q, k, v, call.causal, scale, call.window)
+            return run_method(spec, q, k, v, call.causal, scale, call.window, call.softcap)
         row_sets = [(slice(None), s, e)]
     else:
         row_sets = [(slice(b, b + 1), s, e) for b, (s, e) in enumerate(spans)]
@@ -221,7 +247,7 @@ def per_row(spec: Optional[LayerMethod], q: torch.Tensor, k: torch.Tensor, v: to
         if q1 <= q0 or e <= s:
             continue
         out[rows, :, q0:q1] = run_method(spec, q[rows, :, q0:q1], k[rows, :, s:e], v[rows, :, s:e], call.causal,
-                                         scale, call.window)
+                                         scale, call.window, call.softcap)
     return out
 
 

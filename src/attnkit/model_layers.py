@@ -52,13 +52,15 @@ def own_window(module: torch.nn.Module) -> Optional[int]:
 
 def exact_only_reason(model: torch.nn.Module) -> Optional[str]:
     """Why the model's attention cannot run a sparse method (it can run exactly), or None."""
-    config = getattr(model, "config", None)
-    cap = getattr(config, "attn_logit_softcapping", None)
-    if cap:
-        return f"its attention logits are soft-capped (attn_logit_softcapping={cap})"
     if any(getattr(m, "has_relative_attention_bias", False) for m in model.modules()):
         return "its attention adds a learned relative position bias to the logits (position_bias, T5 family)"
     return None
+
+
+def softcap_of(model: torch.nn.Module) -> Optional[float]:
+    """The model's attention logit soft-cap (Gemma 2's ``attn_logit_softcapping``), or None."""
+    cap = getattr(getattr(model, "config", None), "attn_logit_softcapping", None)
+    return float(cap) if cap else None
 
 
 def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
@@ -71,11 +73,16 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def describe(spec: Any, window: Optional[int], cross: bool, exact_reason: Optional[str]) -> str:
+def describe(spec: Any, window: Optional[int], cross: bool, exact_reason: Optional[str],
+             softcap: Optional[float] = None) -> str:
     """What one layer module runs, in words: ``exact``, ``sliding_window(512)``,
     ``streaming(sink=4, window=8) within window 16``, ..."""
     if cross:
         return "exact (cross-attention)"
+    if softcap is not None:
+        name = "exact" if spec is None or spec.name == "full" else describe(spec, None, False, None)
+        within = "" if window is None else f" within the layer's own window of {window}"
+        return f"{name}{within} (soft-capped logits: exact math over the allowed set, dense cost)"
     name = None if spec is None else spec.name
     fields = "" if spec is None else ", ".join(f"{k}={v}" for k, v in spec.config.items())
     method = None if name is None else f"{name}({fields})" if fields else name

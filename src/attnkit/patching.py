@@ -114,7 +114,7 @@ def _check_backend(backend: Any) -> None:
 
 def _check_architecture(model: torch.nn.Module, chosen: Mapping[int, Optional[LayerMethod]]) -> None:
     """Refuse, before anything changes, a model attnkit cannot run, and a sparse method on
-    a model whose attention it can only run exactly (soft-capping, position bias)."""
+    a model whose attention it can only run exactly (an additive position bias)."""
     reason = model_layers.unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"attnkit cannot patch {type(model).__name__}: {reason}")
@@ -192,7 +192,7 @@ def assignment(model: torch.nn.Module) -> dict[int, str]:
             if not hasattr(module, LAYER_ATTR) or module is not model and hasattr(module, "self_attn"):
                 continue  # a decoder layer that carries layer_idx: its attention module speaks for it
             what = model_layers.describe(getattr(module, LAYER_ATTR), model_layers.own_window(module),
-                                         bool(getattr(module, CROSS_ATTR, False)), reason)
+                                         bool(getattr(module, CROSS_ATTR, False)), reason, model_layers.softcap_of(model))
             if what not in parts:
                 parts.append(what)
         out[idx] = "; ".join(parts) if parts else "exact"
