@@ -104,5 +104,6 @@ def test_cli_overrides_preset():
     data = build.merge_cli(build.QUICK, tasks="niah", methods="full", lengths="1k", samples=3)
     cfg = build.build_config(data)
     assert [t.name for t in cfg.tasks] == ["niah"]
-    assert cfg.tasks[0].lengths == [1024] and cfg.tasks[0].samples == 3 and cfg.tasks[0].depths == [0.0, 0.5, 1.0]
+    assert cfg.tasks[0].lengths == [1024] and cfg.tasks[0].samples == 3 and cfg.tasks[0].depths == [0.25, 0.75]
+    assert [m.label for m in cfg.tasks[0].methods] == ["full"] and cfg.model == "gemma3-270m"
     assert build.build_config(build.QUICK).tasks  # the preset itself is valid

@@ -195,3 +195,34 @@ def test_failed_measurements_list_only_failures_not_measured_since(tmp_path):
     md = report.build(tmp_path).markdown()
     section = md.split("## Failed measurements")[1]
     assert "1 failed" in section and "boom hip" in section and "boom sea" not in section
+
+
+def test_long_context_headline_is_derived_from_the_rows(tmp_path):
+    """The report opens with the headline at the longest model_speed length: transformers
+    (timed by the full row), attnkit exact, a method and a KV setting; the "what to use
+    when" paragraph is read off those numbers."""
+    with Store(tmp_path) as store:
+        store.start_run({"model": "gemma"}, command="attnkit bench --quick")
+        full = {"prefill_seconds": 40.0, "decode_ms_per_token": 100.0, "kv_cache_bytes": 2 ** 20,
+                "transformers_prefill_seconds": 120.0, "transformers_decode_ms_per_token": 110.0,
+                "transformers_kv_cache_bytes": 2 ** 20, "max_abs_logit_diff_vs_transformers": 2e-5}
+        store.add(Row(model="gemma", task="model_speed", variant="default", method="full", config="{}", label="full",
+                      length=16384, depth=None, sample=0, score=40.0, metrics=full))
+        store.add(Row(model="gemma", task="model_speed", variant="default", method="vs", config="{}", label="vs",
+                      length=16384, depth=None, sample=0, score=30.0,
+                      metrics={"prefill_seconds": 30.0, "decode_ms_per_token": 100.0, "kv_cache_bytes": 2 ** 20}))
+        for depth in (0.25, 0.75):
+            for label, cache, budget, acc, held in (("full", "", "", 1.0, None), ("vs", "", "", 0.5, None),
+                                                    ("full", "snapkv", "10%", 1.0, 2 ** 18)):
+                metrics = {"score": acc} if held is None else {"score": acc, "kv_bytes": held, "kv_full_bytes": 2 ** 20}
+                store.add(Row(model="gemma", task="niah", variant="single", method=label, config="{}", label=label,
+                              length=16384, depth=depth, sample=0, score=acc, metrics=metrics, cache=cache,
+                              budget=budget))
+    text = report.write(tmp_path)[0].read_text()
+    assert text.index("## Headline: gemma at 16k tokens") < text.index("## Run")
+    assert "| transformers (its own attention) | 120 | 1.00x |" in text
+    assert "| attnkit exact (full) | 40 | 3.00x | 2.00e-05 | 1 | 1.0 MiB | 100 |" in text
+    assert "| KV cache snapkv@10% | - | - | - | 1 | 0.2 MiB (25%) |" in text
+    assert "prefill 3.00x faster than transformers' own attention (last-token logits within 2.0e-05)" in text
+    assert "No sparse prefill method kept exact attention's accuracy (1.00); the best was `vs` (0.50)" in text
+    assert "The smallest KV cache that kept its accuracy: `KV cache snapkv@10%`, 25% of the full cache's bytes." in text

@@ -166,7 +166,7 @@ def test_gemma3_prompt_is_completion_style(gemma3):
     tok = gemma3.tokenizer
     assert ids.shape[0] == 1 and ids[0, 0].item() == tok.bos_token_id
     assert tok.decode(ids[0, 1:]) == "Paris is a city.\n\nAnswer: The city is"
-    assert gemma3.chat_prompt("x") == "x"  # base model: no chat template
+    assert gemma3.chat_prompt("x") == "x\n\nAnswer:"  # base model: no chat template, a completion prompt
 
 
 def test_logits_to_keep_equals_last_row(gemma3):

@@ -125,12 +125,14 @@ class KVCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
     def full_nbytes(self) -> int:
-        """Bytes the keys and values of every token seen would take in a full cache."""
+        """Bytes the keys and values of every token seen would take in the model's own
+        full cache (a layer with its own sliding window holds only its window there too)."""
         total = 0
         for layer in self.layers:
             if layer.is_initialized:
                 b, h, d_k, d_v, size = layer.kv_dims
-                total += b * h * layer.seen * (d_k + d_v) * size
+                tokens = layer.seen if layer.window is None else min(layer.seen, layer.window - 1)
+                total += b * h * tokens * (d_k + d_v) * size
         return total
 
     def stats(self) -> dict[str, Any]:

@@ -115,10 +115,11 @@ class LoadedModel:
 
     def chat_prompt(self, user_text: str) -> str:
         """``user_text`` as one user turn in the tokenizer's chat template, ready for the
-        assistant's answer (``add_generation_prompt=True``); the text itself when the
-        tokenizer has no chat template."""
+        assistant's answer (``add_generation_prompt=True``); for a base model (no chat
+        template, e.g. Gemma 3 270M) a completion prompt: the text, a blank line and
+        ``Answer:`` (the benchmark's tasks ask a question at the end of the text)."""
         if not getattr(self.tokenizer, "chat_template", None):
-            return user_text
+            return user_text if self.kind == "encoder" else user_text.rstrip("\n") + "\n\nAnswer:"
         messages = [{"role": "user", "content": user_text}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -213,6 +213,8 @@ def collect_environment() -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "hostname": platform.node(),
+        # 1 / 5 / 15-minute load average when the run started: timings from a busy machine are not comparable
+        "load_average": " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     for module in ("torch", "transformers", "numpy", "attnkit", "plotly"):
         try:

@@ -1,4 +1,4 @@
-"""A run directory's report: the run, headline scores, one section per task (its
+"""A run directory's report: the long-context headline (``headline.py``), the run, headline scores, one section per task (its
 ``Task.section``: the layout and figures it names), cross-task analyses (accuracy vs
 speedup, accuracy with a compressed KV cache) and failed measurements.
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from ..store import Row, Store
 from ..tasks import Section
 from .aggregate import fmt, group, layout_of, method_labels, metric, task_class
+from .headline import headline_section
 from .layouts import CACHE_LAYOUTS, LAYOUTS, check_section
 from .page import Report, Table
 from .pareto import pareto_section
@@ -40,7 +41,7 @@ def _run_section(rep: Report, store: Store, rows: list[Row]) -> None:
         models = sorted({r.model for r in rows}) or [runs[-1]["config"].get("model", "?")]
         rep.p(f"Model: {', '.join(models)}. {len(rows)} results from {len(runs)} invocation(s), first started {started}.")
         t = Table("Environment", ["field", "value"])
-        for key in ("cpu", "cpu_count", "torch_threads", "gpu", "python", "torch", "transformers", "attnkit",
+        for key in ("cpu", "cpu_count", "torch_threads", "load_average", "gpu", "python", "torch", "transformers", "attnkit",
                     "git_commit", "platform"):
             if env.get(key) is not None:
                 t.add(key, env[key])
@@ -132,6 +133,7 @@ def build(run_dir: str | Path) -> Report:
         rows = store.rows()
         plain = [r for r in rows if not r.cache and layout_of(r.task) not in CACHE_LAYOUTS]
         rep = Report(f"attnkit benchmark: {run_dir.name}")
+        headline_section(rep, rows)
         _run_section(rep, store, rows)
         tasks = sorted(dict.fromkeys(r.task for r in rows if not r.cache), key=lambda t: task_class(t).section.order)
         _headline_section(rep, [r for r in rows if not r.cache], tasks)
