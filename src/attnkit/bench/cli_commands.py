@@ -89,6 +89,9 @@ def add_commands(app: typer.Typer) -> None:
         outcome = runner.run(cfg, run_dir, command=command, console=console)
         console.print(f"{outcome.measured} measured, {outcome.skipped} already stored, {outcome.failed} failed "
                       f"in {outcome.seconds:.0f} s", highlight=False)
+        if outcome.skipped:
+            console.print(f"{outcome.skipped} results were read from {run_dir}/results.sqlite, not measured again: "
+                          f"for fresh numbers delete {run_dir} or give another --out", highlight=False)
         if report:
             md, page = reportmod.write(run_dir)
             console.print(f"report: {md} and {page}", highlight=False)
