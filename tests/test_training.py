@@ -121,7 +121,7 @@ def calls(monkeypatch):
     return seen
 
 
-def oracle_method(spec, q, k, v, causal, scale, window=None):
+def oracle_method(spec, q, k, v, causal, scale, window=None, softcap=None):
     """``layer_attention.run_method`` with the oracle: the allowed set the method selects (its
     ``stats.pattern``, chosen without gradients) as an explicit mask over
     ``reference_attention`` (autograd through plain ops, float64)."""

@@ -120,6 +120,16 @@ def build(tokenizer: Any, length: int, seed: int, kind: str, placed: list[tuple[
     return Sample(user_text, answers, [s for _, s in placed], offsets, len(preamble) + len(text))
 
 
+def answer_prefix(question: str) -> str:
+    """The start of the answer a base model completes, as RULER prompts base models:
+    "What is the special magic number for X mentioned in the text above?" -> "The
+    special magic number for X mentioned in the text above is"; "" for other questions."""
+    for start, verb in (("What is the ", "is"), ("What are all the ", "are"), ("What are the ", "are")):
+        if question.startswith(start) and question.endswith("?"):
+            return f"The {question[len(start):-1]} {verb}"
+    return ""
+
+
 def found(value: str, answer: str) -> bool:
     """``value`` appears in ``answer`` as a whole token (58213 does not match 582130)."""
     if value.isdigit():
@@ -144,6 +154,9 @@ def generate(ctx: Context, method: MethodSpec, user_text: str, new_tokens: int,
 
     lm = ctx.lm
     prompt = lm.chat_prompt(user_text)
+    if not getattr(lm.tokenizer, "chat_template", None):  # a base model: RULER's answer prefix after "Answer:"
+        prefix = answer_prefix(user_text.rsplit("\n\n", 1)[-1])
+        prompt = prompt + " " + prefix if prefix else prompt
     enc = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     kv = None if cache is None else cache.make()
