@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 
 from . import methods as _builtin  # noqa: F401  (importing the package registers the built-in methods)
-from .methods.base import AttentionStats, Method
+from .methods.base import Method
 from .registry import method_class
 
 
