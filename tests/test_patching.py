@@ -242,7 +242,7 @@ def test_padded_rows_run_alone(causal, side):
     real[1, pad] = False
     mask = _padding_mask(real, t, t_kv, causal)
     assert patching.row_spans(mask, causal, t) == [(0, 8), (3, 8) if side == "left" else (0, 5)]
-    module = _module(spec=LayerMethod("full"))
+    module = _module(spec=LayerMethod("full", {}, "exact"))  # the method call (not the exact path): rows run alone
     module.is_causal = causal
     out, _ = patching.attnkit_attention(module, q, k, v, mask)
     keep = real[1]

@@ -114,6 +114,8 @@ def attnkit_attention(
     """
     call = read_call(module, is_causal, kwargs)
     spec: Optional[LayerMethod] = None if call.cross else getattr(module, LAYER_ATTR, None)
+    if spec is not None and spec.name == "full" and spec.backend == "auto":
+        spec = None  # "full" is exact attention: the same path as no method (torch's fused SDPA where it can)
 
     def compute() -> torch.Tensor:
         exact_call = query.shape[2] == 1 or call.bias is not None or (spec is None and call.softcap is not None)
