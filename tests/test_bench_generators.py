@@ -106,11 +106,11 @@ def test_case_seed_is_stable():
 
 def test_answer_prefix_for_base_models(tok):
     """A base model (no chat template) completes RULER's answer prefix after "Answer:"."""
-    assert niah.answer_prefix("What is the special magic number mentioned in the text above?") == \
+    assert niah.derive_answer_prefix("What is the special magic number mentioned in the text above?") == \
         "The special magic number mentioned in the text above is"
-    assert niah.answer_prefix("What are all the special magic numbers for red-fox mentioned in the text above?") == \
+    assert niah.derive_answer_prefix("What are all the special magic numbers for red-fox mentioned in the text above?") == \
         "The special magic numbers for red-fox mentioned in the text above are"
-    assert niah.answer_prefix("Which license is this?") == ""
+    assert niah.derive_answer_prefix("Which license is this?") == ""
     for variant in niah.VARIANTS:
         sample = niah.make_sample(tok, 600, 0.5, 0, variant)
-        assert niah.answer_prefix(sample.user_text.rsplit("\n\n", 1)[-1]), variant
+        assert niah.derive_answer_prefix(sample.user_text.rsplit("\n\n", 1)[-1]), variant

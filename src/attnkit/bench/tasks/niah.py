@@ -120,7 +120,12 @@ def build(tokenizer: Any, length: int, seed: int, kind: str, placed: list[tuple[
     return Sample(user_text, answers, [s for _, s in placed], offsets, len(preamble) + len(text))
 
 
-def answer_prefix(question: str) -> str:
+def is_base_model(ctx: Context) -> bool:
+    """True for a model without a chat template (prompted by completion, e.g. Gemma 3 270M)."""
+    return not getattr(ctx.lm.tokenizer, "chat_template", None)
+
+
+def derive_answer_prefix(question: str) -> str:
     """The start of the answer a base model completes, as RULER prompts base models:
     "What is the special magic number for X mentioned in the text above?" -> "The
     special magic number for X mentioned in the text above is"; "" for other questions."""
@@ -145,17 +150,22 @@ def score(answers: list[str], answer: str) -> float:
 
 
 def generate(ctx: Context, method: MethodSpec, user_text: str, new_tokens: int,
-             cache: CacheRun | None = None) -> dict[str, Any]:
+             cache: CacheRun | None = None, answer_prefix: str | None = None) -> dict[str, Any]:
     """Greedy answer of the chat model to ``user_text`` with ``method`` on every layer's
-    prefill, and ``cache`` (a fresh ``attnkit.KVCache``) as the cache if given."""
+    prefill, and ``cache`` (a fresh ``attnkit.KVCache``) as the cache if given.
+
+    A base model (no chat template) gets a completion prompt, as RULER prompts base
+    models: the text, ``Answer:`` and ``answer_prefix`` (``None``: derived from the
+    question at the end of ``user_text`` by ``derive_answer_prefix()``). A chat model gets the
+    text as one user turn and no prefix."""
     import torch
 
     from ... import patching
 
     lm = ctx.lm
     prompt = lm.chat_prompt(user_text)
-    if not getattr(lm.tokenizer, "chat_template", None):  # a base model: RULER's answer prefix after "Answer:"
-        prefix = answer_prefix(user_text.rsplit("\n\n", 1)[-1])
+    if is_base_model(ctx):  # RULER's answer prefix after "Answer:"
+        prefix = derive_answer_prefix(user_text.rsplit("\n\n", 1)[-1]) if answer_prefix is None else answer_prefix
         prompt = prompt + " " + prefix if prefix else prompt
     enc = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
