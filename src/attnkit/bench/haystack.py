@@ -83,6 +83,17 @@ def source_text(kind: str) -> str:
     raise ValueError(f"haystack: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
 
 
+@functools.cache
+def vocabulary() -> tuple[str, ...]:
+    """Distinct lowercase words of 4-10 letters (with a vowel) written in lowercase in the texts on this machine
+    (the license texts and Python's docs), sorted: the word source of RULER-style keys
+    and word lists (RULER draws from the ``wonderwords`` lists, which are not offline)."""
+    words: set[str] = set()
+    for text in (license_text(), pydoc_text()):
+        words.update(re.findall(r"(?<![\w'-])[a-z]{4,10}(?![\w'-])", text))
+    return tuple(sorted(w for w in words if re.search("[aeiou]", w) and not re.search(r"(.)\1\1", w)))
+
+
 def boundaries(text: str) -> list[int]:
     """Character offsets where a sentence may be inserted: 0, each sentence end, len(text)."""
     out = [0] + [m.end() for m in _BOUNDARY.finditer(text)]

@@ -6,7 +6,11 @@ Variants:
 - ``multikey``: ``needles`` needles "The special magic number for amber-falcon is ...",
   one key asked (the others are distractors);
 - ``multivalue``: ``needles`` values for one key, all asked;
-- ``multiquery``: ``needles`` keys, ``queries`` of them asked at once.
+- ``multiquery``: ``needles`` keys, ``queries`` of them asked at once;
+- RULER's eight NIAH tasks by their RULER names (``niah_single_1`` ... ``niah_multiquery``,
+  or ``ruler`` for all eight; see ``niah_ruler``): each fixes its own haystack, key and
+  value kinds and needle counts (the ``haystack``, ``needles`` and ``queries`` settings
+  apply to the four variants above only).
 
 The asked needle (the first asked, for several) sits at the case's depth: 0 = start of
 the haystack, 1 = just before the question; the other needles at seeded random depths.
@@ -31,8 +35,9 @@ from typing import Any, Callable
 from .. import haystack
 from ..spec import CacheRun, MethodSpec, TaskSpec
 from .base import Case, Context, Section, Task, register_task
+from .niah_ruler import RECIPES, make_prompt
 
-VARIANTS = ("single", "multikey", "multivalue", "multiquery")
+VARIANTS = ("single", "multikey", "multivalue", "multiquery", *RECIPES)
 
 _ADJ = ("amber", "brisk", "cobalt", "dusty", "eager", "frosty", "gentle", "hollow", "ivory", "jolly",
         "lunar", "mellow", "noble", "olive", "quiet", "rusty", "silver", "tidal", "velvet", "windy")
@@ -50,6 +55,7 @@ class Sample:
     needles: list[str]
     offsets: list[int]
     context_chars: int  # the haystack (with needles) is user_text[:context_chars]
+    answer_prefix: str | None = None  # a base model's answer start (None: derived from the question)
 
 
 def _number(rng: random.Random) -> str:
@@ -76,6 +82,10 @@ def make_sample(
     pass the chat template so the whole prompt fits). Deterministic per arguments."""
     if variant not in VARIANTS:
         raise ValueError(f"niah: unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    if variant in RECIPES:
+        r = make_prompt(variant, depth, seed)
+        return build(tokenizer, length, seed, r.kind, r.placed, r.question, r.answers, template, r.preamble,
+                     r.filler, r.answer_prefix)
     rng = random.Random(seed)
     if variant == "single":
         value = _number(rng)
@@ -109,15 +119,17 @@ def make_sample(
 
 
 def build(tokenizer: Any, length: int, seed: int, kind: str, placed: list[tuple[float, str]], question: str,
-          answers: list[str], template: Callable[[str], str], preamble: str = "") -> Sample:
-    """Haystack of the right size + needles at their depths + question."""
-    fixed = template(preamble + " ".join(s for _, s in placed) + "\n\n" + question)
+          answers: list[str], template: Callable[[str], str], preamble: str = "",
+          filler: Callable[[Any, int], str] | None = None, answer_prefix: str | None = None) -> Sample:
+    """Haystack of the right size + needles at their depths + question. The haystack is
+    ``haystack.context(..., kind)``, or ``filler(tokenizer, n_tokens)`` if given."""
+    fixed = template(preamble + " ".join(s for _, s in placed) + "\n\n" + question + " " + (answer_prefix or ""))
     budget = max(length - len(haystack.encode(tokenizer, fixed)), 0)
-    text = haystack.context(tokenizer, budget, seed=seed, kind=kind)
+    text = filler(tokenizer, budget) if filler else haystack.context(tokenizer, budget, seed=seed, kind=kind)
     text, offsets = haystack.insert(text, placed)
     user_text = f"{preamble}{text}\n\n{question}"
     offsets = [o + len(preamble) for o in offsets]
-    return Sample(user_text, answers, [s for _, s in placed], offsets, len(preamble) + len(text))
+    return Sample(user_text, answers, [s for _, s in placed], offsets, len(preamble) + len(text), answer_prefix)
 
 
 def is_base_model(ctx: Context) -> bool:
@@ -218,9 +230,11 @@ class NIAH(Task):
         def check(self) -> None:
             if isinstance(self.variants, str):
                 self.variants = [v.strip() for v in self.variants.split(",") if v.strip()]
+            self.variants = [r for v in self.variants for r in (RECIPES if v == "ruler" else [v])]
             for v in self.variants:
                 if v not in VARIANTS:
-                    raise ValueError(f"tasks.niah.variants: unknown {v!r}; allowed: {', '.join(VARIANTS)}")
+                    raise ValueError(f"tasks.niah.variants: unknown {v!r}; allowed: {', '.join(VARIANTS)}, "
+                                     "or 'ruler' (RULER's eight)")
             if self.haystack not in haystack.KINDS:
                 raise ValueError(f"tasks.niah.haystack: unknown {self.haystack!r}; allowed: {', '.join(haystack.KINDS)}")
             for name in ("needles", "queries", "new_tokens"):
@@ -242,10 +256,15 @@ class NIAH(Task):
     def measure(self, ctx: Context, case: Case, method: MethodSpec, spec: TaskSpec,
                 cache: CacheRun | None = None) -> dict[str, Any]:
         s = self.sample(ctx, case, spec)
-        new_tokens = spec.params.new_tokens
-        if len(s.answers) > 1:
-            new_tokens = max(new_tokens, 12 * len(s.answers) + 12)
-        return answer_metrics(ctx, generate(ctx, method, s.user_text, new_tokens, cache), s)
+        return answer_metrics(ctx, generate(ctx, method, s.user_text, answer_tokens(s, spec.params.new_tokens), cache,
+                                            s.answer_prefix), s)
+
+
+def answer_tokens(s: Sample, new_tokens: int) -> int:
+    """Tokens to generate: ``new_tokens``, more where several values or uuids are asked
+    (a uuid is ~25 tokens)."""
+    per_answer = 28 if any(len(a) == 36 and a.count("-") == 4 for a in s.answers) else 12
+    return new_tokens if len(s.answers) == 1 and per_answer == 12 else max(new_tokens, per_answer * len(s.answers) + 12)
 
 
 def answer_metrics(ctx: Context, result: dict[str, Any], s: Sample) -> dict[str, Any]:

@@ -16,14 +16,17 @@ from typing import Any, Callable
 from .. import haystack
 from ..spec import CacheRun, MethodSpec, TaskSpec
 from .base import Case, Context, Task, register_task
-from .niah import RETRIEVAL_SECTION, Sample, answer_metrics, build, generate
+from .niah import RETRIEVAL_SECTION, Sample, answer_metrics, build, generate, is_base_model
 
 PREAMBLE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n")
 
 
 def make_sample(tokenizer: Any, length: int, depth: float, seed: int, hops: int = 4, kind: str = "noise",
-                template: Callable[[str], str] = lambda s: s) -> Sample:
-    """A seeded variable-tracking prompt of about ``length`` tokens; ``answers`` = the chain."""
+                template: Callable[[str], str] = lambda s: s, base_model: bool = False) -> Sample:
+    """A seeded variable-tracking prompt of about ``length`` tokens; ``answers`` = the chain.
+
+    A chat model reads RULER's answer start inside the question; for a base model
+    (``base_model``) it is the Sample's ``answer_prefix``, completed after "Answer:"."""
     rng = random.Random(seed)
     names: list[str] = []
     while len(names) < hops + 1:
@@ -33,11 +36,13 @@ def make_sample(tokenizer: Any, length: int, depth: float, seed: int, hops: int 
     value = str(rng.randint(10000, 99999))
     statements = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
     depths = [depth + (1 - depth) * i / (hops + 1) for i in range(hops + 1)]
-    question = (f"Question: Find all variables that are assigned the value {value} in the text above. "
-                f"Answer: According to the chain(s) of variable assignment in the text above, "
-                f"{hops + 1} variables are assigned the value {value}, they are:")
+    question = f"Question: Find all variables that are assigned the value {value} in the text above."
+    prefix = (f"According to the chain(s) of variable assignment in the text above, "
+              f"{hops + 1} variables are assigned the value {value}, they are:")
+    if not base_model:
+        question, prefix = f"{question} Answer: {prefix}", ""
     return build(tokenizer, length, seed, kind, list(zip(depths, statements)), question, names, template,
-                 preamble=PREAMBLE)
+                 preamble=PREAMBLE, answer_prefix=prefix)
 
 
 @register_task("variable_tracking")
@@ -67,6 +72,8 @@ class VariableTracking(Task):
         key = ("vt", case)
         if key not in ctx.memo:
             ctx.memo[key] = make_sample(ctx.lm.tokenizer, case.length, case.depth or 0.0, case.seed,
-                                        spec.params.hops, spec.params.haystack, template=ctx.lm.chat_prompt)
+                                        spec.params.hops, spec.params.haystack, template=ctx.lm.chat_prompt,
+                                        base_model=is_base_model(ctx))
         s = ctx.memo[key]
-        return answer_metrics(ctx, generate(ctx, method, s.user_text, spec.params.new_tokens, cache), s)
+        return answer_metrics(ctx, generate(ctx, method, s.user_text, spec.params.new_tokens, cache,
+                                            s.answer_prefix), s)
