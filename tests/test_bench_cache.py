@@ -261,11 +261,15 @@ def test_tiny_cache_bench_on_smollm2(smollm2, tmp_path):
     assert dec["snapkv"]["kv_full_bytes"] == full_bytes
     assert dec["snapkv"]["kv_bytes"] < full_bytes / 2 and dec["snapkv"]["kv_kept_mean"] <= 64 + 3
     assert dec[""]["decode_ms_per_token"] > 0 and dec["snapkv"]["decode_ms_per_token"] > 0
+    # the normal cache's row also times transformers' own attention on the same cache
+    assert dec[""]["transformers_decode_ms_per_token"] > 0 and dec[""]["decode_speedup_vs_transformers"] > 0
+    assert "transformers_decode_ms_per_token" not in dec["snapkv"]
     md, page = report.write(tmp_path)
     text, html = md.read_text(), page.read_text()
     assert "| cache | all tokens | 64 | 25% | n |" in text and "| full cache | 1 | - | - | 2 |" in text
     assert "accuracy vs KV budget" in html and "KV-cache decode speed and memory" in text
     assert "| snapkv | 64 | 512 |" in text
+    assert "| length | attnkit ms/token | transformers ms/token | attnkit speedup | n |" in text
 
 
 def test_budget_below_always_kept_is_recorded_not_applicable(tmp_path):

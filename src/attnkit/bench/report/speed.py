@@ -81,3 +81,18 @@ def kv_decode_layout(rep: Report, section: Section, rows: list[Row]) -> None:
               f"{full / held:.2f}x" if held and full else "-", fmt(ms), fmt(base / ms if base and ms else None),
               fmt(metric(rs, "prefill_seconds")), len(rs))
     rep.table(t)
+    _transformers_decode(rep, rows)
+
+
+def _transformers_decode(rep: Report, rows: list[Row]) -> None:
+    """The normal cache's decode under attnkit against transformers' own attention on the
+    same cache (the ``transformers_*`` metrics of kv_decode's full rows)."""
+    base = [r for r in rows if not r.cache and "transformers_decode_ms_per_token" in r.metrics]
+    if not base:
+        return
+    t = Table("Decode with the normal cache: attnkit's attention vs transformers' own (same cache, same steps)",
+              ["length", "attnkit ms/token", "transformers ms/token", "attnkit speedup", "n"])
+    for length, rs in sorted(group(base, lambda r: r.length).items()):
+        t.add(length, fmt(metric(rs, "decode_ms_per_token")), fmt(metric(rs, "transformers_decode_ms_per_token")),
+              f"{fmt(metric(rs, 'decode_speedup_vs_transformers'))}x", len(rs))
+    rep.table(t)

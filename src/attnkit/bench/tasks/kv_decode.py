@@ -6,7 +6,10 @@ against the bytes of a full cache of the same tokens.
 Without a cache setting it measures the normal cache (transformers' ``DynamicCache``,
 the ``full`` baseline); with ``--cache POLICY --budgets ...`` an ``attnkit.KVCache``
 (``cache.nbytes()``: keys, values, slot positions, policy state, observation window).
-Both run attnkit's attention (``attnkit.patch(model, prefill=METHOD)``).
+Both run attnkit's attention (``attnkit.patch(model, prefill=METHOD)``). The row of the
+normal cache also times the same number of steps with the model unpatched (transformers'
+own attention on the same cache, continuing after attnkit's steps):
+``transformers_decode_ms_per_token`` and ``decode_speedup_vs_transformers``.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class KVDecode(Task):
         ids = torch.tensor([ctx.memo[key]])
         kv = None if cache is None else cache.make()
         extra = {} if kv is None else {"past_key_values": kv}
-        times = []
+        times: list[float] = []
         with torch.inference_mode(), patching.patch(model, prefill=method.name, **method.kwargs):
             start = time.perf_counter()
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
@@ -67,11 +70,7 @@ class KVDecode(Task):
             kv = out.past_key_values
             held_after_prefill = kv.nbytes() if cache is not None else cache_bytes(kv)
             token = out.logits[:, -1:].argmax(-1)
-            for _ in range(p.warmup + p.decode_tokens):
-                start = time.perf_counter()
-                out = model(input_ids=token, past_key_values=kv, use_cache=True, logits_to_keep=1)
-                token = out.logits[:, -1:].argmax(-1)
-                times.append(time.perf_counter() - start)
+            token = decode_steps(model, token, kv, p.warmup + p.decode_tokens, times)
         steps = [1000 * t for t in times[p.warmup:]]
         if cache is None:
             held = full = cache_bytes(kv)
@@ -81,6 +80,13 @@ class KVDecode(Task):
             held, full = stats["nbytes"], stats["full_nbytes"]
             kept = sum(stats["kept_per_layer"]) / max(len(stats["kept_per_layer"]), 1)
         median = statistics.median(steps)
+        baseline: dict[str, Any] = {}
+        if cache is None and method.name == "full" and not method.config:  # after the bytes: it adds tokens
+            theirs: list[float] = []
+            with torch.inference_mode():
+                decode_steps(model, token, kv, p.warmup + p.decode_tokens, theirs)
+            ms = statistics.median(1000 * t for t in theirs[p.warmup:])
+            baseline = {"transformers_decode_ms_per_token": ms, "decode_speedup_vs_transformers": ms / median}
         return {
             "score": median,
             "decode_ms_per_token": median,
@@ -95,4 +101,16 @@ class KVDecode(Task):
             "context_tokens": int(ids.shape[1]),
             "decode_tokens": p.decode_tokens,
             "threads": torch.get_num_threads(),
+            **baseline,
         }
+
+
+def decode_steps(model: Any, token: Any, kv: Any, n: int, times: list[float]) -> Any:
+    """``n`` greedy decode steps from ``token`` (B, 1) on cache ``kv``; appends each
+    step's seconds to ``times``; returns the last token."""
+    for _ in range(n):
+        start = time.perf_counter()
+        out = model(input_ids=token, past_key_values=kv, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - start)
+    return token
