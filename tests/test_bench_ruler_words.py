@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 
@@ -76,8 +77,20 @@ def test_cwe_vocabulary():
     words = cwe.english_words()
     assert len(words) > 2000 and list(words) == sorted(set(words))
     assert all(w.isalpha() and w.islower() and 4 <= len(w) <= 10 for w in words)
-    for banned in ("that", "which", "words", "appear", "common", "answer", "coded", "frequently"):
+    for banned in ("that", "which", "words", "appear", "common", "answer", "list", "memorize"):
         assert banned not in words
+
+
+def test_base_model_prompt_counts_the_answer_prefix():
+    """A base model completes RULER's answer prefix after "Answer:" (niah.generate adds it),
+    so the length is counted with it; a chat model gets its chat template alone."""
+    base = SimpleNamespace(lm=SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None),
+                                              chat_prompt=lambda s: s + "\n\nAnswer:"))
+    assert cwe.prompt_template(base, cwe.ANSWER_PREFIX.format(n=10))("TEXT") == (
+        "TEXT\n\nAnswer: The top 10 words that appear most often in the list are:")
+    chat = SimpleNamespace(lm=SimpleNamespace(tokenizer=SimpleNamespace(chat_template="{{x}}"),
+                                              chat_prompt=lambda s: f"<user>{s}</user>"))
+    assert cwe.prompt_template(chat, fwe.ANSWER_PREFIX)("TEXT") == "<user>TEXT</user>"
 
 
 def test_fwe_answers_are_ranks_two_to_four_and_counts_follow_zipf(tok):

@@ -14,7 +14,7 @@ Deliberate deviations from RULER:
   installed here (no network at run time); ``english_words()`` is a vocabulary built from
   the texts on the machine (the license texts of ``/usr/share/common-licenses`` and
   Python's ``pydoc_data.topics``): lowercase words of 4-10 letters in running text, minus
-  function words and the words of the prompt. About 2,900 words: enough for ~50k tokens;
+  function words and the words of the prompt. About 2,800 words: enough for ~50k tokens;
   beyond, the list stops growing (RULER also caps the list at its vocabulary);
 - ``length`` is the prompt alone, with the model's prompt template (RULER's length also
   counts the tokens to generate), as for every attnkit task;
@@ -50,8 +50,8 @@ SHORT_REPEATS = (6, 1)  # common, uncommon repeats of the list in the short sett
 EXAMPLE_SHORT = (20, 3, 1)  # the worked example: words, common repeats, uncommon repeats
 EXAMPLE_LONG = (40, 10, 3)
 
-# Function words and words of the prompts: never list words (an answer's own phrasing
-# must not match a word by chance).
+# Function words and the prompt's words are never list words: an answer's own phrasing
+# must not match a word by chance.
 STOP_WORDS = frozenset("""
 about above after again against also although among another anyone anything because been before being below
 between both cannot could does doing done down during each either else even ever every from further have having
@@ -69,22 +69,19 @@ _WORD = re.compile(r"(?<![\w'./-])[a-z]{4,10}(?![\w'(-])")
 def english_words() -> tuple[str, ...]:
     """The word vocabulary, sorted: lowercase words of 4-10 letters in the license texts
     (if present) and Python's reference topics, not glued to code punctuation, minus
-    ``STOP_WORDS`` and the words of the prompts. Deterministic for given texts."""
+    ``STOP_WORDS`` and the words of the prompt. Deterministic for given texts."""
     try:
         texts = [haystack.license_text()]
     except FileNotFoundError:
         texts = []
     texts.append(haystack.pydoc_text())
-    banned = STOP_WORDS | prompt_words()
+    banned = STOP_WORDS | words_of(INSTRUCTION, QUESTION, ANSWER_PREFIX, "Answer:")
     return tuple(sorted({w for text in texts for w in _WORD.findall(text)} - banned))
 
 
-def prompt_words() -> frozenset[str]:
-    """The lowercase words of both aggregation prompts (cwe and fwe)."""
-    from .fwe import ANSWER_PREFIX as FWE_PREFIX, INSTRUCTION as FWE_INSTRUCTION, QUESTION as FWE_QUESTION
-
-    text = " ".join([INSTRUCTION, QUESTION, ANSWER_PREFIX, "Answer:", FWE_INSTRUCTION, FWE_QUESTION, FWE_PREFIX])
-    return frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", text))
+def words_of(*texts: str) -> frozenset[str]:
+    """The lowercase words of ``texts``."""
+    return frozenset(w.lower() for text in texts for w in re.findall(r"[A-Za-z]+", text))
 
 
 @dataclass

@@ -25,8 +25,8 @@ from typing import Any
 from .. import haystack
 from ..spec import CacheRun, MethodSpec, TaskSpec
 from .base import Case, Context, Task, case_seed, register_task
-from .cwe import AGGREGATION_SECTION, WordsSample, largest_fitting, positive_ints, prompt_template, prompt_words, \
-    word_metrics
+from .cwe import (AGGREGATION_SECTION, WordsSample, largest_fitting, positive_ints, prompt_template, word_metrics,
+                  words_of)
 from .niah import generate
 
 INSTRUCTION = ("Read the following coded text and track the frequency of each coded word. "
@@ -53,7 +53,7 @@ def zipf_counts(n: int, vocab: int, alpha: float) -> list[int]:
 
 def coded_words(rng: random.Random, count: int, word_length: int) -> list[str]:
     """``count`` distinct random lowercase words of ``word_length`` letters, none a prompt word."""
-    banned = prompt_words()
+    banned = words_of(INSTRUCTION, QUESTION, ANSWER_PREFIX, "Answer:")
     words: list[str] = []
     while len(words) < count:
         w = "".join(rng.choices(string.ascii_lowercase, k=word_length))
