@@ -10,12 +10,13 @@ others once, and a smaller example (20 words, 3 and 1 times). Score: RULER's
 
 Deliberate deviations from RULER:
 
-- words: RULER samples wonderwords' English nouns, adjectives and verbs, which is not
-  installed here (no network at run time); ``english_words()`` is a vocabulary built from
+- words: RULER samples the English nouns, adjectives and verbs of the package wonderwords,
+  not a dependency of attnkit; ``english_words()`` is a vocabulary built offline from
   the texts on the machine (the license texts of ``/usr/share/common-licenses`` and
   Python's ``pydoc_data.topics``): lowercase words of 4-10 letters in running text, minus
-  function words and the words of the prompt. About 2,800 words: enough for ~50k tokens;
-  beyond, the list stops growing (RULER also caps the list at its vocabulary);
+  words written as code, function words and the words of the prompt. About 2,200 words:
+  enough for ~45k tokens; beyond, the list stops growing and the prompt is shorter than
+  ``length`` (RULER also caps the list at its vocabulary);
 - ``length`` is the prompt alone, with the model's prompt template (RULER's length also
   counts the tokens to generate), as for every attnkit task;
 - the worked example's words are disjoint from the list's (RULER draws them
@@ -29,6 +30,7 @@ Deliberate deviations from RULER:
 from __future__ import annotations
 
 import functools
+import keyword
 import random
 import re
 from collections.abc import Callable
@@ -63,19 +65,22 @@ while whom whose will with within without would your yours yourself
 """.split())
 
 _WORD = re.compile(r"(?<![\w'./-])[a-z]{4,10}(?![\w'(-])")
+_CODE = re.compile(r"[*`\"_=()\[\]{}<>%]([a-z]{4,10})\b|\b([a-z]{4,10})[*`\"_=()\[\]{}<>%]")  # a word written as code
 
 
 @functools.cache
 def english_words() -> tuple[str, ...]:
     """The word vocabulary, sorted: lowercase words of 4-10 letters in the license texts
-    (if present) and Python's reference topics, not glued to code punctuation, minus
+    (if present) and Python's reference topics, minus any word the texts ever write as
+    code (next to ``*``, a quote, ``_``, ``=``, a bracket or ``%``), Python's keywords,
     ``STOP_WORDS`` and the words of the prompt. Deterministic for given texts."""
     try:
         texts = [haystack.license_text()]
     except FileNotFoundError:
         texts = []
     texts.append(haystack.pydoc_text())
-    banned = STOP_WORDS | words_of(INSTRUCTION, QUESTION, ANSWER_PREFIX, "Answer:")
+    code = {a or b for text in texts for a, b in _CODE.findall(text)}
+    banned = STOP_WORDS | code | set(keyword.kwlist) | words_of(INSTRUCTION, QUESTION, ANSWER_PREFIX, "Answer:")
     return tuple(sorted({w for text in texts for w in _WORD.findall(text)} - banned))
 
 
