@@ -1,0 +1,101 @@
+"""The report's figures: decade ticks on log axes, one colour per method across figures,
+complete legends (also in static SVGs), small multiples for many methods."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from attnkit.bench import report
+from attnkit.bench.report.style import legend_entries, log_tick_labels
+from attnkit.bench.report.svg import _static_figure
+from attnkit.bench.store import Row, Store
+
+LENGTHS = (1000, 4000, 16000, 64000, 256000)
+
+
+def _methods(n: int) -> list[str]:
+    return ["full"] + [f"m{i}" for i in range(1, n)]
+
+
+def _fill(run_dir: Path, n: int = 3) -> None:
+    """Rows of several sections, lengths over several decades; ``n`` methods with ``full``."""
+    with Store(run_dir) as store:
+        store.start_run({"model": "m"}, command="attnkit bench")
+        for i, label in enumerate(_methods(n)):
+            base = dict(model="m", method=label, config="{}", label=label)
+            for length in LENGTHS:
+                for depth in (0.0, 1.0):
+                    acc = 1.0 if label == "full" or depth else 0.0
+                    store.add(Row(task="niah", variant="single", length=length, depth=depth, sample=0, score=acc,
+                                  metrics={"score": acc}, **base))
+                s = length / 1000 * (1.0 if label == "full" else 0.5)
+                store.add(Row(task="model_speed", variant="default", length=length, depth=None, sample=0, score=s,
+                              metrics={"prefill_seconds": s, "decode_ms_per_token": 20.0 + i,
+                                       "kv_cache_bytes": 1e3 * length}, **base))
+                d = 1.0 if label == "full" else 0.01 * (i + 1)
+                store.add(Row(task="fidelity", variant="layer2", length=length, depth=None, sample=0, score=0.1,
+                              metrics={"rel_error": 0.3 / (i + 1) if label != "full" else 1e-6, "recall": 0.9,
+                                       "density": d}, **base))
+            for budget, kept in (("512", 0.2), ("2048", 0.6)):
+                store.add(Row(model="m", task="niah", variant="single", method="full", config="{}",
+                              label=f"snapkv@{budget}", length=4000, depth=0.5, sample=0, score=0.5,
+                              metrics={"score": 0.5, "kv_bytes": kept, "kv_full_bytes": 1.0},
+                              cache="snapkv", budget=budget)) if label == "full" else None
+
+
+def _figs(run_dir: Path) -> list:
+    rep = report.build(run_dir)
+    return [item for kind, item in rep.parts if kind == "fig"]
+
+
+@pytest.fixture(scope="module")
+def figs(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    _fill(run_dir)
+    return _figs(run_dir)
+
+
+def _is_decade(text: str) -> bool:
+    if text.startswith("10<sup>"):
+        return text[7:].removesuffix("</sup>").lstrip("-").isdigit()
+    k = math.log10(float(text))
+    return abs(k - round(k)) < 1e-9
+
+
+def test_every_log_axis_is_labelled_at_decades_only(figs):
+    axes = [(fig.layout.title.text, key, ticks) for fig in figs for key, ticks in log_tick_labels(fig).items()]
+    assert len(axes) >= 4  # speed (x and y), error vs density, pareto, KV budget
+    for title, key, ticks in axes:
+        assert len(ticks) >= 2, (title, key)
+        assert all(_is_decade(t) for t in ticks), (title, key, ticks)
+
+
+def test_one_colour_per_method_across_figures(figs):
+    colours: dict[str, set[str]] = {}
+    for fig in figs:
+        for trace in fig.data:
+            if trace.type == "heatmap" or not trace.name or trace.name == "frontier":
+                continue
+            c = trace.line.color if trace.mode and "lines" in trace.mode else trace.marker.color
+            colours.setdefault(trace.name.removesuffix(" (full cache)").replace("full cache", "full"), set()).add(c)
+    assert len(colours) >= 4
+    assert {name: cs for name, cs in colours.items() if len(cs) != 1} == {}
+    assert colours["full"] == {"#444444"}
+    others = [next(iter(cs)) for name, cs in colours.items() if name != "full"]
+    assert len(set(others)) == len(others)  # different methods, different colours
+
+
+def test_every_method_drawn_has_a_legend_entry_also_in_svg(figs):
+    for fig in figs:
+        names = {t.name for t in fig.data if t.type != "heatmap" and t.name}
+        if not names:
+            continue
+        assert fig.layout.showlegend is True
+        assert set(legend_entries(fig)) == names, fig.layout.title.text
+        static = _static_figure(fig)
+        assert set(legend_entries(static)) == names
+        # room below the plot for one legend line per entry
+        assert static.layout.margin.b >= 20 * len(names) + 70
