@@ -99,3 +99,20 @@ def test_every_method_drawn_has_a_legend_entry_also_in_svg(figs):
         assert set(legend_entries(static)) == names
         # room below the plot for one legend line per entry
         assert static.layout.margin.b >= 20 * len(names) + 70
+
+
+def test_ten_methods_are_drawn_as_small_multiples(tmp_path):
+    _fill(tmp_path, n=10)
+    figs = _figs(tmp_path)
+    lines = [f for f in figs if any(t.type == "scatter" for t in f.data) and "Pareto" not in (f.layout.title.text or "")
+             and "KV budget" not in f.layout.title.text]
+    assert len(lines) >= 4  # accuracy vs depth, error vs density per length, prefill and decode vs length
+    for fig in lines:
+        panels = [k for k in fig.layout.to_plotly_json() if k.startswith("xaxis")]
+        drawn = {t.name for t in fig.data} - {"full", "streaming"}
+        assert len(panels) >= len(drawn) == 9, fig.layout.title.text
+        per_panel: dict[str, set[str]] = {}
+        for t in fig.data:
+            per_panel.setdefault(t.xaxis, set()).add(t.name)
+        assert all("full" in names and len(names - {"full"}) == 1 for names in per_panel.values())
+        assert all(t.line.color == "#444444" for t in fig.data if t.name == "full")

@@ -12,7 +12,6 @@ from typing import Any
 from ..store import Row
 from ..tasks import Section
 from .aggregate import (
-    color,
     fmt,
     group,
     method_labels,
@@ -20,9 +19,17 @@ from .aggregate import (
     rows_of_layout,
     variant_key,
 )
+from .multiples import curve, line_figure
 from .page import Report, Table
 
 BASELINE = "streaming"  # the static pattern every dynamic method is compared with at equal density
+REFERENCES = ("full", BASELINE)  # drawn in every panel of the error-vs-density small multiples
+DENSE = 0.999  # a setting this dense or denser is exact attention in effect, not a sparse method
+
+
+def dense(point: dict[str, Any]) -> bool:
+    """A point (or row metrics) whose density is >= DENSE: it keeps (nearly) every pair."""
+    return point.get("density") is not None and point["density"] >= DENSE
 
 
 def fidelity_layout(rep: Report, section: Section, rows: list[Row]) -> None:
@@ -106,22 +113,18 @@ def _line_name(point: dict[str, Any]) -> str:
 
 def _error_density_figures(rep: Report, points: list[dict[str, Any]]) -> None:
     """One error-vs-density figure per length, one line per method (its settings sorted by density)."""
-    import plotly.graph_objects as go
-
-    names = sorted({_line_name(p) for p in points}, key=lambda m: (m != BASELINE, m))
+    names = sorted({_line_name(p) for p in points}, key=lambda m: (m not in REFERENCES, m))
     for length in sorted({p["length"] for p in points}):
-        fig = go.Figure()
+        curves = []
         for name in names:
             ps = sorted((p for p in points if _line_name(p) == name and p["length"] == length), key=lambda p: p["density"])
-            if not ps:
-                continue
-            fig.add_trace(go.Scatter(x=[p["density"] for p in ps], y=[p["rel_error"] for p in ps], mode="lines+markers",
-                                     name=html.escape(name), text=[html.escape(p["label"]) for p in ps],
-                                     hovertemplate="%{text}<br>density %{x:.3f}<br>error %{y:.3f}<extra></extra>",
-                                     line={"color": color(names, name), "dash": "dash" if name == BASELINE else None}))
-        fig.update_layout(title=f"Relative output error vs density at {length} tokens (lower-left is better)",
-                          xaxis_title="density (allowed / causal pairs)",
-                          yaxis_title="relative output error (log; exact points fall below)",
-                          xaxis_type="log", yaxis_type="log", yaxis_range=[math.log10(0.003), math.log10(3.0)],
-                          height=460)
-        rep.fig(fig)
+            if ps:
+                curves.append(curve(name, [p["density"] for p in ps], [p["rel_error"] for p in ps],
+                                    text=[html.escape(p["label"]) + (" (dense)" if dense(p) else "") for p in ps],
+                                    hovertemplate="%{text}<br>density %{x:.3f}<br>error %{y:.3f}<extra></extra>",
+                                    line={"dash": "dash" if name == BASELINE else None}))
+        rep.fig(line_figure([c for c in curves if c["name"] not in REFERENCES],
+                            [c for c in curves if c["name"] in REFERENCES],
+                            f"Relative output error vs density at {length} tokens (lower-left is better)",
+                            "density (allowed / causal pairs)", "relative output error (log; exact points fall below)",
+                            x_type="log", y_type="log", y_range=[math.log10(0.003), math.log10(3.0)], height=460))

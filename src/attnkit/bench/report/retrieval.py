@@ -22,6 +22,7 @@ from .aggregate import (
     reference,
     rows_of_layout,
 )
+from .multiples import curve, line_figure
 from .page import Report, Table
 
 
@@ -74,17 +75,11 @@ def _heatmap(rep: Report, name: str, labels: list[str], depths: list[float], len
 
 
 def _vs_depth(rep: Report, name: str, labels: list[str], depths: list[float], by: dict) -> None:
-    import plotly.graph_objects as go
-
-    line = go.Figure()
-    for label in labels:
-        line.add_trace(go.Scatter(x=[d * 100 for d in depths],
-                                  y=[metric(by.get((label, d), []), "score") for d in depths],
-                                  mode="lines+markers", name=html.escape(label),
-                                  line={"color": color(labels, label)}))
-    line.update_layout(title=f"{name}: accuracy vs depth", xaxis_title="needle depth (%)",
-                       yaxis_title="accuracy", yaxis_range=[-0.05, 1.05], height=360)
-    rep.fig(line)
+    curves = [curve(label, [d * 100 for d in depths], [metric(by.get((label, d), []), "score") for d in depths])
+              for label in labels]
+    rep.fig(line_figure([c for c in curves if c["name"] != "full"], [c for c in curves if c["name"] == "full"],
+                        f"{name}: accuracy vs depth", "needle depth (%)", "accuracy", y_range=[-0.05, 1.05],
+                        height=360))
 
 
 def cache_accuracy_section(rep: Report, rows: list[Row]) -> None:

@@ -17,6 +17,7 @@ from .aggregate import (
     method_labels,
     metric,
 )
+from .multiples import MAX_LINES, curve, line_figure
 from .page import Report, Table
 
 
@@ -41,9 +42,19 @@ def speed_layout(rep: Report, section: Section, rows: list[Row]) -> None:
 
 
 def _speed_figure(rep: Report, labels: list[str], by: dict) -> None:
+    """Prefill seconds and decode ms/token vs length, log-log: two panels of one figure, or
+    one small-multiples figure per metric when many methods are drawn."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    if len([label for label in labels if label != "full"]) > MAX_LINES:
+        for name, title in (("prefill_seconds", "prefill seconds"), ("decode_ms_per_token", "decode ms / token")):
+            curves = [curve(label, ns, [metric(by[(label, n)], name) for n in ns])
+                      for label in labels for ns in [sorted(n for (lab, n) in by if lab == label)]]
+            rep.fig(line_figure([c for c in curves if c["name"] != "full"], [c for c in curves if c["name"] == "full"],
+                                f"Speed vs length: {title} (log-log)", "length (tokens)", title, x_type="log",
+                                y_type="log"))
+        return
     fig = make_subplots(rows=1, cols=2, subplot_titles=["prefill seconds", "decode ms / token"])
     for label in labels:
         lengths = sorted(n for (lab, n) in by if lab == label)
