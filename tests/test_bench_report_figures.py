@@ -116,3 +116,52 @@ def test_ten_methods_are_drawn_as_small_multiples(tmp_path):
             per_panel.setdefault(t.xaxis, set()).add(t.name)
         assert all("full" in names and len(names - {"full"}) == 1 for names in per_panel.values())
         assert all(t.line.color == "#444444" for t in fig.data if t.name == "full")
+
+
+def _store(run_dir: Path, rows: list[Row]) -> str:
+    with Store(run_dir) as store:
+        store.start_run({"model": "m"}, command="attnkit bench")
+        for r in rows:
+            store.add(r)
+    return report.build(run_dir).markdown()
+
+
+def _row(task: str, label: str, score: float, length: int = 4096, depth: float | None = None, variant: str = "default",
+         **metrics: float) -> Row:
+    return Row(model="m", task=task, variant=variant, method=label.split("(")[0], config="{}", label=label,
+               length=length, depth=depth, sample=0, score=score, metrics={"score": score, **metrics})
+
+
+def test_density_pareto_names_its_axes_and_flags_dense_settings(tmp_path):
+    rows = [_row("fidelity", "full", 0.0, variant="layer2", rel_error=0.0, recall=1.0, density=1.0),
+            _row("fidelity", "moba", 0.1, variant="layer2", rel_error=0.1, recall=0.99, density=0.9995),
+            _row("fidelity", "vs", 0.2, variant="layer2", rel_error=0.2, recall=0.9, density=0.1),
+            _row("fidelity", "streaming(window=64)", 0.6, variant="layer2", rel_error=0.6, recall=0.5, density=0.05),
+            _row("fidelity", "streaming(window=4096)", 0.3, variant="layer2", rel_error=0.05, recall=0.99,
+                 density=1.0)]
+    md = _store(tmp_path, rows)
+    assert "## Attention-mass recall vs 1 / density (sparsity)" in md
+    assert "Accuracy vs speedup" not in md
+    assert "1 / density (sparsity, not a measured speedup)" in md
+    points, _, _ = report.pareto_points(rows)
+    by = {p["label"]: p for p in points}
+    assert by["moba"]["dense"] and not by["moba"]["frontier"] and not by["full"]["frontier"]
+    assert by["vs"]["frontier"] and not by["vs"]["dense"]
+    assert "| moba (dense) |" in md and "no (dense)" in md
+    assert "1 (dense)" in md  # the fidelity table marks dense densities
+    verdicts = {v["label"] for v in report.equal_density_comparison(report.fidelity_points(rows))}
+    assert "moba" not in verdicts  # never "lower error than streaming" when dense
+
+
+def test_retrieval_compares_only_where_full_succeeds(tmp_path):
+    rows = []
+    for depth, full_acc in ((0.0, 1.0), (1.0, 0.0)):
+        rows += [_row("niah", "full", full_acc, depth=depth, variant="single"),
+                 _row("niah", "vs", 1.0, depth=depth, variant="single")]
+    rows += [_row("model_speed", label, s, prefill_seconds=s) for label, s in (("full", 2.0), ("vs", 1.0))]
+    md = _store(tmp_path, rows)
+    assert "100% (full fails here)" in md and "| 0% (full fails here)" not in md
+    assert "| vs | 1 | 1 | 1 | 1 | 2 |" in md  # mean, then mean over the cases full solves
+    points, _, y_name = report.pareto_points(rows)
+    assert y_name == "retrieval accuracy (cases full solves)"
+    assert {p["label"]: p["accuracy"] for p in points} == {"full": 1.0, "vs": 1.0}  # the failed case left out

@@ -10,9 +10,13 @@ from ..tasks import Section
 from .aggregate import (
     budget_sort,
     color,
+    FULL_OK,
+    case_of,
     depth_text,
+    fails_note,
     fmt,
     full_name,
+    full_solved,
     group,
     kept_percent,
     line_of,
@@ -39,12 +43,19 @@ def _retrieval_group(rep: Report, section: Section, task: str, variant: str, row
     depths = sorted({r.depth for r in rows if r.depth is not None})
     lengths = sorted({r.length for r in rows})
     name = task if variant == "default" else f"{task} / {variant}"
-    t = Table(f"{name}: accuracy by depth (mean over lengths {', '.join(map(str, lengths))} and samples)",
-              ["method"] + [depth_text(d) for d in depths] + ["mean", "n"])
     by = group(rows, lambda r: (r.label, r.depth))
+    fails = [fails_note(metric(by[("full", d)], "score")) if ("full", d) in by else "" for d in depths]
+    t = Table(f"{name}: accuracy by depth (mean over lengths {', '.join(map(str, lengths))} and samples)",
+              ["method"] + [depth_text(d) + f for d, f in zip(depths, fails)] + ["mean"]
+              + (["mean (cases full solves)"] if any(fails) else []) + ["n"],
+              note="full fails here: the full baseline's accuracy at that depth is below "
+                   f"{FULL_OK:g}; compare methods on the cases full solves." if any(fails) else "")
+    solved = full_solved(rows) or set()
     for label in labels:
         t.add(label, *[fmt(metric(by.get((label, d), []), "score")) for d in depths],
               fmt(metric([r for r in rows if r.label == label], "score")),
+              *([fmt(metric([r for r in rows if r.label == label and case_of(r) in solved], "score"))]
+                if any(fails) else []),
               len([r for r in rows if r.label == label]))
     rep.table(t)
     if "heatmap" in section.figures:
@@ -112,7 +123,8 @@ def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: 
               note="'all tokens': the full cache, or a policy without a budget (quantized).")
     for label in refs:
         rs = [r for r in ref if r.label == label]
-        t.add(full_name(label), fmt(metric(rs, "score")), *["-" for _ in budgets], len(rs))
+        t.add(full_name(label) + fails_note(metric(rs, "score")), fmt(metric(rs, "score")), *["-" for _ in budgets],
+              len(rs))
     for line in lines:
         t.add(line, fmt(metric(by.get((line, ""), []), "score")) if (line, "") in by else "-",
               *[fmt(metric(by[(line, b)], "score")) if (line, b) in by else "-" for b in budgets],
