@@ -105,7 +105,8 @@ def test_ten_methods_are_drawn_as_small_multiples(tmp_path):
     _fill(tmp_path, n=10)
     figs = _figs(tmp_path)
     lines = [f for f in figs if any(t.type == "scatter" for t in f.data) and "Pareto" not in (f.layout.title.text or "")
-             and "KV budget" not in f.layout.title.text]
+             and "KV budget" not in f.layout.title.text
+             and "bytes held" not in f.layout.title.text]
     assert len(lines) >= 4  # accuracy vs depth, error vs density per length, prefill and decode vs length
     for fig in lines:
         panels = [k for k in fig.layout.to_plotly_json() if k.startswith("xaxis")]
@@ -165,3 +166,32 @@ def test_retrieval_compares_only_where_full_succeeds(tmp_path):
     points, _, y_name = report.pareto_points(rows)
     assert y_name == "retrieval accuracy (cases full solves)"
     assert {p["label"]: p["accuracy"] for p in points} == {"full": 1.0, "vs": 1.0}  # the failed case left out
+
+
+def test_kv_cache_accuracy_is_read_against_bytes_held(tmp_path):
+    rows = []
+    for depth in (0.25, 0.75):
+        rows.append(_row("niah", "full", 1.0, depth=depth, variant="single"))
+        for cache, budget, held in (("snapkv", "512", 0.25), ("tokenselect", "512", 1.02)):
+            r = _row("niah", f"full@{budget}", 1.0, depth=depth, variant="single", kv_bytes=held * 1000,
+                     kv_full_bytes=1000.0)
+            r.method, r.cache, r.budget, r.label = "full", cache, budget, f"{cache}@{budget}"
+            rows.append(r)
+    rows.append(_row("model_speed", "full", 1.0, prefill_seconds=1.0, transformers_prefill_seconds=2.0))
+    with Store(tmp_path) as store:
+        store.start_run({"model": "m"}, command="attnkit bench")
+        for r in rows:
+            store.add(r)
+    rep = report.build(tmp_path)
+    md = rep.markdown()
+    assert "| snapkv | - | 1 (25% bytes) |" in md
+    assert "| tokenselect | - | 1 (holds 102% of full) |" in md
+    assert "holds 102% of full" in md.split("accuracy by depth and budget")[1]
+    figs = [item for kind, item in rep.parts if kind == "fig"]
+    fig = next(f for f in figs if "accuracy vs bytes held (% of the full cache" in f.layout.title.text)
+    token = next(t for t in fig.data if t.name == "tokenselect")
+    assert list(token.x) == [pytest.approx(102.0)] and list(token.marker.symbol) == ["x"]
+    assert "holds 102% of full" in token.text[0]
+    # never a win: the headline's smallest cache that kept accuracy is snapkv, not tokenselect
+    assert "The smallest KV cache that kept its accuracy: `KV cache snapkv@512`" in md
+    assert "KV cache tokenselect@512 | - | - | - | 1 | 0.0 MiB (holds 102% of full)" in md

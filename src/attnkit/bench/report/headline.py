@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from ..store import Row
 from .aggregate import fmt, group, layout_of, metric
+from .kvbytes import FULL_SHARE
 from .page import Report, Table
 
 SPEED_TASK = "model_speed"
@@ -110,7 +111,8 @@ def _best_method(entries: list[dict[str, Any]], ref: float) -> str:
 
 
 def _best_cache(entries: list[dict[str, Any]], ref: float) -> str:
-    caches = [e for e in entries if e["kind"] == "cache" and e.get("accuracy") is not None and e.get("kv_share")]
+    caches = [e for e in entries if e["kind"] == "cache" and e.get("accuracy") is not None and e.get("kv_share")
+              and e["kv_share"] < FULL_SHARE]  # a policy holding the full cache's bytes or more saves nothing
     keep = [e for e in caches if e["accuracy"] >= ref - EQUAL]
     if keep:
         best = min(keep, key=lambda e: e["kv_share"])
@@ -135,4 +137,6 @@ def _bytes(value: Optional[float], share: Optional[float]) -> str:
     if value is None:
         return "-"
     mib = f"{value / 2 ** 20:.1f} MiB"
-    return mib if share is None else f"{mib} ({100 * share:.0f}%)"
+    if share is None:
+        return mib
+    return f"{mib} (holds {100 * share:.0f}% of full)" if share >= FULL_SHARE else f"{mib} ({100 * share:.0f}%)"

@@ -26,6 +26,7 @@ from .aggregate import (
     reference,
     rows_of_layout,
 )
+from .kvbytes import acc_bytes, bytes_figure, bytes_share, share_text
 from .multiples import curve, line_figure
 from .page import Report, Table
 
@@ -120,20 +121,22 @@ def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: 
     by = group(cached, lambda r: (line_of(r), r.budget))
     t = Table(f"{name}: accuracy by KV budget (mean over depths, lengths {', '.join(map(str, lengths))} and samples)",
               ["cache", "all tokens"] + budgets + ["n"],
-              note="'all tokens': the full cache, or a policy without a budget (quantized).")
+              note="'all tokens': the full cache, or a policy without a budget (quantized). In brackets: the bytes "
+                   "held, % of the full cache's; 'holds N% of full': the policy keeps at least the full cache's "
+                   "bytes, so its accuracy is no saving.")
     for label in refs:
         rs = [r for r in ref if r.label == label]
         t.add(full_name(label) + fails_note(metric(rs, "score")), fmt(metric(rs, "score")), *["-" for _ in budgets],
               len(rs))
     for line in lines:
-        t.add(line, fmt(metric(by.get((line, ""), []), "score")) if (line, "") in by else "-",
-              *[fmt(metric(by[(line, b)], "score")) if (line, b) in by else "-" for b in budgets],
+        t.add(line, acc_bytes(by[(line, "")]) if (line, "") in by else "-",
+              *[acc_bytes(by[(line, b)]) if (line, b) in by else "-" for b in budgets],
               sum(len(by.get((line, b), [])) for b in ["", *budgets]))
     rep.table(t)
     depths = sorted({r.depth for r in cached if r.depth is not None})
     t = Table(f"{name}: accuracy by depth and budget", ["cache", "budget"] + [depth_text(d) for d in depths]
               + ["mean", "KV kept", "n"], note="KV kept: bytes held after generation / bytes of a full cache of "
-              "the same tokens (slot positions and the policy's state included).")
+              "the same tokens (slot positions and the policy's state included); 'holds N% of full': no saving.")
     cells = group(cached + ref, lambda r: (r.label, r.depth))
     for label in refs:
         rs = [r for r in ref if r.label == label]
@@ -145,10 +148,11 @@ def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: 
             if not rs:
                 continue
             label = rs[0].label
-            held, full = metric(rs, "kv_bytes"), metric(rs, "kv_full_bytes")
             t.add(line, b or "all", *[fmt(metric(cells.get((label, d), []), "score")) for d in depths],
-                  fmt(metric(rs, "score")), f"{100 * held / full:.1f}%" if held and full else "-", len(rs))
+                  fmt(metric(rs, "score")), share_text(bytes_share(rs)), len(rs))
     rep.table(t)
+    rep.fig(bytes_figure(name, lines, by, [(full_name(label), metric([r for r in ref if r.label == label], "score"))
+                                           for label in refs]))
     kinds = {b.endswith("%") for b in budgets}
     if kinds == {False}:
         x_name, x_of = "tokens kept per KV head and layer", lambda rs: float(rs[0].budget)
