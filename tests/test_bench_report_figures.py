@@ -195,3 +195,19 @@ def test_kv_cache_accuracy_is_read_against_bytes_held(tmp_path):
     # never a win: the headline's smallest cache that kept accuracy is snapkv, not tokenselect
     assert "The smallest KV cache that kept its accuracy: `KV cache snapkv@512`" in md
     assert "KV cache tokenselect@512 | - | - | - | 1 | 0.0 MiB (holds 102% of full)" in md
+
+
+def test_speedups_within_timing_noise_are_flagged(tmp_path):
+    def speed(label: str, median: float, lo: float, hi: float, length: int) -> Row:
+        return _row("model_speed", label, median, length=length, prefill_seconds=median, prefill_seconds_min=lo,
+                    prefill_seconds_max=hi, repeats=3.0)
+
+    rows = [speed("full", 2.0, 1.98, 2.02, 1024), speed("steady", 1.0, 0.99, 1.01, 1024),
+            speed("jumpy", 1.0, 0.8, 1.3, 1024),  # 50% spread
+            speed("full", 2.0, 1.9, 2.1, 2048), speed("close", 1.9, 1.85, 1.95, 2048)]  # 5% spreads, range has 1.0
+    md = _store(tmp_path, rows)
+    table = md.split("Prefill, decode and KV cache")[1]
+    assert "| steady | 1024 | 1 | 2% | 2 |" in table
+    assert "| jumpy | 1024 | 1 | 50% | 2 (noisy!) |" in table
+    assert "| close | 2048 | 1.9 | 5% | 1.05 (noisy!) |" in table
+    assert "within timing noise" in table
