@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from attnkit.bench import report
+from attnkit.bench.report.aggregate import GREYS
 from attnkit.bench.report.style import legend_entries, log_tick_labels
 from attnkit.bench.report.svg import _static_figure
 from attnkit.bench.store import Row, Store
@@ -117,6 +118,8 @@ def test_ten_methods_are_drawn_as_small_multiples(tmp_path):
             per_panel.setdefault(t.xaxis, set()).add(t.name)
         assert all("full" in names and len(names - {"full"}) == 1 for names in per_panel.values())
         assert all(t.line.color == "#444444" for t in fig.data if t.name == "full")
+        # grey is the full baseline's: no method is drawn in a grey
+        assert not {t.line.color for t in fig.data if t.name != "full"} & {"#444444", *GREYS}
 
 
 def _store(run_dir: Path, rows: list[Row]) -> str:

@@ -52,14 +52,16 @@ def method_labels(rows: list[Row]) -> list[str]:
     return sorted(seen, key=lambda label: (label != "full", list(seen).index(label)))
 
 
+GREYS = ("#7f7f7f", "#222A2A", "#778AAE")  # kept for the full baseline: never a method's colour
+
+
 def color(labels: list[str], label: str) -> str:
-    """One color per method, the same in every figure."""
-    palette = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-               "#17becf")
-    if len(labels) > len(palette):  # more methods than the 10 classic colors: a 24-color palette
+    """One color per method, the same in every figure (no grey: grey is the full baseline's)."""
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+    if len(labels) > len(palette):  # more methods than the classic colors: a 24-color palette, greys left out
         from plotly.colors import qualitative
 
-        palette = tuple(qualitative.Dark24)
+        palette = tuple(c for c in qualitative.Dark24 if c not in GREYS)
     return palette[labels.index(label) % len(palette)]
 
 

@@ -9,7 +9,6 @@ from ..store import Row
 from ..tasks import Section
 from .aggregate import (
     budget_sort,
-    color,
     FULL_OK,
     case_of,
     depth_text,
@@ -110,8 +109,6 @@ def cache_accuracy_section(rep: Report, rows: list[Row]) -> None:
 
 
 def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: list[Row]) -> None:
-    import plotly.graph_objects as go
-
     ref = reference(rows, cached, task, variant)
     name = task if variant == "default" else f"{task} / {variant}"
     budgets = sorted({r.budget for r in cached if r.budget}, key=budget_sort)
@@ -160,22 +157,14 @@ def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: 
         x_name, x_of = "share of the prompt kept (%)", lambda rs: float(rs[0].budget[:-1])
     else:
         x_name, x_of = "share of the prompt kept (%)", lambda rs: mean(kept_percent(r) for r in rs)
-    fig = go.Figure()
-    xs = []
-    colors = lines + refs
+    xs: list[float] = []
+    curves = []
     for line in lines:
         pts = sorted((x_of(by[(line, b)]), metric(by[(line, b)], "score")) for b in budgets if (line, b) in by)
         xs += [x for x, _ in pts]
-        fig.add_trace(go.Scatter(x=[x for x, _ in pts], y=[y for _, y in pts], mode="lines+markers",
-                                 name=html.escape(line), line={"color": color(colors, line)}))
-    for label in refs:
-        acc = metric([r for r in ref if r.label == label], "score")
-        if xs and acc is not None:
-            fig.add_trace(go.Scatter(x=[min(xs), max(xs)], y=[acc, acc], mode="lines",
-                                     name=html.escape(full_name(label)),
-                                     line={"dash": "dash", "color": "#444" if label == "full" else
-                                           color(colors, label)}))
-    fig.update_layout(title=f"{name}: accuracy vs KV budget (dashed: the full cache)", xaxis_title=x_name,
-                      yaxis_title="accuracy", yaxis_range=[-0.05, 1.05], height=400,
-                      xaxis_type="log" if kinds == {False} else "linear")
-    rep.fig(fig)
+        curves.append(curve(line, [x for x, _ in pts], [y for _, y in pts]))
+    accs = [(full_name(label), metric([r for r in ref if r.label == label], "score")) for label in refs]
+    lines_ref = [curve(n, [min(xs), max(xs)], [a, a], mode="lines", line={"dash": "dash"})
+                 for n, a in accs if xs and a is not None]
+    rep.fig(line_figure(curves, lines_ref, f"{name}: accuracy vs KV budget (dashed: the full cache)", x_name,
+                        "accuracy", x_type="log" if kinds == {False} else "linear", y_range=[-0.05, 1.05]))
