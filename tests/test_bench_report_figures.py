@@ -214,3 +214,12 @@ def test_speedups_within_timing_noise_are_flagged(tmp_path):
     assert "| jumpy | 1024 | 1 | 50% | 2 (noisy!) |" in table
     assert "| close | 2048 | 1.9 | 5% | 1.05 (noisy!) |" in table
     assert "within timing noise" in table
+
+
+def test_headline_speedup_within_timing_noise_is_flagged(tmp_path):
+    full = _row("model_speed", "full", 1.0, prefill_seconds=1.0, prefill_seconds_min=0.7, prefill_seconds_max=1.2,
+                transformers_prefill_seconds=1.1, transformers_prefill_seconds_min=1.05,
+                transformers_prefill_seconds_max=1.15)
+    md = _store(tmp_path, [full])
+    assert "| attnkit exact (full) | 1 | 1.10x (noisy!) |" in md
+    assert "within timing noise" in md

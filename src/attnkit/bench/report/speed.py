@@ -19,6 +19,7 @@ from .aggregate import (
 )
 from .multiples import MAX_LINES, curve, line_figure
 from .page import Report, Table
+from .timing import NOISY, SPREAD, noisy_ratio, pct, spread
 
 
 def speed_layout(rep: Report, section: Section, rows: list[Row]) -> None:
@@ -38,43 +39,11 @@ def speed_layout(rep: Report, section: Section, rows: list[Row]) -> None:
         speedup = base / pre if base and pre else None
         kv = metric(rs, "kv_cache_bytes")
         noisy = speedup is not None and label != "full" and noisy_ratio(full[length], rs)
-        t.add(label, length, fmt(pre), _pct(spread(rs)), fmt(speedup) + (f" {NOISY}" if noisy else ""),
+        t.add(label, length, fmt(pre), pct(spread(rs)), fmt(speedup) + (f" {NOISY}" if noisy else ""),
               fmt(metric(rs, "decode_ms_per_token")), fmt(kv / 2**20 if kv is not None else None), len(rs))
     rep.table(t)
     if "vs_length" in section.figures:
         _speed_figure(rep, labels, by)
-
-
-SPREAD = 0.10  # (max - min) / median of the repeats above which a timing is noisy
-NOISY = "(noisy!)"
-
-
-def spread(rows: list[Row]) -> float | None:
-    """(max - min) / median prefill seconds over the timed repeats of ``rows`` (the widest
-    min and max over samples, the mean of their medians); None without min / max stored."""
-    lo = [r.metrics.get("prefill_seconds_min") for r in rows]
-    hi = [r.metrics.get("prefill_seconds_max") for r in rows]
-    med = metric(rows, "prefill_seconds")
-    if not med or any(v is None for v in lo + hi):
-        return None
-    return (max(hi) - min(lo)) / med
-
-
-def noisy_ratio(base: list[Row], rows: list[Row]) -> bool:
-    """Whether the speedup of ``rows`` over ``base`` is within timing noise: either spread
-    above SPREAD, or full's min / max over the method's max / min straddling 1.0."""
-    spreads = [spread(base), spread(rows)]
-    if any(s is not None and s > SPREAD for s in spreads):
-        return True
-    if None in spreads:
-        return False
-    lo = min(r.metrics["prefill_seconds_min"] for r in base) / max(r.metrics["prefill_seconds_max"] for r in rows)
-    hi = max(r.metrics["prefill_seconds_max"] for r in base) / min(r.metrics["prefill_seconds_min"] for r in rows)
-    return lo <= 1.0 <= hi
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def _speed_figure(rep: Report, labels: list[str], by: dict) -> None:
