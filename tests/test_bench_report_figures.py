@@ -223,3 +223,14 @@ def test_headline_speedup_within_timing_noise_is_flagged(tmp_path):
     md = _store(tmp_path, [full])
     assert "| attnkit exact (full) | 1 | 1.10x (noisy!) |" in md
     assert "within timing noise" in md
+
+
+def test_kv_tables_flag_where_the_full_cache_fails(tmp_path):
+    rows = []
+    for depth, acc in ((0.25, 1.0), (0.75, 0.0)):
+        rows.append(_row("niah", "full", acc, depth=depth, variant="single"))
+        r = _row("niah", "full@512", 0.0, depth=depth, variant="single", kv_bytes=250.0, kv_full_bytes=1000.0)
+        r.method, r.cache, r.budget, r.label = "full", "snapkv", "512", "snapkv@512"
+        rows.append(r)
+    md = _store(tmp_path, rows)
+    assert "| full cache | all | 1 | 0 (full fails here) |" in md

@@ -137,7 +137,8 @@ def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: 
     cells = group(cached + ref, lambda r: (r.label, r.depth))
     for label in refs:
         rs = [r for r in ref if r.label == label]
-        t.add(full_name(label), "all", *[fmt(metric(cells.get((label, d), []), "score")) for d in depths],
+        t.add(full_name(label), "all", *[fmt(metric(cells.get((label, d), []), "score"))
+                                         + fails_note(metric(cells.get((label, d), []), "score")) for d in depths],
               fmt(metric(rs, "score")), "100%", len(rs))
     for line in lines:
         for b in ["", *budgets]:
