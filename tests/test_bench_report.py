@@ -80,7 +80,7 @@ def test_pareto_frontier(written):
     with Store(run_dir) as store:
         points, x_name, y_name = report.pareto_points(store.rows())
     by = {p["label"]: p for p in points}
-    assert x_name.startswith("prefill speedup") and y_name == "retrieval accuracy"
+    assert x_name.startswith("prefill speedup") and y_name == "retrieval accuracy (cases full solves)"
     assert by["full"]["speedup"] == pytest.approx(1.0) and by["full"]["accuracy"] == 1.0
     assert by["streaming(sink=4,window=256)"]["speedup"] == pytest.approx(1 / 0.6)
     assert by["full"]["frontier"] and by["streaming(sink=4,window=256)"]["frontier"]

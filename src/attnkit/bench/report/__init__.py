@@ -7,6 +7,9 @@
 - ``aggregate``: grouping rows, means, labels, number formats;
 - ``page``: the page model and its Markdown / HTML rendering (escaping);
 - ``fidelity``, ``pareto``, ``retrieval``, ``speed``: the layouts and analyses;
+- ``kvbytes``: KV-cache accuracy against the bytes held; ``timing``: timing noise;
+- ``multiples``: line figures, small multiples beyond a few methods;
+- ``style``: decade ticks on log axes, one colour per method, complete legends;
 - ``svg``: figures as SVG files.
 """
 

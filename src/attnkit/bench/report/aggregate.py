@@ -52,14 +52,16 @@ def method_labels(rows: list[Row]) -> list[str]:
     return sorted(seen, key=lambda label: (label != "full", list(seen).index(label)))
 
 
+GREYS = ("#7f7f7f", "#222A2A", "#778AAE")  # kept for the full baseline: never a method's colour
+
+
 def color(labels: list[str], label: str) -> str:
-    """One color per method, the same in every figure."""
-    palette = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-               "#17becf")
-    if len(labels) > len(palette):  # more methods than the 10 classic colors: a 24-color palette
+    """One color per method, the same in every figure (no grey: grey is the full baseline's)."""
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+    if len(labels) > len(palette):  # more methods than the classic colors: a 24-color palette, greys left out
         from plotly.colors import qualitative
 
-        palette = tuple(qualitative.Dark24)
+        palette = tuple(c for c in qualitative.Dark24 if c not in GREYS)
     return palette[labels.index(label) % len(palette)]
 
 
@@ -114,3 +116,23 @@ def kept_percent(r: Row) -> float | None:
         return float(r.budget[:-1])
     prompt = r.metrics.get("prompt_tokens") or r.metrics.get("context_tokens") or r.length
     return min(100.0, 100 * float(r.budget) / prompt) if r.budget and prompt else None
+
+
+FULL_OK = 0.5  # the full baseline "succeeds" on a retrieval case when it scores at least this
+
+
+def case_of(r: Row) -> tuple:
+    """The case a row measured (the same prompt for every method)."""
+    return (r.task, r.variant, r.length, r.depth, r.sample)
+
+
+def full_solved(rows: list[Row]) -> set[tuple] | None:
+    """The cases where the ``full`` baseline (normal cache) scores >= FULL_OK; None when
+    ``full`` measured none of them (nothing to restrict a comparison to)."""
+    full = [r for r in rows if r.label == "full" and not r.cache]
+    return {case_of(r) for r in full if r.score is not None and r.score >= FULL_OK} if full else None
+
+
+def fails_note(score: float | None) -> str:
+    """`` (full fails here)`` for a full-baseline accuracy below FULL_OK, else ``""``."""
+    return " (full fails here)" if score is not None and score < FULL_OK else ""

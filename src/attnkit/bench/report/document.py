@@ -23,6 +23,7 @@ from .layouts import CACHE_LAYOUTS, LAYOUTS, check_section
 from .page import Report, Table
 from .pareto import pareto_section
 from .retrieval import cache_accuracy_section
+from .style import finish
 from .svg import write_svgs
 
 # Analyses across tasks, placed among the task sections by order.
@@ -139,6 +140,7 @@ def build(run_dir: str | Path) -> Report:
         _headline_section(rep, [r for r in rows if not r.cache], tasks)
         _task_sections(rep, rows, plain)
         _errors_section(rep, store)
+    finish([item for kind, item in rep.parts if kind == "fig"], method_labels(rows))
     return rep
 
 

@@ -12,7 +12,6 @@ from typing import Any
 from ..store import Row
 from ..tasks import Section
 from .aggregate import (
-    color,
     fmt,
     group,
     method_labels,
@@ -20,9 +19,17 @@ from .aggregate import (
     rows_of_layout,
     variant_key,
 )
+from .multiples import curve, line_figure
 from .page import Report, Table
 
 BASELINE = "streaming"  # the static pattern every dynamic method is compared with at equal density
+REFERENCES = ("full", BASELINE)  # drawn in every panel of the error-vs-density small multiples
+DENSE = 0.999  # a setting this dense or denser is exact attention in effect, not a sparse method
+
+
+def dense(point: dict[str, Any]) -> bool:
+    """A point (or row metrics) whose density is >= DENSE: it keeps (nearly) every pair."""
+    return point.get("density") is not None and point["density"] >= DENSE
 
 
 def fidelity_layout(rep: Report, section: Section, rows: list[Row]) -> None:
@@ -31,13 +38,14 @@ def fidelity_layout(rep: Report, section: Section, rows: list[Row]) -> None:
     t = Table("Fidelity against exact attention (q, k, v captured from the model on real text)",
               ["method", "layer", "length", "rel. error", "mass recall", "density", "method s", "n"],
               note="rel. error = ||o - o*|| / ||o*||; mass recall = share of the exact softmax mass inside the "
-                   "method's allowed set; density = allowed / causal pairs.")
+                   "method's allowed set; density = allowed / causal pairs (dense: >= 0.999, exact attention in "
+                   "effect, never judged against the baseline).")
     labels = method_labels(rows)
     by = group(rows, lambda r: (r.label, r.variant, r.length))
     for (label, variant, length) in sorted(by, key=lambda k: (labels.index(k[0]), variant_key(k[1]), k[2])):
         rs = by[(label, variant, length)]
         t.add(label, variant.removeprefix("layer"), length, fmt(metric(rs, "rel_error")),
-              fmt(metric(rs, "recall")), fmt(metric(rs, "density")), fmt(metric(rs, "method_seconds")), len(rs))
+              fmt(metric(rs, "recall")), _density_text(metric(rs, "density")), fmt(metric(rs, "method_seconds")), len(rs))
     rep.table(t)
     points = fidelity_points(rows)
     if "error_vs_density" in section.figures and len({p["label"] for p in points}) > 1:
@@ -53,6 +61,11 @@ def fidelity_layout(rep: Report, section: Section, rows: list[Row]) -> None:
             t.add(v["label"], v["length"], fmt(v["density"]), fmt(v["rel_error"]), fmt(v["baseline_error"]),
                   "yes" if v["better"] else "NO")
         rep.table(t)
+
+
+def _density_text(density: float | None) -> str:
+    """The density, marked ``(dense)`` at >= DENSE."""
+    return fmt(density) + (" (dense)" if density is not None and density >= DENSE else "")
 
 
 def fidelity_points(rows: list[Row]) -> list[dict[str, Any]]:
@@ -86,11 +99,12 @@ def baseline_error_at(points: list[dict[str, Any]], length: int, density: float)
 
 
 def equal_density_comparison(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For every method other than the baseline (and ``full``): its error next to the
+    """For every sparse method other than the baseline (not ``full``, nor a dense setting,
+    density >= DENSE): its error next to the
     baseline's at the same density, and whether it is lower."""
     out = []
     for p in sorted(points, key=lambda p: (p["method"], p["length"], p["density"])):
-        if p["method"] in (BASELINE, "full"):
+        if p["method"] in (BASELINE, "full") or dense(p):  # a dense setting is not a sparse win
             continue
         ref = baseline_error_at(points, p["length"], p["density"])
         if ref is not None:
@@ -106,22 +120,18 @@ def _line_name(point: dict[str, Any]) -> str:
 
 def _error_density_figures(rep: Report, points: list[dict[str, Any]]) -> None:
     """One error-vs-density figure per length, one line per method (its settings sorted by density)."""
-    import plotly.graph_objects as go
-
-    names = sorted({_line_name(p) for p in points}, key=lambda m: (m != BASELINE, m))
+    names = sorted({_line_name(p) for p in points}, key=lambda m: (m not in REFERENCES, m))
     for length in sorted({p["length"] for p in points}):
-        fig = go.Figure()
+        curves = []
         for name in names:
             ps = sorted((p for p in points if _line_name(p) == name and p["length"] == length), key=lambda p: p["density"])
-            if not ps:
-                continue
-            fig.add_trace(go.Scatter(x=[p["density"] for p in ps], y=[p["rel_error"] for p in ps], mode="lines+markers",
-                                     name=html.escape(name), text=[html.escape(p["label"]) for p in ps],
-                                     hovertemplate="%{text}<br>density %{x:.3f}<br>error %{y:.3f}<extra></extra>",
-                                     line={"color": color(names, name), "dash": "dash" if name == BASELINE else None}))
-        fig.update_layout(title=f"Relative output error vs density at {length} tokens (lower-left is better)",
-                          xaxis_title="density (allowed / causal pairs)",
-                          yaxis_title="relative output error (log; exact points fall below)",
-                          xaxis_type="log", yaxis_type="log", yaxis_range=[math.log10(0.003), math.log10(3.0)],
-                          height=460)
-        rep.fig(fig)
+            if ps:
+                curves.append(curve(name, [p["density"] for p in ps], [p["rel_error"] for p in ps],
+                                    text=[html.escape(p["label"]) + (" (dense)" if dense(p) else "") for p in ps],
+                                    hovertemplate="%{text}<br>density %{x:.3f}<br>error %{y:.3f}<extra></extra>",
+                                    line={"dash": "dash" if name == BASELINE else None}))
+        rep.fig(line_figure([c for c in curves if c["name"] not in REFERENCES],
+                            [c for c in curves if c["name"] in REFERENCES],
+                            f"Relative output error vs density at {length} tokens (lower-left is better)",
+                            "density (allowed / causal pairs)", "relative output error (log; exact points fall below)",
+                            x_type="log", y_type="log", y_range=[math.log10(0.003), math.log10(3.0)], height=460))

@@ -14,7 +14,9 @@ from typing import Any, Optional
 
 from ..store import Row
 from .aggregate import fmt, group, layout_of, metric
+from .kvbytes import FULL_SHARE
 from .page import Report, Table
+from .timing import NOISY, SPREAD, noisy_ratio
 
 SPEED_TASK = "model_speed"
 EQUAL = 1e-9  # accuracies closer than this are equal
@@ -34,9 +36,12 @@ def headline_section(rep: Report, rows: list[Row]) -> None:
     rep.h2(f"Headline: {model} at {_tokens(length)} tokens")
     t = Table(f"What attnkit buys at {_tokens(length)} tokens (one run; accuracy: retrieval tasks at this length)",
               ["setting", "prefill s", "prefill speedup vs transformers", "max |logit diff| vs transformers",
-               "accuracy", "KV bytes held (vs full cache)", "decode ms/token"])
+               "accuracy", "KV bytes held (vs full cache)", "decode ms/token"],
+              note=f"{NOISY}: the prefill repeats of the setting or of transformers spread more than "
+                   f"{100 * SPREAD:.0f}% of their median, or the speedup's min-max range includes 1.0: within "
+                   "timing noise." if any(e.get("noisy") for e in entries) else "")
     for e in entries:
-        t.add(e["label"], fmt(e.get("prefill")), _x(e.get("speedup")), fmt(e.get("logit_diff")), fmt(e.get("accuracy")),
+        t.add(e["label"], fmt(e.get("prefill")), _x(e.get("speedup")) + (f" {NOISY}" if e.get("noisy") else ""), fmt(e.get("logit_diff")), fmt(e.get("accuracy")),
               _bytes(e.get("kv_bytes"), e.get("kv_share")), fmt(e.get("decode")))
     rep.table(t)
     rep.p(what_to_use_when(entries, length))
@@ -68,7 +73,8 @@ def _entries(rows: list[Row], length: int) -> list[dict[str, Any]]:
                     "logit_diff": metric(rs, "max_abs_logit_diff_vs_transformers") if rs else None,
                     "accuracy": plain_acc.get(label), "decode": metric(rs, "decode_ms_per_token") if rs else None,
                     "kv_bytes": metric(rs, "kv_cache_bytes") if rs else None,
-                    "kind": "exact" if label == "full" else "method"})
+                    "kind": "exact" if label == "full" else "method",
+                    "noisy": bool(full and rs and noisy_ratio(full, rs, "transformers_"))})
     cached = group([r for r in retrieval if r.cache and r.method == "full"], lambda r: (r.cache, r.budget))
     for (cache, budget), rs in cached.items():
         held, full_bytes = metric(rs, "kv_bytes"), metric(rs, "kv_full_bytes")
@@ -84,8 +90,9 @@ def what_to_use_when(entries: list[dict[str, Any]], length: int) -> str:
     parts = []
     if exact and exact.get("speedup"):
         diff = f" (last-token logits within {exact['logit_diff']:.1e})" if exact.get("logit_diff") is not None else ""
+        noise = " (within timing noise)" if exact.get("noisy") else ""
         parts.append(f"For exact results at {_tokens(length)} tokens, `ak.patch(model)` with no method: prefill "
-                     f"{exact['speedup']:.2f}x faster than transformers' own attention{diff}.")
+                     f"{exact['speedup']:.2f}x faster than transformers' own attention{noise}{diff}.")
     ref = exact.get("accuracy") if exact else None
     if ref is not None:
         parts.append(_best_method(entries, ref))
@@ -110,7 +117,8 @@ def _best_method(entries: list[dict[str, Any]], ref: float) -> str:
 
 
 def _best_cache(entries: list[dict[str, Any]], ref: float) -> str:
-    caches = [e for e in entries if e["kind"] == "cache" and e.get("accuracy") is not None and e.get("kv_share")]
+    caches = [e for e in entries if e["kind"] == "cache" and e.get("accuracy") is not None and e.get("kv_share")
+              and e["kv_share"] < FULL_SHARE]  # a policy holding the full cache's bytes or more saves nothing
     keep = [e for e in caches if e["accuracy"] >= ref - EQUAL]
     if keep:
         best = min(keep, key=lambda e: e["kv_share"])
@@ -135,4 +143,6 @@ def _bytes(value: Optional[float], share: Optional[float]) -> str:
     if value is None:
         return "-"
     mib = f"{value / 2 ** 20:.1f} MiB"
-    return mib if share is None else f"{mib} ({100 * share:.0f}%)"
+    if share is None:
+        return mib
+    return f"{mib} (holds {100 * share:.0f}% of full)" if share >= FULL_SHARE else f"{mib} ({100 * share:.0f}%)"

@@ -5,13 +5,13 @@ below the section's heading; ``FIGURES`` lists the figures each layout can draw.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable
 
 from ..store import Row
 from ..tasks import Column, Section
-from .aggregate import color, fmt, group, method_labels, metric, task_class, variant_key
+from .aggregate import fmt, group, method_labels, metric, task_class, variant_key
 from .fidelity import fidelity_layout
+from .multiples import curve, line_figure
 from .page import Report, Table
 from .retrieval import retrieval_layout
 from .speed import kv_decode_layout, speed_layout
@@ -41,18 +41,14 @@ def table_layout(rep: Report, section: Section, rows: list[Row]) -> None:
 
 def _vs_length(rep: Report, task: str, columns: tuple[Column, ...], labels: list[str], by: dict) -> None:
     """One figure per column: the metric (mean over variants and samples) vs length."""
-    import plotly.graph_objects as go
-
     for column in columns:
-        fig = go.Figure()
+        curves = []
         for label in labels:
             lengths = sorted(n for (lab, n) in by if lab == label)
-            fig.add_trace(go.Scatter(x=lengths, y=[metric(by[(label, n)], column.metric) for n in lengths],
-                                     mode="lines+markers", name=html.escape(label),
-                                     line={"color": color(labels, label)}))
-        fig.update_layout(title=f"{task}: {column.header} vs length", xaxis_title="length (tokens)",
-                          yaxis_title=column.header, xaxis_type="log", height=380)
-        rep.fig(fig)
+            curves.append(curve(label, lengths, [metric(by[(label, n)], column.metric) for n in lengths]))
+        refs = [c for c in curves if c["name"] == "full"]
+        rep.fig(line_figure([c for c in curves if c["name"] != "full"], refs, f"{task}: {column.header} vs length",
+                            "length (tokens)", column.header, x_type="log", height=380))
 
 
 LAYOUTS: dict[str, Callable[[Report, Section, list[Row]], None]] = {

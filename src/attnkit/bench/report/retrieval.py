@@ -9,10 +9,13 @@ from ..store import Row
 from ..tasks import Section
 from .aggregate import (
     budget_sort,
-    color,
+    FULL_OK,
+    case_of,
     depth_text,
+    fails_note,
     fmt,
     full_name,
+    full_solved,
     group,
     kept_percent,
     line_of,
@@ -22,6 +25,8 @@ from .aggregate import (
     reference,
     rows_of_layout,
 )
+from .kvbytes import acc_bytes, bytes_figure, bytes_share, share_text
+from .multiples import curve, line_figure
 from .page import Report, Table
 
 
@@ -38,12 +43,19 @@ def _retrieval_group(rep: Report, section: Section, task: str, variant: str, row
     depths = sorted({r.depth for r in rows if r.depth is not None})
     lengths = sorted({r.length for r in rows})
     name = task if variant == "default" else f"{task} / {variant}"
-    t = Table(f"{name}: accuracy by depth (mean over lengths {', '.join(map(str, lengths))} and samples)",
-              ["method"] + [depth_text(d) for d in depths] + ["mean", "n"])
     by = group(rows, lambda r: (r.label, r.depth))
+    fails = [fails_note(metric(by[("full", d)], "score")) if ("full", d) in by else "" for d in depths]
+    t = Table(f"{name}: accuracy by depth (mean over lengths {', '.join(map(str, lengths))} and samples)",
+              ["method"] + [depth_text(d) + f for d, f in zip(depths, fails)] + ["mean"]
+              + (["mean (cases full solves)"] if any(fails) else []) + ["n"],
+              note="full fails here: the full baseline's accuracy at that depth is below "
+                   f"{FULL_OK:g}; compare methods on the cases full solves." if any(fails) else "")
+    solved = full_solved(rows) or set()
     for label in labels:
         t.add(label, *[fmt(metric(by.get((label, d), []), "score")) for d in depths],
               fmt(metric([r for r in rows if r.label == label], "score")),
+              *([fmt(metric([r for r in rows if r.label == label and case_of(r) in solved], "score"))]
+                if any(fails) else []),
               len([r for r in rows if r.label == label]))
     rep.table(t)
     if "heatmap" in section.figures:
@@ -74,17 +86,11 @@ def _heatmap(rep: Report, name: str, labels: list[str], depths: list[float], len
 
 
 def _vs_depth(rep: Report, name: str, labels: list[str], depths: list[float], by: dict) -> None:
-    import plotly.graph_objects as go
-
-    line = go.Figure()
-    for label in labels:
-        line.add_trace(go.Scatter(x=[d * 100 for d in depths],
-                                  y=[metric(by.get((label, d), []), "score") for d in depths],
-                                  mode="lines+markers", name=html.escape(label),
-                                  line={"color": color(labels, label)}))
-    line.update_layout(title=f"{name}: accuracy vs depth", xaxis_title="needle depth (%)",
-                       yaxis_title="accuracy", yaxis_range=[-0.05, 1.05], height=360)
-    rep.fig(line)
+    curves = [curve(label, [d * 100 for d in depths], [metric(by.get((label, d), []), "score") for d in depths])
+              for label in labels]
+    rep.fig(line_figure([c for c in curves if c["name"] != "full"], [c for c in curves if c["name"] == "full"],
+                        f"{name}: accuracy vs depth", "needle depth (%)", "accuracy", y_range=[-0.05, 1.05],
+                        height=360))
 
 
 def cache_accuracy_section(rep: Report, rows: list[Row]) -> None:
@@ -103,8 +109,6 @@ def cache_accuracy_section(rep: Report, rows: list[Row]) -> None:
 
 
 def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: list[Row]) -> None:
-    import plotly.graph_objects as go
-
     ref = reference(rows, cached, task, variant)
     name = task if variant == "default" else f"{task} / {variant}"
     budgets = sorted({r.budget for r in cached if r.budget}, key=budget_sort)
@@ -114,23 +118,27 @@ def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: 
     by = group(cached, lambda r: (line_of(r), r.budget))
     t = Table(f"{name}: accuracy by KV budget (mean over depths, lengths {', '.join(map(str, lengths))} and samples)",
               ["cache", "all tokens"] + budgets + ["n"],
-              note="'all tokens': the full cache, or a policy without a budget (quantized).")
+              note="'all tokens': the full cache, or a policy without a budget (quantized). In brackets: the bytes "
+                   "held, % of the full cache's; 'holds N% of full': the policy keeps at least the full cache's "
+                   "bytes, so its accuracy is no saving.")
     for label in refs:
         rs = [r for r in ref if r.label == label]
-        t.add(full_name(label), fmt(metric(rs, "score")), *["-" for _ in budgets], len(rs))
+        t.add(full_name(label) + fails_note(metric(rs, "score")), fmt(metric(rs, "score")), *["-" for _ in budgets],
+              len(rs))
     for line in lines:
-        t.add(line, fmt(metric(by.get((line, ""), []), "score")) if (line, "") in by else "-",
-              *[fmt(metric(by[(line, b)], "score")) if (line, b) in by else "-" for b in budgets],
+        t.add(line, acc_bytes(by[(line, "")]) if (line, "") in by else "-",
+              *[acc_bytes(by[(line, b)]) if (line, b) in by else "-" for b in budgets],
               sum(len(by.get((line, b), [])) for b in ["", *budgets]))
     rep.table(t)
     depths = sorted({r.depth for r in cached if r.depth is not None})
     t = Table(f"{name}: accuracy by depth and budget", ["cache", "budget"] + [depth_text(d) for d in depths]
               + ["mean", "KV kept", "n"], note="KV kept: bytes held after generation / bytes of a full cache of "
-              "the same tokens (slot positions and the policy's state included).")
+              "the same tokens (slot positions and the policy's state included); 'holds N% of full': no saving.")
     cells = group(cached + ref, lambda r: (r.label, r.depth))
     for label in refs:
         rs = [r for r in ref if r.label == label]
-        t.add(full_name(label), "all", *[fmt(metric(cells.get((label, d), []), "score")) for d in depths],
+        t.add(full_name(label), "all", *[fmt(metric(cells.get((label, d), []), "score"))
+                                         + fails_note(metric(cells.get((label, d), []), "score")) for d in depths],
               fmt(metric(rs, "score")), "100%", len(rs))
     for line in lines:
         for b in ["", *budgets]:
@@ -138,10 +146,11 @@ def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: 
             if not rs:
                 continue
             label = rs[0].label
-            held, full = metric(rs, "kv_bytes"), metric(rs, "kv_full_bytes")
             t.add(line, b or "all", *[fmt(metric(cells.get((label, d), []), "score")) for d in depths],
-                  fmt(metric(rs, "score")), f"{100 * held / full:.1f}%" if held and full else "-", len(rs))
+                  fmt(metric(rs, "score")), share_text(bytes_share(rs)), len(rs))
     rep.table(t)
+    rep.fig(bytes_figure(name, lines, by, [(full_name(label), metric([r for r in ref if r.label == label], "score"))
+                                           for label in refs]))
     kinds = {b.endswith("%") for b in budgets}
     if kinds == {False}:
         x_name, x_of = "tokens kept per KV head and layer", lambda rs: float(rs[0].budget)
@@ -149,22 +158,14 @@ def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: 
         x_name, x_of = "share of the prompt kept (%)", lambda rs: float(rs[0].budget[:-1])
     else:
         x_name, x_of = "share of the prompt kept (%)", lambda rs: mean(kept_percent(r) for r in rs)
-    fig = go.Figure()
-    xs = []
-    colors = lines + refs
+    xs: list[float] = []
+    curves = []
     for line in lines:
         pts = sorted((x_of(by[(line, b)]), metric(by[(line, b)], "score")) for b in budgets if (line, b) in by)
         xs += [x for x, _ in pts]
-        fig.add_trace(go.Scatter(x=[x for x, _ in pts], y=[y for _, y in pts], mode="lines+markers",
-                                 name=html.escape(line), line={"color": color(colors, line)}))
-    for label in refs:
-        acc = metric([r for r in ref if r.label == label], "score")
-        if xs and acc is not None:
-            fig.add_trace(go.Scatter(x=[min(xs), max(xs)], y=[acc, acc], mode="lines",
-                                     name=html.escape(full_name(label)),
-                                     line={"dash": "dash", "color": "#444" if label == "full" else
-                                           color(colors, label)}))
-    fig.update_layout(title=f"{name}: accuracy vs KV budget (dashed: the full cache)", xaxis_title=x_name,
-                      yaxis_title="accuracy", yaxis_range=[-0.05, 1.05], height=400,
-                      xaxis_type="log" if kinds == {False} else "linear")
-    rep.fig(fig)
+        curves.append(curve(line, [x for x, _ in pts], [y for _, y in pts]))
+    accs = [(full_name(label), metric([r for r in ref if r.label == label], "score")) for label in refs]
+    lines_ref = [curve(n, [min(xs), max(xs)], [a, a], mode="lines", line={"dash": "dash"})
+                 for n, a in accs if xs and a is not None]
+    rep.fig(line_figure(curves, lines_ref, f"{name}: accuracy vs KV budget (dashed: the full cache)", x_name,
+                        "accuracy", x_type="log" if kinds == {False} else "linear", y_range=[-0.05, 1.05]))

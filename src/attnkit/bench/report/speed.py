@@ -17,7 +17,9 @@ from .aggregate import (
     method_labels,
     metric,
 )
+from .multiples import MAX_LINES, curve, line_figure
 from .page import Report, Table
+from .timing import NOISY, SPREAD, noisy_ratio, pct, spread
 
 
 def speed_layout(rep: Report, section: Section, rows: list[Row]) -> None:
@@ -26,24 +28,38 @@ def speed_layout(rep: Report, section: Section, rows: list[Row]) -> None:
     labels = method_labels(rows)
     by = group(rows, lambda r: (r.label, r.length))
     t = Table("Prefill, decode and KV cache (means over samples)",
-              ["method", "length", "prefill s", "speedup vs full", "decode ms/token", "KV cache MiB", "n"])
-    full = {n: metric(rs, "prefill_seconds") for (label, n), rs in by.items() if label == "full"}
+              ["method", "length", "prefill s", "spread", "speedup vs full", "decode ms/token", "KV cache MiB", "n"],
+              note=f"spread: (max - min) / median of the timed prefill repeats. {NOISY}: the method's or full's "
+                   f"spread exceeds {100 * SPREAD:.0f}%, or the speedup's range (full's min / max over the "
+                   "method's max / min) includes 1.0: the ratio is within timing noise.")
+    full = {n: rs for (label, n), rs in by.items() if label == "full"}
     for (label, length) in sorted(by, key=lambda k: (labels.index(k[0]), k[1])):
         rs = by[(label, length)]
-        pre = metric(rs, "prefill_seconds")
-        speedup = full.get(length) / pre if full.get(length) and pre else None
+        pre, base = metric(rs, "prefill_seconds"), metric(full.get(length, []), "prefill_seconds")
+        speedup = base / pre if base and pre else None
         kv = metric(rs, "kv_cache_bytes")
-        t.add(label, length, fmt(pre), fmt(speedup), fmt(metric(rs, "decode_ms_per_token")),
-              fmt(kv / 2**20 if kv is not None else None), len(rs))
+        noisy = speedup is not None and label != "full" and noisy_ratio(full[length], rs)
+        t.add(label, length, fmt(pre), pct(spread(rs)), fmt(speedup) + (f" {NOISY}" if noisy else ""),
+              fmt(metric(rs, "decode_ms_per_token")), fmt(kv / 2**20 if kv is not None else None), len(rs))
     rep.table(t)
     if "vs_length" in section.figures:
         _speed_figure(rep, labels, by)
 
 
 def _speed_figure(rep: Report, labels: list[str], by: dict) -> None:
+    """Prefill seconds and decode ms/token vs length, log-log: two panels of one figure, or
+    one small-multiples figure per metric when many methods are drawn."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    if len([label for label in labels if label != "full"]) > MAX_LINES:
+        for name, title in (("prefill_seconds", "prefill seconds"), ("decode_ms_per_token", "decode ms / token")):
+            curves = [curve(label, ns, [metric(by[(label, n)], name) for n in ns])
+                      for label in labels for ns in [sorted(n for (lab, n) in by if lab == label)]]
+            rep.fig(line_figure([c for c in curves if c["name"] != "full"], [c for c in curves if c["name"] == "full"],
+                                f"Speed vs length: {title} (log-log)", "length (tokens)", title, x_type="log",
+                                y_type="log"))
+        return
     fig = make_subplots(rows=1, cols=2, subplot_titles=["prefill seconds", "decode ms / token"])
     for label in labels:
         lengths = sorted(n for (lab, n) in by if lab == label)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .page import Report
+from .style import legend_entries
 
 
 def figure_slug(fig: Any, index: int) -> str:
@@ -44,7 +45,7 @@ def _static_figure(fig: Any) -> Any:
     for trace in static.data:
         if trace.name:
             trace.name = html.escape(html.unescape(trace.name), quote=False)
-    rows = sum(1 for t in static.data if t.showlegend is not False)
+    rows = len(legend_entries(static))  # every entry drawn: one line each
     below = 20 * rows + 70  # one legend line per trace under the x axis title
     static.update_layout(legend={"yanchor": "top", "y": -70 / (fig.layout.height or 450), "xanchor": "left", "x": 0},
                          height=(fig.layout.height or 450) + below, margin={"b": below + 10})
