@@ -29,9 +29,9 @@ task settings) and prints the plan (cases x methods x cache settings per task, w
 already stored in --out, the first case) without loading the model; --max-cases N measures
 only the first N cases of each task (those a full run measures first):
 
-  attnkit bench --config configs/prefill-niah.yaml --out runs/prefill --dry-run
+  attnkit bench --tasks niah --cache snapkv,tova --budgets 25% --lengths 4k --out runs/kv --dry-run
 
-  attnkit bench --config configs/prefill-niah.yaml --out runs/try --max-cases 1
+  attnkit bench --tasks niah --cache snapkv,tova --budgets 25% --lengths 4k --out runs/kv --max-cases 1
 
 With --cache, tasks that decode (niah, passkey, variable_tracking, kv_decode, ...) run every
 case with the normal cache (the full baseline) and with every (policy x budget); a
@@ -58,6 +58,19 @@ def _bench_config(config: Optional[Path], quick: bool, threads: Optional[int], *
     if threads is not None:
         data["threads"] = threads
     return build.build_config(data)
+
+
+def _report_plan(run_dir: Path, figures: Optional[Path]) -> None:
+    """``attnkit report --dry-run``: the results it would read and the files it would write."""
+    from .store import DB_NAME, stored_keys
+
+    if not (run_dir / DB_NAME).is_file():
+        typer.echo(f"error: run directory {run_dir} has no {DB_NAME}: run `attnkit bench ... --out {run_dir}` first",
+                   err=True)
+        raise typer.Exit(2)
+    typer.echo(f"attnkit report --dry-run: {len(stored_keys(run_dir))} results in {run_dir / DB_NAME}")
+    typer.echo(f"would write: {run_dir / 'report.md'}, {run_dir / 'report.html'}"
+               + (f", SVG plots into {figures}" if figures is not None else ""))
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -131,9 +144,14 @@ def add_commands(app: typer.Typer) -> None:
         json_line: bool = typer.Option(False, "--json", help="also print one JSON line of headline numbers"),
         figures: Optional[Path] = typer.Option(None, "--figures", help="also write every plot as SVG into this "
                                                                        "folder (needs kaleido + Chromium)"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="check the run directory and print what would be "
+                                                              "written; write nothing"),
     ) -> None:
         from . import report as reportmod
 
+        if dry_run:
+            _report_plan(run_dir, figures)
+            return
         try:
             md, page = reportmod.write(run_dir, figures=figures)
         except (FileNotFoundError, ImportError) as exc:
