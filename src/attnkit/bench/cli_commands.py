@@ -20,7 +20,7 @@ Examples:
 
   attnkit bench --model smollm2-135m --tasks niah,fidelity --methods "full,streaming(sink=4,window=256)" --lengths 1k,2k --samples 5 --out runs/NAME
 
-  attnkit bench --config sweep.yaml --out runs/sweep
+  attnkit bench --config configs/sweep.yaml --out runs/sweep
 
   attnkit bench --tasks niah,kv_decode --cache "snapkv,streaming(sink=4),tova" --budgets 256,25% --lengths 2k --depths 0.5,0.9 --out runs/kv
 
