@@ -57,8 +57,15 @@ def doc_commands() -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
+def makefile_commands() -> list[tuple[str, list[str], list[list[str]]]]:
+    """The ``attnkit`` lines of the Makefile (what ``make bench`` runs), as ``doc_commands``."""
+    lines = re.findall(r"^\t\$\(BIN\)/(attnkit .*)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M)
+    argvs = [shlex.split(line, comments=True) for line in lines]
+    return [(f"Makefile#{i}", argv, argvs[:i]) for i, argv in enumerate(argvs)]
+
+
 COMMANDS = doc_commands()
-ATTNKIT = [c for c in COMMANDS if c[1][0] == "attnkit"]
+ATTNKIT = [c for c in COMMANDS if c[1][0] == "attnkit"] + makefile_commands()
 
 
 def option(argv: list[str], name: str) -> str | None:
@@ -111,9 +118,11 @@ def check_plan(argv: list[str], output: str) -> None:
         if option(argv, "--layers") not in (None, "all"):
             assert line_of(output, "layers:") == f"layers: {option(argv, '--layers')}"
     elif command == "speed":
-        assert line_of(output, "methods:") == f"methods: {', '.join(_split_methods(option(argv, '--methods')))}"
+        if option(argv, "--methods"):
+            assert line_of(output, "methods:") == f"methods: {', '.join(_split_methods(option(argv, '--methods')))}"
         if option(argv, "--lengths"):
-            assert line_of(output, "lengths:") == f"lengths: {', '.join(map(str, parse_lengths(option(argv, '--lengths'))))}"
+            lengths = ", ".join(map(str, parse_lengths(option(argv, "--lengths"))))
+            assert line_of(output, "lengths:") == f"lengths: {lengths}"
     elif command == "report":
         assert f"would write: {argv[2]}/report.md" in output
 
@@ -146,6 +155,14 @@ def test_doc_command_dry_run(where, argv, earlier, monkeypatch):
         return
     assert code == 0, f"{where}: {shlex.join(argv)} --dry-run failed:\n{output}"
     check_plan(argv, output)
+
+
+def test_dry_run_still_rejects_bad_input():
+    """--dry-run validates as a run does: a bad task, method or budget exits 2 and says why."""
+    for args, needle in ((["--tasks", "nope"], "nope"), (["--methods", "streaming(windw=4)"], "windw"),
+                         (["--cache", "snapkv"], "needs budgets")):
+        code, output = invoke(["bench", *args, "--dry-run"])
+        assert code == 2 and needle in output, output
 
 
 @pytest.mark.parametrize("where,argv", [c[:2] for c in COMMANDS if c[1][:2] == ["python", "-m"]],
@@ -187,7 +204,8 @@ def test_readme_bench_commands_first_case(tmp_path, monkeypatch, smollm2):
     from attnkit import models
 
     load = models.load
-    monkeypatch.setattr(models, "load", lambda name, *a, **k: smollm2 if name == "smollm2-135m" else load(name, *a, **k))
+    monkeypatch.setattr(models, "load", lambda name, *a, **k: smollm2 if name == "smollm2-135m"
+                        else load(name, *a, **k))
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
     ran = 0

@@ -151,7 +151,8 @@ def speed(
     flex: bool = typer.Option(True, "--flex/--no-flex", help="Also time FlexAttention on each pattern."),
     backward: bool = typer.Option(False, "--backward", help="Time the backward pass (after an untimed forward) against exact attention's backward."),
     out: Optional[str] = typer.Option(None, help="Write the rows as JSON to this file."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the methods and lengths and print the grid; time nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Validate the methods and lengths and print the grid; time nothing."),
 ) -> None:
     """Operator latency and peak memory vs length, with speedups over exact attention (SDPA's CPU kernel) and FlexAttention.
 
@@ -229,7 +230,8 @@ def calibrate_sea(
     features: int = typer.Option(64, help="Trained features M per map (the map has 2M)."),
     steps: int = typer.Option(200, help="Adam steps per layer."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print what would be trained and written; load nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Validate and print what would be trained and written; load nothing."),
 ) -> None:
     """Train SEA's estimator on a model's own attention (distillation) for sea(estimator=OUT).
 

@@ -60,7 +60,7 @@ def describe(cfg: BenchConfig, run_dir: str | Path, max_cases: int | None = None
     work = plan(cfg, max_cases=max_cases)
     done = stored_keys(run_dir)
     stored = sum(w.key in done for w in work)
-    lines = [f"attnkit bench --dry-run: nothing is loaded or measured",
+    lines = ["attnkit bench --dry-run: nothing is loaded or measured",
              f"model: {cfg.model}", f"seed: {cfg.seed}; threads: {cfg.threads or 'torch default'}",
              f"run directory: {run_dir} ({len(done)} results stored)",
              f"tasks: {', '.join(t.name for t in cfg.tasks)}"]
