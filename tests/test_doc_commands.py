@@ -157,6 +157,19 @@ def test_doc_command_dry_run(where, argv, earlier, monkeypatch):
     check_plan(argv, output)
 
 
+def test_bench_help_examples_dry_run(monkeypatch):
+    """The examples of ``attnkit bench --help`` dry-run too."""
+    from attnkit.bench.cli_commands import BENCH_HELP
+
+    monkeypatch.chdir(ROOT)
+    examples = [shlex.split(ln) for ln in BENCH_HELP.splitlines() if ln.strip().startswith("attnkit bench ")]
+    assert len(examples) >= 5
+    for argv in examples:
+        code, output = invoke([*argv[1:], "--dry-run"])
+        assert code == 0, f"{shlex.join(argv)} --dry-run:\n{output}"
+        check_plan(argv, output)
+
+
 def test_dry_run_still_rejects_bad_input():
     """--dry-run validates as a run does: a bad task, method or budget exits 2 and says why."""
     for args, needle in ((["--tasks", "nope"], "nope"), (["--methods", "streaming(windw=4)"], "windw"),
