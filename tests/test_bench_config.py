@@ -107,3 +107,36 @@ def test_cli_overrides_preset():
     assert cfg.tasks[0].lengths == [1024] and cfg.tasks[0].samples == 3 and cfg.tasks[0].depths == [0.25, 0.75]
     assert [m.label for m in cfg.tasks[0].methods] == ["full"] and cfg.model == "gemma3-270m"
     assert build.build_config(build.QUICK).tasks  # the preset itself is valid
+
+
+def test_max_cases_is_the_prefix_of_the_full_plan():
+    """--max-cases N: each task's first N cases, those a full run measures first, in order."""
+    from attnkit.bench import runner
+
+    cfg = build.build_config({"tasks": {"niah": {}, "fidelity": {"lengths": [512]}},
+                              "methods": "full,streaming(window=64)", "depths": [0, 0.5, 1], "samples": 2})
+    full, short = runner.plan(cfg), runner.plan(cfg, max_cases=2)
+    for spec in cfg.tasks:
+        mine = [w.key for w in full if w.spec is spec]
+        assert [w.key for w in short if w.spec is spec] == mine[:2 * len(spec.methods)]
+    assert [w.key for w in runner.plan(cfg, max_cases=100)] == [w.key for w in full]
+
+
+def test_dry_run_plan_counts_stored_results_and_writes_nothing(tmp_path):
+    """The dry-run plan: counts per task, results already stored (read-only), the first case."""
+    from attnkit.bench import dryrun, runner
+    from attnkit.bench.store import Row, Store
+
+    cfg = build.build_config({"tasks": ["niah"], "lengths": "1k", "depths": "0,1", "caches": "snapkv,tova",
+                              "budgets": "25%,10%"})
+    text = dryrun.describe(cfg, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert "task niah: 2 cases x 1 methods x 5 cache settings = 10 measurements, 0 already stored" in text
+    assert "caches: snapkv, tova" in text and "budgets: 25%, 10%" in text
+    assert "first case: task niah, variant='single', length=1024, depth=0.0" in text
+    w = runner.plan(cfg)[0]
+    with Store(tmp_path / "old") as store:
+        store.add(Row(model=cfg.model, task="niah", variant=w.case.variant, method="full", config=w.method.config_json,
+                      label=w.label, length=w.case.length, depth=w.case.depth, sample=0, score=1.0, metrics={},
+                      seconds=0.1))
+    assert "10 measurements, 1 already stored" in dryrun.describe(cfg, tmp_path / "old")

@@ -151,11 +151,14 @@ def speed(
     flex: bool = typer.Option(True, "--flex/--no-flex", help="Also time FlexAttention on each pattern."),
     backward: bool = typer.Option(False, "--backward", help="Time the backward pass (after an untimed forward) against exact attention's backward."),
     out: Optional[str] = typer.Option(None, help="Write the rows as JSON to this file."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Validate the methods and lengths and print the grid; time nothing."),
 ) -> None:
     """Operator latency and peak memory vs length, with speedups over exact attention (SDPA's CPU kernel) and FlexAttention.
 
     Example: attnkit speed --lengths 4k,16k --methods "full,streaming(sink=64,window=1024)"
     Backward: attnkit speed --backward --lengths 16k --methods "streaming(sink=64,window=1024),moba"
+    Check first: attnkit speed --lengths 16k --methods moba --dry-run
     """
     from rich.progress import Progress
 
@@ -163,6 +166,10 @@ def speed(
 
     specs = _split_methods(methods)
     ns = _parse_lengths(lengths)
+    if dry_run:
+        _speed_plan(specs, ns, heads=heads, kv_heads=kv_heads or heads, dim=dim, repeats=repeats, flex=flex,
+                    backward=backward, out=out)
+        return
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("speed", total=len(ns) * (len(specs) + ("full" not in specs)))
 
@@ -177,6 +184,27 @@ def speed(
         with open(out, "w") as f:
             json.dump(record, f, indent=2)
     typer.echo(json.dumps({"speed": record}))
+
+
+def _speed_plan(specs: list[str], ns: list[int], **settings: object) -> None:
+    """``attnkit speed --dry-run``: build every (method, length) and print the grid."""
+    from . import api
+    from .bench.speed import parse_method_spec
+
+    for n in ns:
+        for spec in specs:
+            try:
+                name, config = parse_method_spec(spec, n)
+                api.get(name, **config)
+            except (ValueError, TypeError) as exc:
+                console.print(f"[red]error:[/red] method {spec!r} at length {n}: {exc}", highlight=False)
+                raise typer.Exit(2) from None
+    typer.echo("attnkit speed --dry-run: nothing is timed")
+    typer.echo(f"methods: {', '.join(specs)}")
+    typer.echo(f"lengths: {', '.join(map(str, ns))}")
+    typer.echo(", ".join(f"{k}={v}" for k, v in settings.items()))
+    typer.echo(f"{len(specs)} methods x {len(ns)} lengths = {len(specs) * len(ns)} timings"
+               + ("" if "full" in specs else " (+ exact attention at each length)"))
 
 
 def speed_table(rows, backward: bool = False) -> Table:
@@ -202,13 +230,22 @@ def calibrate_sea(
     features: int = typer.Option(64, help="Trained features M per map (the map has 2M)."),
     steps: int = typer.Option(200, help="Adam steps per layer."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Validate and print what would be trained and written; load nothing."),
 ) -> None:
     """Train SEA's estimator on a model's own attention (distillation) for sea(estimator=OUT).
 
     Example: attnkit calibrate-sea --layers 2,16 --out runs/sea-smollm2.pt, then
     attnkit.apply(model, ("sea", {"estimator": "runs/sea-smollm2.pt"})) (each layer gets its
     own maps) or sea(estimator=runs/sea-smollm2.pt) in a benchmark config.
+    Check first: attnkit calibrate-sea --layers 2,16 --out runs/sea-smollm2.pt --dry-run
     """
+    for name, value in (("tokens", tokens), ("features", features), ("steps", steps)):
+        if value < 1:
+            raise typer.BadParameter(f"{name} must be a positive integer, got {value}", param_hint=f"--{name}")
+    if dry_run:
+        _calibrate_plan(out, model, tokens, layers, features, steps)
+        return
     import time
 
     import torch
@@ -222,10 +259,7 @@ def calibrate_sea(
     if threads:
         torch.set_num_threads(threads)
     lm = models.load(model)
-    n_layers = lm.model.config.num_hidden_layers
-    chosen = list(range(n_layers)) if layers == "all" else [int(x) for x in layers.split(",") if x.strip()]
-    if not chosen or any(not 0 <= i < n_layers for i in chosen):
-        raise typer.BadParameter(f"layers must be 'all' or indices in 0..{n_layers - 1}, got {layers!r}")
+    chosen = _sea_layers(layers, lm.model.config.num_hidden_layers)
     ids = haystack.encode(lm.tokenizer, haystack.context(lm.tokenizer, tokens + 64, kind="pydoc"))[:tokens]
     start = time.perf_counter()
     with torch.no_grad():
@@ -241,6 +275,39 @@ def calibrate_sea(
     losses = {i: [round(float(x), 3) for x in e["loss"]] for i, e in est.items()}
     typer.echo(json.dumps({"estimator": out, "layers": chosen, "loss_first_last": losses,
                            "seconds": round(time.perf_counter() - start, 1)}))
+
+
+def _sea_layers(layers: str, n_layers: int | None) -> list[int]:
+    """calibrate-sea's --layers as indices ('all' needs ``n_layers``; None: not checked)."""
+    if layers == "all":
+        return list(range(n_layers or 0))
+    try:
+        chosen = [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError:
+        chosen = []
+    if not chosen or any(i < 0 or (n_layers is not None and i >= n_layers) for i in chosen):
+        top = "N-1" if n_layers is None else n_layers - 1
+        raise typer.BadParameter(f"layers must be 'all' or indices in 0..{top}, got {layers!r}", param_hint="--layers")
+    return chosen
+
+
+def _calibrate_plan(out: str, model: str, tokens: int, layers: str, features: int, steps: int) -> None:
+    """``attnkit calibrate-sea --dry-run``: what would be trained and written (no model loaded)."""
+    from pathlib import Path
+
+    from . import models
+
+    try:
+        n_layers = models.facts(model).layers
+    except ValueError:
+        n_layers = None
+    chosen = _sea_layers(layers, n_layers)
+    typer.echo("attnkit calibrate-sea --dry-run: no model is loaded, nothing is trained")
+    typer.echo(f"model: {model}")
+    typer.echo(f"layers: {'all' if layers == 'all' and n_layers is None else ','.join(map(str, chosen))}")
+    typer.echo(f"tokens: {tokens} (pydoc text); features: {features}; steps: {steps} per layer")
+    exists = " (exists: it will be overwritten)" if Path(out).exists() else ""
+    typer.echo(f"would write: {out}{exists}")
 
 
 try:  # the benchmark's commands (bench, report) live with the benchmark

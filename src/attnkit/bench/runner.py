@@ -13,6 +13,7 @@ one (CI, pipes) the runner prints one plain line per result.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import traceback
@@ -53,14 +54,15 @@ class Outcome:
     summary: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
 
-def plan(cfg: BenchConfig) -> list[Work]:
+def plan(cfg: BenchConfig, max_cases: int | None = None) -> list[Work]:
     """Every (task, case, method, cache setting) of ``cfg``, in run order (methods and cache
-    settings innermost, so a case's prompt or captured activations are built once)."""
+    settings innermost, so a case's prompt or captured activations are built once).
+    ``max_cases``: only the first N cases of each task (those a full run measures first)."""
     work = []
     for spec in cfg.tasks:
         task = TASKS[spec.name]()
         caches = spec.cache_runs() if task.uses_cache else [None]
-        for case in task.cases(spec, cfg.seed):
+        for case in itertools.islice(task.cases(spec, cfg.seed), max_cases):
             for method in spec.methods:
                 for cache in caches:
                     extra = () if cache is None else (cache.cache.name, cache.cache.config_json,
@@ -72,10 +74,11 @@ def plan(cfg: BenchConfig) -> list[Work]:
 
 
 def run(cfg: BenchConfig, run_dir: str | Path, progress: Optional[bool] = None, command: Optional[str] = None,
-        console: Any = None, lm: Any = None) -> Outcome:
+        console: Any = None, lm: Any = None, max_cases: int | None = None) -> Outcome:
     """Measure what is missing from ``run_dir`` and store it. ``progress``: None = a live
     display on a terminal and plain lines otherwise; False = silent. ``lm``: an already
-    loaded ``attnkit.models.LoadedModel`` of ``cfg.model`` (loaded on first use otherwise)."""
+    loaded ``attnkit.models.LoadedModel`` of ``cfg.model`` (loaded on first use otherwise).
+    ``max_cases``: measure only the first N cases of each task (None: all of them)."""
     from rich.console import Console
 
     if cfg.threads:
@@ -87,7 +90,7 @@ def run(cfg: BenchConfig, run_dir: str | Path, progress: Optional[bool] = None, 
     store = Store(run_dir)
     try:
         store.start_run(cfg.to_dict(), command)
-        work = plan(cfg)
+        work = plan(cfg, max_cases=max_cases)
         done = store.done_keys()
         todo = [w for w in work if w.key not in done]
         outcome = Outcome(Path(run_dir), len(work), len(work) - len(todo), 0, 0, 0.0)

@@ -99,6 +99,21 @@ def row_key(model: str, task: str, variant: str, method: str, config: str, lengt
     return "|".join(parts)
 
 
+def stored_keys(run_dir: str | Path) -> set[str]:
+    """Keys of the results stored in ``run_dir``, read-only (nothing is created): empty
+    when it has no database yet (``attnkit bench --dry-run``)."""
+    path = Path(run_dir) / DB_NAME
+    if not path.is_file():
+        return set()
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        return {r[0] for r in conn.execute("SELECT key FROM results")}
+    except sqlite3.OperationalError:  # no results table yet
+        return set()
+    finally:
+        conn.close()
+
+
 class Store:
     """The SQLite database of one run directory."""
 

@@ -270,7 +270,7 @@ def load_estimator(path: str) -> dict:
     """Read a file written by ``save_estimator`` (cached per path and modification time)."""
     full = os.path.abspath(path)
     if not os.path.isfile(full):
-        raise ValueError(f"estimator file {path!r} does not exist; write one with `attnkit calibrate-sea` "
+        raise ValueError(f"estimator file {path!r} does not exist: run `attnkit calibrate-sea --out {path}` first "
                          "(or attnkit.methods.sparse_dynamic.sea.calibrate + save_estimator)")
     mtime = os.path.getmtime(full)
     if full in _LOADED and _LOADED[full][0] == mtime:
