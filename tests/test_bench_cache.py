@@ -170,7 +170,7 @@ def test_keys_resume_and_report_with_a_fake_task(kv_echo, tmp_path):
     assert "## Accuracy with a compressed KV cache" in text
     assert "| cache | all tokens | 64 | 10% | 25% | n |" in text
     assert "| full cache | 1 | - | - | - | 2 |" in text
-    assert "| snapkv | - | 1 | 0.5 | 0.5 | 6 |" in text
+    assert "| snapkv | - | 1 (64% bytes) | 0.5 (10% bytes) | 0.5 (25% bytes) | 6 |" in text  # accuracy (bytes held)
     assert "accuracy vs KV budget" in html and '"dash":"dash"' in html
     # The ordinary retrieval table shows the normal cache only.
     assert "| method | 25% | 100% | mean | n |" in text and "| full | 1 | 1 | 1 | 2 |" in text
