@@ -40,7 +40,7 @@ from typing import Any
 from .. import haystack
 from ..spec import CacheRun, MethodSpec, TaskSpec
 from .base import Case, Column, Context, Section, Task, case_seed, register_task
-from .niah import generate, is_base_model, score
+from .niah import generate, is_base_model, score, scored_answer
 
 INSTRUCTION = ("Below is a numbered list of words. In these words, some appear more often than others. "
                "Memorize the ones that appear most often.\n")
@@ -177,18 +177,7 @@ def score_words(answers: list[str], answer: str) -> float:
 
 def word_metrics(result: dict[str, Any], s: WordsSample) -> dict[str, Any]:
     """The metrics of one answer (``result`` from ``niah.generate``)."""
-    value = score_words(s.answers, result["answer"])
-    return {
-        "score": value,
-        "accuracy": value,
-        "correct": value == 1.0,
-        "answer": result["answer"],
-        "expected": s.answers,
-        "prompt_tokens": result["prompt_tokens"],
-        "list_words": s.list_words,
-        "generate_seconds": result["generate_seconds"],
-        **{k: v for k, v in result.items() if k.startswith("kv_")},
-    }
+    return {**scored_answer(result, s.answers, score_words(s.answers, result["answer"])), "list_words": s.list_words}
 
 
 def positive_ints(task: str, params: Any, names: tuple[str, ...]) -> None:

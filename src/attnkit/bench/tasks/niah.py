@@ -270,15 +270,20 @@ def answer_tokens(s: Sample, new_tokens: int) -> int:
 def answer_metrics(ctx: Context, result: dict[str, Any], s: Sample) -> dict[str, Any]:
     """Metrics of one answer; ``tokens_after_needle``: how far back from the question
     (the end of the user text) the first asked needle starts."""
-    value = score(s.answers, result["answer"])
+    return {**scored_answer(result, s.answers, score(s.answers, result["answer"])),
+            "tokens_after_needle": len(haystack.encode(ctx.lm.tokenizer, s.user_text[s.offsets[0]:]))}
+
+
+def scored_answer(result: dict[str, Any], expected: list[str], value: float) -> dict[str, Any]:
+    """The metrics every answer-scored task stores: score (= accuracy), the answer, the
+    expected values, prompt tokens, seconds and the KV-cache entries of ``result``."""
     return {
         "score": value,
         "accuracy": value,
         "correct": value == 1.0,
         "answer": result["answer"],
-        "expected": s.answers,
+        "expected": expected,
         "prompt_tokens": result["prompt_tokens"],
-        "tokens_after_needle": len(haystack.encode(ctx.lm.tokenizer, s.user_text[s.offsets[0]:])),
         "generate_seconds": result["generate_seconds"],
         **{k: v for k, v in result.items() if k.startswith("kv_")},
     }
