@@ -122,12 +122,29 @@ def build_config(data: Mapping[str, Any]) -> BenchConfig:
     if top_budgets and not any(t.caches for t in tasks):
         _check_budgets("config", [], top_budgets)
     threads = data.get("threads")
+    where_full_succeeds = data.get("where_full_succeeds", False)
+    if not isinstance(where_full_succeeds, bool):
+        raise ValueError(f"where_full_succeeds: must be true or false, got {where_full_succeeds!r}")
+    if where_full_succeeds:
+        _check_full_listed(tasks)
     return BenchConfig(
         model=str(data.get("model", "smollm2-135m")),
         tasks=tasks,
         seed=int(data.get("seed", 0)),
         threads=None if threads is None else positive_int("threads", threads),
+        where_full_succeeds=where_full_succeeds,
     )
+
+
+def _check_full_listed(tasks: list[TaskSpec]) -> None:
+    """``where_full_succeeds`` compares against `full` (default config): each scored task must
+    measure it."""
+    for t in tasks:
+        if TASKS[t.name].pass_mark is not None and not any(m.name == "full" and m.config_json == "{}"
+                                                             for m in t.methods):
+            raise ValueError(f"where_full_succeeds: task {t.name!r} does not measure `full` (its methods: "
+                             f"{', '.join(m.label for m in t.methods)}); add full to its methods or drop "
+                             f"where_full_succeeds")
 
 
 def cache_tasks() -> list[str]:

@@ -125,8 +125,9 @@ def add_commands(app: typer.Typer) -> None:
             return
         command = " ".join(shlex.quote(a) for a in ["attnkit", *sys.argv[1:]])
         outcome = runner.run(cfg, run_dir, command=command, console=console, max_cases=max_cases)
-        console.print(f"{outcome.measured} measured, {outcome.skipped} already stored, {outcome.failed} failed "
-                      f"in {outcome.seconds:.0f} s", highlight=False)
+        compared = f", {outcome.not_compared} not compared (full fails them)" if outcome.not_compared else ""
+        console.print(f"{outcome.measured} measured, {outcome.skipped} already stored, {outcome.failed} failed"
+                      f"{compared} in {outcome.seconds:.0f} s", highlight=False)
         if outcome.skipped:
             console.print(f"{outcome.skipped} results were read from {run_dir}/results.sqlite, not measured again: "
                           f"for fresh numbers delete {run_dir} or give another --out", highlight=False)

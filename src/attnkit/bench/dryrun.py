@@ -66,6 +66,9 @@ def describe(cfg: BenchConfig, run_dir: str | Path, max_cases: int | None = None
              f"tasks: {', '.join(t.name for t in cfg.tasks)}"]
     if max_cases is not None:
         lines.append(f"max cases per task: {max_cases}")
+    if cfg.where_full_succeeds:
+        lines.append("where_full_succeeds: on accuracy tasks the other methods and cache settings run only on "
+                     "the cases `full` solves (counted below as planned; decided as `full` scores them)")
     for spec in cfg.tasks:
         lines += _task_lines(spec, work, done)
     lines.append(f"total: {len(work)} measurements, {stored} already stored (skipped), {len(work) - stored} to run")

@@ -51,6 +51,7 @@ class Outcome:
     measured: int
     failed: int
     seconds: float
+    not_compared: int = 0  # skipped by ``where_full_succeeds``: `full` fails the case
     summary: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
 
@@ -62,8 +63,9 @@ def plan(cfg: BenchConfig, max_cases: int | None = None) -> list[Work]:
     for spec in cfg.tasks:
         task = TASKS[spec.name]()
         caches = spec.cache_runs() if task.uses_cache else [None]
+        methods = _full_first(spec.methods) if cfg.where_full_succeeds else spec.methods
         for case in itertools.islice(task.cases(spec, cfg.seed), max_cases):
-            for method in spec.methods:
+            for method in methods:
                 for cache in caches:
                     extra = () if cache is None else (cache.cache.name, cache.cache.config_json,
                                                       cache.budget.text if cache.budget else "")
@@ -71,6 +73,30 @@ def plan(cfg: BenchConfig, max_cases: int | None = None) -> list[Work]:
                                   case.depth, case.sample, *extra)
                     work.append(Work(task, spec, case, method, key, cache))
     return work
+
+
+def _full_first(methods: list[MethodSpec]) -> list[MethodSpec]:
+    """``methods`` with `full` (default config) moved first: its score decides the others'."""
+    return sorted(methods, key=lambda m: not (m.name == "full" and m.config_json == "{}"))
+
+
+def not_compared(store: Store, cfg: BenchConfig, w: Work) -> Optional[str]:
+    """Why ``cfg.where_full_succeeds`` skips ``w`` (`full` with the normal cache scored below
+    the task's pass mark on its case), or None: measure it. `full` itself, unscored tasks and
+    cases `full` has not measured yet are measured."""
+    pass_mark = w.task.pass_mark
+    if not cfg.where_full_succeeds or pass_mark is None:
+        return None
+    if w.cache is None and w.method.name == "full" and w.method.config_json == "{}":
+        return None
+    c = w.case
+    stored, score = store.score_of(row_key(cfg.model, w.spec.name, c.variant, "full", "{}", c.length, c.depth,
+                                           c.sample))
+    if not stored:
+        return None
+    if score is None:
+        return "not compared: full has no score on this case"
+    return f"not compared: full scores {score:.3g} here (pass mark {pass_mark:g})" if score < pass_mark else None
 
 
 def run(cfg: BenchConfig, run_dir: str | Path, progress: Optional[bool] = None, command: Optional[str] = None,
@@ -119,6 +145,10 @@ def run(cfg: BenchConfig, run_dir: str | Path, progress: Optional[bool] = None, 
 
 
 def _one(store: Store, ctx: Context, cfg: BenchConfig, w: Work, outcome: Outcome) -> Optional[Row]:
+    """Measure and store ``w``; None when it failed (logged) or is not compared (counted)."""
+    if not_compared(store, cfg, w) is not None:
+        outcome.not_compared += 1
+        return None
     start = time.perf_counter()
     try:
         extra = {} if w.cache is None else {"cache": w.cache}
@@ -172,8 +202,13 @@ def summary_table(outcome: Outcome) -> Any:
         table.add_column(col)
     for (task, label), scores in sorted(outcome.summary.items()):
         table.add_row(task, label, str(len(scores)), _score_text(task, scores))
+    notes = []
     if outcome.failed:
-        table.caption = f"{outcome.failed} failed (see the errors table; retried on the next run)"
+        notes.append(f"{outcome.failed} failed (see the errors table; retried on the next run)")
+    if outcome.not_compared:
+        notes.append(f"{outcome.not_compared} not compared: `full` fails those cases (where_full_succeeds)")
+    if notes:
+        table.caption = "; ".join(notes)
     return table
 
 
@@ -206,9 +241,12 @@ def _run_plain(store: Store, ctx: Context, cfg: BenchConfig, todo: list[Work], o
         console.print(f"attnkit bench: resuming, {outcome.skipped} of {outcome.total} results already stored")
     n = outcome.skipped
     for w in todo:
+        skip = not_compared(store, cfg, w)
         row = _one(store, ctx, cfg, w, outcome)
         n += 1
-        if row is None:
+        if skip is not None:
+            result = skip
+        elif row is None:
             result = "FAILED (see errors table)"
         else:
             metric = TASKS[w.spec.name].score_name
@@ -230,4 +268,5 @@ def to_json(outcome: Outcome) -> str:
     """One JSON line with the counts (for scripts)."""
     return json.dumps({"run_dir": str(outcome.run_dir), "total": outcome.total, "skipped": outcome.skipped,
                        "measured": outcome.measured, "failed": outcome.failed,
+                       "not_compared": outcome.not_compared,
                        "seconds": round(outcome.seconds, 2)})

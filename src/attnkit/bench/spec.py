@@ -19,7 +19,8 @@ from ..registry import policy_class
 # The shape of a config file (see attnkit.bench.build).
 COMMON_TASK_KEYS = ("lengths", "depths", "samples", "methods")
 CACHE_TASK_KEYS = ("caches", "budgets")  # also accepted by tasks that decode with a KV cache
-TOP_KEYS = ("model", "methods", "caches", "budgets", "tasks", "lengths", "depths", "samples", "seed", "threads")
+TOP_KEYS = ("model", "methods", "caches", "budgets", "tasks", "lengths", "depths", "samples", "seed", "threads",
+            "where_full_succeeds")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MODEL_FIELDS = ("dense_layers",)  # method-spec fields for the model patch, not the method
 
@@ -164,6 +165,10 @@ class BenchConfig:
     tasks: list[TaskSpec] = field(default_factory=list)
     seed: int = 0
     threads: int | None = None
+    # Measure the other methods / cache settings of a scored task (``Task.pass_mark``) only
+    # on the cases where `full` with the normal cache reaches the pass mark: a comparison
+    # on a case exact attention fails says nothing about the method (issue 17).
+    where_full_succeeds: bool = False
 
     def methods(self) -> list[MethodSpec]:
         """Every distinct method of the run, in first-seen order."""
@@ -178,6 +183,7 @@ class BenchConfig:
             "model": self.model,
             "seed": self.seed,
             "threads": self.threads,
+            **({"where_full_succeeds": True} if self.where_full_succeeds else {}),
             "tasks": {
                 t.name: {
                     "lengths": t.lengths,

@@ -199,6 +199,11 @@ class Store:
             for r in self.conn.execute(query, args)
         ]
 
+    def score_of(self, key: str) -> tuple[bool, Optional[float]]:
+        """(stored, score) of the row with ``key``: (False, None) when it is not stored."""
+        found = self.conn.execute("SELECT score FROM results WHERE key = ?", (key,)).fetchone()
+        return (False, None) if found is None else (True, found[0])
+
     def count(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0])
 

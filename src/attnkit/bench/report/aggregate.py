@@ -10,6 +10,7 @@ from typing import Any
 
 from ..store import Row
 from ..tasks import TASKS, Task
+from ..tasks.base import PASS_MARK
 
 
 def task_class(name: str) -> type[Task]:
@@ -118,7 +119,7 @@ def kept_percent(r: Row) -> float | None:
     return min(100.0, 100 * float(r.budget) / prompt) if r.budget and prompt else None
 
 
-FULL_OK = 0.5  # the full baseline "succeeds" on a retrieval case when it scores at least this
+FULL_OK = PASS_MARK  # the full baseline "succeeds" on a retrieval case when it scores at least this
 
 
 def case_of(r: Row) -> tuple:

@@ -12,7 +12,8 @@ A task is a class with
 - ``measure(ctx, case, method, spec) -> dict``: run one case with one method and return
   its metrics; the entry ``"score"`` is the headline number the report and summary use;
 - ``score_name`` / ``higher_is_better``: what the score is and which way is better
-  (the report's headline table and best-of use them);
+  (the report's headline table and best-of use them); ``pass_mark``: the score at which
+  a case counts as solved, for accuracy tasks (``where_full_succeeds`` uses it);
 - ``section``: its report section (a ``Section``: heading, layout, columns, figures).
 
 ``uses_cache = True`` tasks decode, and are also measured with KV-cache settings
@@ -63,6 +64,9 @@ class Section:
     figures: tuple[str, ...] = ()
     order: float = 60.0
 
+PASS_MARK = 0.5  # `full` "succeeds" on a case of an accuracy task when it scores at least this
+
+
 @dataclass(frozen=True)
 class Case:
     """One measurement point of a task (method aside)."""
@@ -103,6 +107,9 @@ class Task:
     uses_cache: ClassVar[bool] = False  # measure(..., cache=CacheRun) for KV-cache settings
     score_name: ClassVar[str] = "score"
     higher_is_better: ClassVar[bool] = True
+    # The score at which a case counts as solved (RULER-style accuracy tasks: PASS_MARK);
+    # None: the score is not a pass / fail accuracy (speed, fidelity, perplexity).
+    pass_mark: ClassVar[float | None] = None
     section: ClassVar[Section] = Section()
 
     @dataclass

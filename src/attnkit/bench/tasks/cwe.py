@@ -39,7 +39,7 @@ from typing import Any
 
 from .. import haystack
 from ..spec import CacheRun, MethodSpec, TaskSpec
-from .base import Case, Column, Context, Section, Task, case_seed, register_task
+from .base import PASS_MARK, Case, Column, Context, Section, Task, case_seed, register_task
 from .niah import generate, is_base_model, score, scored_answer
 
 INSTRUCTION = ("Below is a numbered list of words. In these words, some appear more often than others. "
@@ -201,6 +201,7 @@ AGGREGATION_SECTION = Section(
 class CommonWords(Task):
     uses_cache = True
     score_name = "accuracy"
+    pass_mark = PASS_MARK
     section = AGGREGATION_SECTION
 
     @dataclass

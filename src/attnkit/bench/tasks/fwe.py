@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import haystack
 from ..spec import CacheRun, MethodSpec, TaskSpec
-from .base import Case, Context, Task, case_seed, register_task
+from .base import PASS_MARK, Case, Context, Task, case_seed, register_task
 from .cwe import (AGGREGATION_SECTION, WordsSample, largest_fitting, positive_ints, prompt_template, word_metrics,
                   words_of)
 from .niah import generate
@@ -89,6 +89,7 @@ def make_sample(tokenizer: Any, length: int, seed: int, alpha: float = 2.0, word
 class FrequentWords(Task):
     uses_cache = True
     score_name = "accuracy"
+    pass_mark = PASS_MARK
     section = AGGREGATION_SECTION
 
     @dataclass

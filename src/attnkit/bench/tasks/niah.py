@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from .. import haystack
 from ..spec import CacheRun, MethodSpec, TaskSpec
-from .base import Case, Context, Section, Task, register_task
+from .base import PASS_MARK, Case, Context, Section, Task, register_task
 from .niah_ruler import RECIPES, make_prompt
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery", *RECIPES)
@@ -217,6 +217,7 @@ class NIAH(Task):
     uses_depth = True
     uses_cache = True
     score_name = "accuracy"
+    pass_mark = PASS_MARK
     section = RETRIEVAL_SECTION
 
     @dataclass

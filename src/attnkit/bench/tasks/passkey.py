@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from .. import haystack
 from ..spec import CacheRun, MethodSpec, TaskSpec
-from .base import Case, Context, Task, register_task
+from .base import PASS_MARK, Case, Context, Task, register_task
 from .niah import RETRIEVAL_SECTION, Sample, answer_metrics, build, generate
 
 PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -34,6 +34,7 @@ class Passkey(Task):
     uses_depth = True
     uses_cache = True
     score_name = "accuracy"
+    pass_mark = PASS_MARK
     section = RETRIEVAL_SECTION
 
     @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .. import haystack
 from ..spec import CacheRun, MethodSpec, TaskSpec
-from .base import Case, Context, Task, register_task
+from .base import PASS_MARK, Case, Context, Task, register_task
 from .niah import RETRIEVAL_SECTION, Sample, answer_metrics, build, generate, is_base_model
 
 PREAMBLE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n")
@@ -50,6 +50,7 @@ class VariableTracking(Task):
     uses_depth = True
     uses_cache = True
     score_name = "accuracy"
+    pass_mark = PASS_MARK
     section = RETRIEVAL_SECTION
 
     @dataclass
