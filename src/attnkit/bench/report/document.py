@@ -18,6 +18,7 @@ from pathlib import Path
 from ..store import Row, Store
 from ..tasks import Section
 from .aggregate import fmt, group, layout_of, method_labels, metric, task_class
+from .best import best_section
 from .headline import headline_section
 from .layouts import CACHE_LAYOUTS, LAYOUTS, check_section
 from .page import Report, Table
@@ -30,6 +31,7 @@ from .svg import write_svgs
 ANALYSES: tuple[tuple[float, Callable[[Report, list[Row], list[Row]], None]], ...] = (
     (50.0, lambda rep, plain, rows: pareto_section(rep, plain)),
     (70.0, lambda rep, plain, rows: cache_accuracy_section(rep, rows)),
+    (75.0, lambda rep, plain, rows: best_section(rep, rows)),
 )
 
 
