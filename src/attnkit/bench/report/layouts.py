@@ -15,6 +15,7 @@ from .multiples import curve, line_figure
 from .page import Report, Table
 from .retrieval import retrieval_layout
 from .speed import kv_decode_layout, speed_layout
+from .winrate import winrate_tables
 
 
 def table_layout(rep: Report, section: Section, rows: list[Row]) -> None:
@@ -51,10 +52,21 @@ def _vs_length(rep: Report, task: str, columns: tuple[Column, ...], labels: list
                             "length (tokens)", column.header, x_type="log", height=380))
 
 
+def fidelity_models_layout(rep: Report, section: Section, rows: list[Row]) -> None:
+    """The fidelity layout once per model (a run directory may hold several), then the
+    per-layer win rates against the baseline and the held-out comparison across models."""
+    models = list(dict.fromkeys(r.model for r in sorted(rows, key=lambda r: r.created)))
+    for model in models:
+        if len(models) > 1:
+            rep.p(f"**{model}**")
+        fidelity_layout(rep, section, [r for r in rows if r.model == model])
+    winrate_tables(rep, rows)
+
+
 LAYOUTS: dict[str, Callable[[Report, Section, list[Row]], None]] = {
     "table": table_layout,
     "retrieval": retrieval_layout,
-    "fidelity": fidelity_layout,
+    "fidelity": fidelity_models_layout,
     "speed": speed_layout,
     "kv_decode": kv_decode_layout,
 }
