@@ -1,0 +1,234 @@
+"""The shared kernels of gated linear attention: chunked, recurrent and parallel forms.
+
+One recurrence, three ways to compute it. Per state head h (Hkv of them; a group of
+Hq / Hkv query heads reads each state, as in GQA):
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T        S: (Dk, Dv), S_0 = initial state
+    o_t = scale * q_t^T S_t
+
+``g`` is a log-space decay (<= 0): None (no decay), (B, H, N) one scalar per head and
+token, or (B, H, N, Dk) one per key channel. Non-causal (no decay only) uses every key:
+o_i = scale * q_i^T (S_0 + sum_j k_j v_j^T).
+
+- ``chunk`` (prefill): tokens in chunks of C. Within a chunk the exact quadratic part is
+  computed for all chunks and heads at once with matmuls; the state goes from chunk to
+  chunk in a loop over chunks (never over tokens), holding one chunk row's state at a
+  time. Numerically stable in log space: every exponent is a difference of cumulative
+  log-decays taken so that it is <= 0 (relative to the chunk's end for the state, to the
+  end of the previous sub-chunk for the per-channel intra-chunk part, element-wise
+  inside a sub-chunk), so exp never sees a large positive number. Memory O(N (C + D)),
+  plus one (Dk, Dv) state per head. Under autograd the loop keeps one state per chunk
+  for backward (N / C x Dk x Dv per head, O(N D) for C ~ D), never an N x N tensor.
+- ``recurrent`` (decode, and a check): the per-token loop above.
+- ``parallel`` (small N): the quadratic form with a masked (N, N) decay matrix
+  ((N, N, Dk) for per-channel decay).
+
+Every function takes q: (B, Hq, N, Dk), k: (B, H, N, Dk), v: (B, H, N, Dv), state
+(B, H, Dk, Dv) or None, in the compute dtype (float32, or float64), and returns
+(o (B, Hq, N, Dv), final state (B, H, Dk, Dv)).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+FORMS = ("chunk", "recurrent", "parallel")
+SUB = 16  # sub-chunk of the per-channel intra-chunk part: the element-wise part is (SUB, SUB, Dk) per sub-chunk
+SLICE_ELEMS = 1 << 22  # elements of one slice of the element-wise temporaries
+
+
+def choose_form(form: str, q_len: int) -> str:
+    """The form that runs a call: ``form`` unless "auto"; then recurrent for decode
+    (Nq == 1), chunk for prefill. The one place a linear method's form is chosen."""
+    if form != "auto":
+        return form
+    return "recurrent" if q_len == 1 else "chunk"
+
+
+def run_form(form: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], scale: float,
+             state: Optional[torch.Tensor], causal: bool = True, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated linear attention in ``form`` (see the module docstring for shapes)."""
+    if state is None:
+        state = q.new_zeros(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1])
+    if not causal:
+        if g is not None:
+            raise ValueError("non-causal linear attention has no decay: g must be None")
+        return (parallel_noncausal if form == "parallel" else state_noncausal)(q, k, v, scale, state)
+    if form == "chunk":
+        return chunk_gla(q, k, v, g, scale, state, chunk_size)
+    if form == "recurrent":
+        return recurrent_gla(q, k, v, g, scale, state)
+    return parallel_gla(q, k, v, g, scale, state)
+
+
+def _grouped(q: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hq, N, D) -> (B, H, G, N, D): query head i reads state head i // G."""
+    b, hq, n, d = q.shape
+    return q.view(b, heads, hq // heads, n, d)
+
+
+def _ungroup(o: torch.Tensor) -> torch.Tensor:
+    """(B, H, G, N, Dv) -> (B, Hq, N, Dv)."""
+    b, h, grp, n, dv = o.shape
+    return o.reshape(b, h * grp, n, dv)
+
+
+# --- non-causal: every key, no decay ---------------------------------------------------
+
+
+def state_noncausal(q, k, v, scale, state):
+    """o = scale q (S_0 + K^T V): the state first, O(N D^2)."""
+    state = state + k.transpose(-1, -2) @ v
+    return _ungroup((_grouped(q, k.shape[1]) * scale) @ state.unsqueeze(2)), state
+
+
+def parallel_noncausal(q, k, v, scale, state):
+    """o = scale (q K^T) V + scale q S_0: the quadratic form."""
+    qg = _grouped(q, k.shape[1]) * scale
+    o = (qg @ k.unsqueeze(2).transpose(-1, -2)) @ v.unsqueeze(2) + qg @ state.unsqueeze(2)
+    return _ungroup(o), state + k.transpose(-1, -2) @ v
+
+
+# --- recurrent: one token at a time ----------------------------------------------------
+
+
+def recurrent_gla(q, k, v, g, scale, state):
+    """The per-token loop (decode; a check of the other forms)."""
+    qg = _grouped(q, k.shape[1]) * scale
+    outs = []
+    for t in range(q.shape[2]):
+        if g is not None:
+            decay = g[:, :, t].exp()
+            state = state * (decay[..., None] if g.dim() == 4 else decay[..., None, None])
+        state = state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(qg[:, :, :, t] @ state)  # (B, H, G, Dv)
+    return _ungroup(torch.stack(outs, dim=3)), state
+
+
+# --- parallel: quadratic, masked decay matrix ------------------------------------------
+
+
+def parallel_gla(q, k, v, g, scale, state):
+    """o_i = scale sum_{j<=i} (q_i * exp(b_i - b_j)) . k_j v_j + scale (q_i * exp(b_i)) S_0,
+    b the cumulative log-decay over the whole sequence. Builds (N, N) (per head) or
+    (N, N, Dk) (per channel): for small N."""
+    n = q.shape[2]
+    qg = _grouped(q, k.shape[1]) * scale
+    tril = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    if g is None:
+        scores = (qg @ k.unsqueeze(2).transpose(-1, -2)).masked_fill(~tril, 0.0)
+        o = scores @ v.unsqueeze(2) + qg @ state.unsqueeze(2)
+        return _ungroup(o), state + k.transpose(-1, -2) @ v
+    b = g.cumsum(2)
+    last = b[:, :, -1:]
+    diff = b[:, :, :, None] - b[:, :, None, :]  # (B, H, N, N[, Dk]) b_i - b_j
+    mask = tril if g.dim() == 3 else tril[..., None]
+    decay = diff.masked_fill(~mask, float("-inf")).exp()
+    if g.dim() == 3:
+        scores = (qg @ k.unsqueeze(2).transpose(-1, -2)) * decay.unsqueeze(2)
+        q_in, k_st, s_decay = qg * b.exp()[:, :, None, :, None], k * (last - b).exp()[..., None], last.exp()[..., None]
+    else:
+        scores = torch.einsum("bhgid,bhijd,bhjd->bhgij", qg, decay, k)
+        q_in, k_st, s_decay = qg * b.exp().unsqueeze(2), k * (last - b).exp(), last.exp().transpose(-1, -2)
+    o = scores @ v.unsqueeze(2) + q_in @ state.unsqueeze(2)
+    return _ungroup(o), s_decay * state + k_st.transpose(-1, -2) @ v
+
+
+# --- chunk: exact within a chunk, the state across chunks ------------------------------
+
+
+def chunk_gla(q, k, v, g, scale, state, chunk_size=64):
+    """The chunked form (prefill). See the module docstring."""
+    bsz, heads, n, _ = k.shape
+    c = chunk_size
+    nc = -(-n // c)
+    pad = nc * c - n
+    if pad:  # zero keys add nothing; zero log-decay keeps the state as it is
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g = None if g is None else F.pad(g, (0, 0, 0, pad) if g.dim() == 4 else (0, pad))
+    qc = _grouped(q * scale, heads).unflatten(3, (nc, c)).transpose(2, 3)  # (B, H, nc, G, C, Dk)
+    kc, vc = k.unflatten(2, (nc, c)), v.unflatten(2, (nc, c))  # (B, H, nc, C, D)
+    if g is None or g.dim() == 3:
+        o_intra, q_in, k_st, s_decay = _intra_scalar(qc, kc, vc, None if g is None else g.unflatten(2, (nc, c)))
+    else:
+        o_intra, q_in, k_st, s_decay = _intra_channel(qc, kc, vc, g.unflatten(2, (nc, c)))
+    o_inter, state = _carry(q_in, k_st, vc, s_decay, state)
+    o = (o_intra + o_inter).transpose(2, 3).flatten(3, 4)  # (B, H, G, nc*C, Dv)
+    return _ungroup(o)[:, :, :n], state
+
+
+def _carry(q_in, k_st, vc, s_decay, state):
+    """The loop over chunks: o_inter[c] = q_in[c] S_{c-1}; S_c = decay_c S_{c-1} + k_st[c]^T v[c].
+
+    q_in: (B, H, nc, G, C, Dk); k_st: (B, H, nc, C, Dk); vc: (B, H, nc, C, Dv);
+    s_decay: None or (B, H, nc, 1, 1) / (B, H, nc, Dk, 1). Returns o_inter like q_in with Dv."""
+    bsz, heads, nc, grp, c, dk = q_in.shape
+    outs = []
+    for i in range(nc):
+        outs.append(q_in[:, :, i].reshape(bsz, heads, grp * c, dk) @ state)
+        update = k_st[:, :, i].transpose(-1, -2) @ vc[:, :, i]
+        state = update + (state if s_decay is None else s_decay[:, :, i] * state)
+    return torch.stack(outs, dim=2).view(bsz, heads, nc, grp, c, -1), state
+
+
+def _intra_scalar(qc, kc, vc, gc):
+    """Per-head decay (or none): the (C, C) decay matrix exp(b_i - b_j), j <= i.
+
+    gc: None or (B, H, nc, C). Returns o_intra (B, H, nc, G, C, Dv) and the carry's inputs."""
+    c = kc.shape[3]
+    tril = torch.ones(c, c, dtype=torch.bool, device=kc.device).tril()
+    scores = qc @ kc.unsqueeze(3).transpose(-1, -2)  # (B, H, nc, G, C, C)
+    if gc is None:
+        return scores.masked_fill(~tril, 0.0) @ vc.unsqueeze(3), qc, kc, None
+    b = gc.cumsum(-1)
+    last = b[..., -1:]
+    decay = (b[..., :, None] - b[..., None, :]).masked_fill(~tril, float("-inf")).exp()
+    o = (scores * decay.unsqueeze(3)) @ vc.unsqueeze(3)
+    q_in = qc * b.exp()[:, :, :, None, :, None]
+    k_st = kc * (last - b).exp()[..., None]
+    return o, q_in, k_st, last.exp()[..., None]
+
+
+def _intra_channel(qc, kc, vc, gc):
+    """Per-channel decay. gc: (B, H, nc, C, Dk). Within sub-chunks of SUB tokens the
+    weights exp(b_i - b_j) are element-wise; across sub-chunks q and k are rescaled to the
+    end of the earlier sub-chunk (both exponents <= 0) and multiplied."""
+    bsz, heads, nc, grp, c, dk = qc.shape
+    s = SUB if c % SUB == 0 else c
+    m = c // s
+    b = gc.cumsum(3)
+    qs, bs = qc.unflatten(4, (m, s)), b.unflatten(3, (m, s))  # (B, H, nc, G, m, s, Dk); (B, H, nc, m, s, Dk)
+    ks, vs = kc.unflatten(3, (m, s)), vc.unflatten(3, (m, s))
+    o = _diag_blocks(qs, ks, vs, bs)
+    for j in range(m - 1):
+        ref = bs[:, :, :, j, -1:]  # (B, H, nc, 1, Dk): log-decay at the end of sub-chunk j
+        k_j = ks[:, :, :, j] * (ref - bs[:, :, :, j]).exp()  # (B, H, nc, s, Dk)
+        q_after = qs[:, :, :, :, j + 1:] * (bs[:, :, :, j + 1:] - ref.unsqueeze(3)).exp().unsqueeze(3)
+        scores = q_after @ k_j[:, :, :, None, None].transpose(-1, -2)  # (B, H, nc, G, m-j-1, s, s)
+        o = o + F.pad(scores @ vs[:, :, :, None, None, j], (0, 0, 0, 0, j + 1, 0))
+    last = b[:, :, :, -1:]
+    q_in = qc * b.exp().unsqueeze(3)
+    k_st = kc * (last - b).exp()
+    return o.flatten(4, 5), q_in, k_st, last.exp().transpose(-1, -2)
+
+
+def _diag_blocks(qs, ks, vs, bs):
+    """The element-wise part inside each sub-chunk, in slices of chunks (bounded memory).
+
+    qs: (B, H, nc, G, m, s, Dk); ks, bs: (B, H, nc, m, s, Dk); vs: (B, H, nc, m, s, Dv).
+    Returns (B, H, nc, G, m, s, Dv)."""
+    bsz, heads, nc, grp, m, s, dk = qs.shape
+    tril = torch.ones(s, s, dtype=torch.bool, device=qs.device).tril()[..., None]
+    step = max(1, SLICE_ELEMS // max(1, bsz * heads * m * s * s * dk))
+    outs = []
+    for lo in range(0, nc, step):
+        sl = slice(lo, lo + step)
+        bsl = bs[:, :, sl]
+        decay = (bsl[..., :, None, :] - bsl[..., None, :, :]).masked_fill(~tril, float("-inf")).exp()
+        weights = decay * ks[:, :, sl, :, None]  # (B, H, n', m, s_i, s_j, Dk): k_j exp(b_i - b_j)
+        scores = torch.einsum("bhngmid,bhnmijd->bhngmij", qs[:, :, sl], weights)
+        outs.append(scores @ vs[:, :, sl].unsqueeze(3))
+    return torch.cat(outs, dim=2)
