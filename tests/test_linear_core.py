@@ -127,6 +127,18 @@ def test_gla_per_head_gates_equal_the_recurrence(form):
     assert _max_err(out, expected) < TOL
 
 
+@pytest.mark.parametrize("span", [0.0, 1.0])
+def test_gla_block_halving_equals_the_recurrence(monkeypatch, span):
+    """SPAN 0: every block is halved down to single tokens; 1: some levels, then matmuls."""
+    monkeypatch.setattr(chunked, "SPAN", span)
+    q, k, v = make(n=75, seed=8)
+    g = gates(2, 2, 75, 8, seed=4, strength=0.3)
+    expected, _, _ = linear_recurrence(q, k, v, g=g, scale=8 ** -0.5)
+    for chunk in (16, 24):
+        out = ak.attention(q, k, v, method="gla", causal=True, g=g, form="chunk", chunk_size=chunk)
+        assert _max_err(out, expected) < TOL, chunk
+
+
 def test_strong_gates_stay_finite_and_exact():
     """log-decays of -30 per token: exp of a positive cumulative sum would overflow."""
     q, k, v = make(b=1, n=96, seed=4)
@@ -189,7 +201,7 @@ def test_low_precision_inputs_keep_a_float32_state(name, dtype):
 
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-head"])
 def test_gla_chunk_gradcheck(monkeypatch, per_channel):
-    monkeypatch.setattr(chunked, "SUB", 4)  # sub-chunks of 4 in chunks of 8: every intra-chunk path
+    monkeypatch.setattr(chunked, "SPAN", 0.0)  # halve every block down to single tokens: every intra-chunk path
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 19, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 1, 19, 3, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -223,22 +223,22 @@ def check_inputs(method: str, given: dict, inputs: Sequence[str], fields: Sequen
         )
 
 
-def _input_tensor(name: str, t: Any, like: torch.Tensor) -> torch.Tensor:
+def _input_tensor(name: str, t: Any, like: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; allowed: float32, float16, bfloat16, float64")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but q is on {like.device}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN/Inf values; it must be finite")
+    if check_finite and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN/Inf values; it must be finite (check_finite=False skips this check)")
     return t
 
 
 def check_log_decay(g: Any, batch: int, heads: int, n: int, dk: int, like: torch.Tensor,
-                    per_channel: bool = True) -> None:
+                    per_channel: bool = True, check_finite: bool = True) -> None:
     """g: log-space decay, (B, H, N) per head or (B, H, N, Dk) per channel, every value <= 0."""
-    g = _input_tensor("g", g, like)
+    g = _input_tensor("g", g, like, check_finite)
     shapes = [(batch, heads, n)] + ([(batch, heads, n, dk)] if per_channel else [])
     if tuple(g.shape) not in shapes:
         raise ValueError(
@@ -252,9 +252,9 @@ def check_log_decay(g: Any, batch: int, heads: int, n: int, dk: int, like: torch
         )
 
 
-def check_beta(beta: Any, batch: int, heads: int, n: int, like: torch.Tensor) -> None:
+def check_beta(beta: Any, batch: int, heads: int, n: int, like: torch.Tensor, check_finite: bool = True) -> None:
     """beta: (B, H, N), the delta rule's write strength, every value in [0, 1]."""
-    beta = _input_tensor("beta", beta, like)
+    beta = _input_tensor("beta", beta, like, check_finite)
     if tuple(beta.shape) != (batch, heads, n):
         raise ValueError(f"beta must have shape {(batch, heads, n)} (B, H, N), got {tuple(beta.shape)}")
     if bool(((beta < 0) | (beta > 1)).any()):

@@ -60,7 +60,7 @@ class LinearMethod(Method):
         if backend != "auto":
             raise ValueError(f"method {self.name!r} is a linear method: it picks a form (config field form=, one of "
                              f"{FORMS}), not a backend; backend must be 'auto', got {backend!r}")
-        self.check_inputs(q, k, v, causal, inputs)
+        self.check_inputs(q, k, v, causal, inputs, check_finite)
         if scale is None:
             scale = 1.0 if self.unit_scale else 1.0 / math.sqrt(q.shape[-1])
         form = choose_form(self.config.form, q.shape[2])
@@ -74,8 +74,10 @@ class LinearMethod(Method):
         """Field -> shape of this method's state for these inputs (None: the field is None)."""
         return {"S": (k.shape[0], k.shape[1], k.shape[-1], v.shape[-1])}
 
-    def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, inputs: dict) -> None:
-        """Check the per-call tensors (override to add g / beta); the state here."""
+    def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, inputs: dict,
+                     check_finite: bool = True) -> None:
+        """Check the per-call tensors (override to add g / beta; ``check_finite=False`` skips
+        their NaN/Inf scan); the state here."""
         state = inputs.get("initial_state")
         if state is not None:
             validate.check_state(self.name, state, self.State, self.state_shapes(q, k, v), state_dtype(q.dtype), q)

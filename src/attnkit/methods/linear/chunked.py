@@ -13,10 +13,12 @@ o_i = scale * q_i^T (S_0 + sum_j k_j v_j^T).
 - ``chunk`` (prefill): tokens in chunks of C. Within a chunk the exact quadratic part is
   computed for all chunks and heads at once with matmuls; the state goes from chunk to
   chunk in a loop over chunks (never over tokens), holding one chunk row's state at a
-  time. Numerically stable in log space: every exponent is a difference of cumulative
-  log-decays taken so that it is <= 0 (relative to the chunk's end for the state, to the
-  end of the previous sub-chunk for the per-channel intra-chunk part, element-wise
-  inside a sub-chunk), so exp never sees a large positive number. Memory O(N (C + D)),
+  time. Numerically stable in log space: exponents are differences of cumulative
+  log-decays within a chunk, <= 0 for the state (relative to the chunk's end) and the
+  inter-chunk read (relative to its start); for per-channel decay the intra-chunk part
+  (``_tree``) is one rescaled matmul per block whose decay spans at most SPAN (so no
+  exponent exceeds SPAN), halving blocks (exponents <= 0 across the halves) where the
+  gates are stronger, so exp never sees a large positive number. Memory O(N (C + D)),
   plus one (Dk, Dv) state per head. Under autograd the loop keeps one state per chunk
   for backward (N / C x Dk x Dv per head, O(N D) for C ~ D), never an N x N tensor.
 - ``recurrent`` (decode, and a check): the per-token loop above.
@@ -36,8 +38,7 @@ import torch
 import torch.nn.functional as F
 
 FORMS = ("chunk", "recurrent", "parallel")
-SUB = 16  # sub-chunk of the per-channel intra-chunk part: the element-wise part is (SUB, SUB, Dk) per sub-chunk
-SLICE_ELEMS = 1 << 22  # elements of one slice of the element-wise temporaries
+SPAN = 16.0  # largest decay span (in log space) of a block done in one matmul: exp(16) ~ 9e6
 
 
 def choose_form(form: str, q_len: int) -> str:
@@ -164,14 +165,23 @@ def _carry(q_in, k_st, vc, s_decay, state):
     """The loop over chunks: o_inter[c] = q_in[c] S_{c-1}; S_c = decay_c S_{c-1} + k_st[c]^T v[c].
 
     q_in: (B, H, nc, G, C, Dk); k_st: (B, H, nc, C, Dk); vc: (B, H, nc, C, Dv);
-    s_decay: None or (B, H, nc, 1, 1) / (B, H, nc, Dk, 1). Returns o_inter like q_in with Dv."""
+    s_decay: None or (B, H, nc, 1, 1) / (B, H, nc, Dk, 1). Returns (o_inter
+    (B, H, nc, G, C, Dv), final state). Inputs are laid out chunk-major once, so each step
+    is two batched matmuls (and a decay) on contiguous slices."""
     bsz, heads, nc, grp, c, dk = q_in.shape
+    dv = vc.shape[-1]
+    bh = bsz * heads
+    qm = q_in.permute(2, 0, 1, 3, 4, 5).reshape(nc, bh, grp * c, dk)
+    km = k_st.permute(2, 0, 1, 4, 3).reshape(nc, bh, dk, c)
+    vm = vc.permute(2, 0, 1, 3, 4).reshape(nc, bh, c, dv)
+    dm = None if s_decay is None else s_decay.permute(2, 0, 1, 3, 4).reshape(nc, bh, -1, 1)
+    state = state.reshape(bh, dk, dv)
     outs = []
     for i in range(nc):
-        outs.append(q_in[:, :, i].reshape(bsz, heads, grp * c, dk) @ state)
-        update = k_st[:, :, i].transpose(-1, -2) @ vc[:, :, i]
-        state = update + (state if s_decay is None else s_decay[:, :, i] * state)
-    return torch.stack(outs, dim=2).view(bsz, heads, nc, grp, c, -1), state
+        outs.append(torch.bmm(qm[i], state))
+        state = torch.baddbmm(state if dm is None else dm[i] * state, km[i], vm[i])
+    o = torch.stack(outs).view(nc, bsz, heads, grp, c, dv).permute(1, 2, 0, 3, 4, 5)
+    return o, state.view(bsz, heads, dk, dv)
 
 
 def _intra_scalar(qc, kc, vc, gc):
@@ -193,42 +203,57 @@ def _intra_scalar(qc, kc, vc, gc):
 
 
 def _intra_channel(qc, kc, vc, gc):
-    """Per-channel decay. gc: (B, H, nc, C, Dk). Within sub-chunks of SUB tokens the
-    weights exp(b_i - b_j) are element-wise; across sub-chunks q and k are rescaled to the
-    end of the earlier sub-chunk (both exponents <= 0) and multiplied."""
+    """Per-channel decay. gc: (B, H, nc, C, Dk). Returns like ``_intra_scalar``.
+
+    When no chunk's decay spans more than SPAN (the usual gates), the (C, C) weights
+    sum_d q_id k_jd exp(b_id - b_jd) are one masked matmul of q exp(b) (<= 1) and
+    k exp(-b) (<= exp(SPAN)), b relative to the chunk's start. Otherwise ``_tree`` halves
+    the blocks where needed (the chunk padded to a power of two: zero q, k, v and log-decay
+    0 add nothing)."""
     bsz, heads, nc, grp, c, dk = qc.shape
-    s = SUB if c % SUB == 0 else c
-    m = c // s
     b = gc.cumsum(3)
-    qs, bs = qc.unflatten(4, (m, s)), b.unflatten(3, (m, s))  # (B, H, nc, G, m, s, Dk); (B, H, nc, m, s, Dk)
-    ks, vs = kc.unflatten(3, (m, s)), vc.unflatten(3, (m, s))
-    o = _diag_blocks(qs, ks, vs, bs)
-    for j in range(m - 1):
-        ref = bs[:, :, :, j, -1:]  # (B, H, nc, 1, Dk): log-decay at the end of sub-chunk j
-        k_j = ks[:, :, :, j] * (ref - bs[:, :, :, j]).exp()  # (B, H, nc, s, Dk)
-        q_after = qs[:, :, :, :, j + 1:] * (bs[:, :, :, j + 1:] - ref.unsqueeze(3)).exp().unsqueeze(3)
-        scores = q_after @ k_j[:, :, :, None, None].transpose(-1, -2)  # (B, H, nc, G, m-j-1, s, s)
-        o = o + F.pad(scores @ vs[:, :, :, None, None, j], (0, 0, 0, 0, j + 1, 0))
     last = b[:, :, :, -1:]
     q_in = qc * b.exp().unsqueeze(3)
-    k_st = kc * (last - b).exp()
-    return o.flatten(4, 5), q_in, k_st, last.exp().transpose(-1, -2)
+    s_decay = last.exp().transpose(-1, -2)
+    if bool(last.min() >= -SPAN):
+        k_neg = kc * (-b).exp()
+        tril = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
+        scores = (q_in @ k_neg.unsqueeze(3).transpose(-1, -2)).masked_fill(~tril, 0.0)
+        return scores @ vc.unsqueeze(3), q_in, k_neg * last.exp(), s_decay
+    p = 1 << (c - 1).bit_length()
+    pad = (0, 0, 0, p - c)
+    q_t = F.pad(qc, pad).transpose(2, 3)  # (B, H, G, nc, P, Dk): blocks split by views
+    b_pad = torch.cat([b, last.expand(-1, -1, -1, p - c, -1)], dim=3)  # log-decay 0 after the chunk's end
+    o = _tree(q_t, F.pad(kc, pad), F.pad(vc, pad), b_pad)
+    o = o.transpose(2, 3)[:, :, :, :, :c]  # (B, H, nc, G, C, Dv)
+    return o, q_in, kc * (last - b).exp(), s_decay
 
 
-def _diag_blocks(qs, ks, vs, bs):
-    """The element-wise part inside each sub-chunk, in slices of chunks (bounded memory).
+def _tree(q, k, v, b):
+    """Intra-block attention with per-channel decay, halving blocks until each is short.
 
-    qs: (B, H, nc, G, m, s, Dk); ks, bs: (B, H, nc, m, s, Dk); vs: (B, H, nc, m, s, Dv).
-    Returns (B, H, nc, G, m, s, Dv)."""
-    bsz, heads, nc, grp, m, s, dk = qs.shape
-    tril = torch.ones(s, s, dtype=torch.bool, device=qs.device).tril()[..., None]
-    step = max(1, SLICE_ELEMS // max(1, bsz * heads * m * s * s * dk))
-    outs = []
-    for lo in range(0, nc, step):
-        sl = slice(lo, lo + step)
-        bsl = bs[:, :, sl]
-        decay = (bsl[..., :, None, :] - bsl[..., None, :, :]).masked_fill(~tril, float("-inf")).exp()
-        weights = decay * ks[:, :, sl, :, None]  # (B, H, n', m, s_i, s_j, Dk): k_j exp(b_i - b_j)
-        scores = torch.einsum("bhngmid,bhnmijd->bhngmij", qs[:, :, sl], weights)
-        outs.append(scores @ vs[:, :, sl].unsqueeze(3))
-    return torch.cat(outs, dim=2)
+    q: (B, H, G, nb, T, Dk); k, b: (B, H, nb, T, Dk) (b: cumulative log-decay, any
+    offset); v: (B, H, nb, T, Dv); T a power of two. Returns (B, H, G, nb, T, Dv).
+    A block whose decay spans at most SPAN (every channel) is done in one masked matmul,
+    q and k rescaled to its first token: exp(b_i - b_first) <= 1 and
+    exp(b_first - b_j) <= exp(SPAN). Otherwise the block's second half attends to its first
+    half with both rescaled to the end of the first half (exponents <= 0), and each half
+    is split again (all blocks of a level in one batched step)."""
+    bsz, heads, grp, nb, t, dk = q.shape
+    out_shape = q.shape[:-1] + (v.shape[-1],)
+    o = q.new_zeros(out_shape)
+    while t > 1 and bool((b[..., :1, :] - b[..., -1:, :]).max() > SPAN):
+        h = t // 2
+        ref = b[..., h - 1:h, :]  # (B, H, nb, 1, Dk): end of the first half
+        q2 = q[..., h:, :] * (b[..., h:, :] - ref).exp().unsqueeze(2)
+        k1 = k[..., :h, :] * (ref - b[..., :h, :]).exp()
+        cross = (q2 @ k1.unsqueeze(2).transpose(-1, -2)) @ v[..., :h, :].unsqueeze(2)  # (B, H, G, nb, h, Dv)
+        o = o + F.pad(cross, (0, 0, h, 0))
+        nb, t = nb * 2, h
+        q, o = q.reshape(bsz, heads, grp, nb, t, dk), o.reshape(bsz, heads, grp, nb, t, -1)
+        k, v, b = (x.reshape(bsz, heads, nb, t, x.shape[-1]) for x in (k, v, b))
+    first = b[..., :1, :]
+    scores = (q * (b - first).exp().unsqueeze(2)) @ (k * (first - b).exp()).unsqueeze(2).transpose(-1, -2)
+    tril = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    o = o + scores.masked_fill(~tril, 0.0) @ v.unsqueeze(2)
+    return o.reshape(out_shape)

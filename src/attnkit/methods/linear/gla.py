@@ -39,13 +39,13 @@ class GLA(LinearMethod):
     class Config(LinearConfig):
         pass
 
-    def check_inputs(self, q, k, v, causal, inputs):
-        super().check_inputs(q, k, v, causal, inputs)
+    def check_inputs(self, q, k, v, causal, inputs, check_finite=True):
+        super().check_inputs(q, k, v, causal, inputs, check_finite)
         if inputs.get("g") is None:
             raise ValueError("method 'gla' needs its gates: pass g, a log-space decay (<= 0) of shape "
                              "(B, Hkv, N, Dk) or (B, Hkv, N)")
         b, h, n, dk = k.shape
-        validate.check_log_decay(inputs["g"], b, h, n, dk, q)
+        validate.check_log_decay(inputs["g"], b, h, n, dk, q, check_finite=check_finite)
 
     def run(self, q, k, v, causal, scale, form, inputs):
         return self.run_decay(q, k, v, causal, scale, form, inputs["g"], inputs)
