@@ -199,14 +199,16 @@ def test_low_precision_inputs_keep_a_float32_state(name, dtype):
 # --- gradients ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-head"])
-def test_gla_chunk_gradcheck(monkeypatch, per_channel):
-    monkeypatch.setattr(chunked, "SPAN", 0.0)  # halve every block down to single tokens: every intra-chunk path
+@pytest.mark.parametrize("per_channel,span", [(True, 0.0), (True, 16.0), (False, 16.0)],
+                         ids=["per-channel-halving", "per-channel-one-matmul", "per-head"])
+def test_gla_chunk_gradcheck(monkeypatch, per_channel, span):
+    monkeypatch.setattr(chunked, "SPAN", span)  # 0: halve every block down to single tokens
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 2, 19, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 1, 19, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 1, 19, 2, generator=gen, dtype=torch.float64, requires_grad=True)
-    g = gates(1, 1, 19, 3, per_channel).requires_grad_()
+    n = 13
+    q = torch.randn(1, 2, n, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, n, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, n, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = gates(1, 1, n, 3, per_channel, strength=0.5).requires_grad_()
     s0 = torch.randn(1, 1, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def fn(q, k, v, g, s0):
@@ -245,6 +247,8 @@ def _qkv():
      ValueError, r"g must have shape \(1, 2, 10\) or \(1, 2, 10, 4\)"),
     (lambda q, k, v: ak.attention(q, k, v, method="gla", causal=True),
      ValueError, r"'gla' needs its gates: pass g"),
+    (lambda q, k, v: ak.attention(q, k, v, method="gla", causal=True, g=torch.full((1, 2, 10), float("nan"))),
+     ValueError, r"g contains NaN/-inf"),
     (lambda q, k, v: ak.attention(q, k, v, method="retnet", causal=True, initial_state=KVState(torch.zeros(1, 2, 4, 5))),
      ValueError, r"initial_state.S must have shape \(1, 2, 4, 4\)"),
     (lambda q, k, v: ak.attention(q, k, v, method="retnet", causal=True,
@@ -274,7 +278,7 @@ def _qkv():
      ValueError, r"beta must lie in \[0, 1\]"),
     (lambda q, k, v: validate.check_beta(torch.zeros(1, 2, 9), 1, 2, 10, q),
      ValueError, r"beta must have shape \(1, 2, 10\)"),
-], ids=["positive-g", "g-shape", "gla-no-g", "state-shape", "state-dtype", "state-bare-tensor", "state-class",
+], ids=["positive-g", "g-shape", "gla-no-g", "g-nan", "state-shape", "state-dtype", "state-bare-tensor", "state-class",
         "lse", "unknown-config", "unknown-input", "form", "lengths", "noncausal", "backend", "state-softmax",
         "beta-range", "beta-shape"])
 def test_bad_inputs_raise_clear_errors(call, error, match):
@@ -290,10 +294,16 @@ def test_value_head_grouping_check():
 
 
 def test_registered_with_info():
+    from typer.testing import CliRunner
+
+    from attnkit.cli import app
+
     names = {i.name for i in ak.methods(family="linear")}
     assert {"linear", "retnet", "lightning", "gla"} <= names
     info = ak.method_info("gla")
     assert info.arxiv == "2312.06635" and "decode" in info.supports and info.config["form"] == "auto"
+    shown = CliRunner().invoke(app, ["info", "gla"])
+    assert shown.exit_code == 0 and "2312.06635" in shown.output and "chunk_size=64" in shown.output
 
 
 # --- long sequences: no N x N tensor ---------------------------------------------------

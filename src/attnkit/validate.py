@@ -223,44 +223,51 @@ def check_inputs(method: str, given: dict, inputs: Sequence[str], fields: Sequen
         )
 
 
-def _input_tensor(name: str, t: Any, like: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+def _input_tensor(name: str, t: Any, like: torch.Tensor) -> tuple[float, float]:
+    """Type, dtype and device of a per-call tensor; returns its (min, max) (NaN if any is)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; allowed: float32, float16, bfloat16, float64")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but q is on {like.device}")
-    if check_finite and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN/Inf values; it must be finite (check_finite=False skips this check)")
-    return t
+    if t.numel() == 0:
+        return 0.0, 0.0
+    lo, hi = torch.aminmax(t)  # one pass; NaN propagates
+    if lo.isnan() or hi.isnan():
+        return float("nan"), float("nan")
+    return lo.item(), hi.item()
 
 
 def check_log_decay(g: Any, batch: int, heads: int, n: int, dk: int, like: torch.Tensor,
-                    per_channel: bool = True, check_finite: bool = True) -> None:
-    """g: log-space decay, (B, H, N) per head or (B, H, N, Dk) per channel, every value <= 0."""
-    g = _input_tensor("g", g, like, check_finite)
+                    per_channel: bool = True) -> None:
+    """g: log-space decay, (B, H, N) per head or (B, H, N, Dk) per channel, every value
+    finite and <= 0 (one pass over g, always: a positive or NaN g is a silently wrong result)."""
+    lo, hi = _input_tensor("g", g, like)
     shapes = [(batch, heads, n)] + ([(batch, heads, n, dk)] if per_channel else [])
     if tuple(g.shape) not in shapes:
         raise ValueError(
             f"g must have shape {' or '.join(map(str, shapes))} (B, H, N[, Dk]; H = the state heads), "
             f"got {tuple(g.shape)}"
         )
-    if bool((g > 0).any()):
+    if lo != lo or lo == float("-inf"):
+        raise ValueError("g contains NaN/-inf values; it must be finite (a decay of exactly 0 is g = -large, e.g. -1e4)")
+    if hi > 0:
         raise ValueError(
             f"g is a log-space decay and must be <= 0 (the decay exp(g) in (0, 1]), got a maximum of "
-            f"{g.max().item():.4g}; pass e.g. F.logsigmoid(x) or -softplus(x)"
+            f"{hi:.4g}; pass e.g. F.logsigmoid(x) or -softplus(x)"
         )
 
 
-def check_beta(beta: Any, batch: int, heads: int, n: int, like: torch.Tensor, check_finite: bool = True) -> None:
-    """beta: (B, H, N), the delta rule's write strength, every value in [0, 1]."""
-    beta = _input_tensor("beta", beta, like, check_finite)
+def check_beta(beta: Any, batch: int, heads: int, n: int, like: torch.Tensor) -> None:
+    """beta: (B, H, N), the delta rule's write strength, every value in [0, 1] (NaN refused)."""
+    lo, hi = _input_tensor("beta", beta, like)
     if tuple(beta.shape) != (batch, heads, n):
         raise ValueError(f"beta must have shape {(batch, heads, n)} (B, H, N), got {tuple(beta.shape)}")
-    if bool(((beta < 0) | (beta > 1)).any()):
+    if not (0.0 <= lo and hi <= 1.0):
         raise ValueError(
             f"beta must lie in [0, 1] (the delta rule's write strength), got values in "
-            f"[{beta.min().item():.4g}, {beta.max().item():.4g}]; pass e.g. torch.sigmoid(x)"
+            f"[{lo:.4g}, {hi:.4g}]; pass e.g. torch.sigmoid(x)"
         )
 
 

@@ -76,8 +76,7 @@ class LinearMethod(Method):
 
     def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, inputs: dict,
                      check_finite: bool = True) -> None:
-        """Check the per-call tensors (override to add g / beta; ``check_finite=False`` skips
-        their NaN/Inf scan); the state here."""
+        """Check the per-call tensors (override to add g / beta); the state here."""
         state = inputs.get("initial_state")
         if state is not None:
             validate.check_state(self.name, state, self.State, self.state_shapes(q, k, v), state_dtype(q.dtype), q)
