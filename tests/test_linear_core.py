@@ -19,6 +19,16 @@ from attnkit.methods.linear import KVState, LinearState, chunked
 from attnkit.reference import linear_recurrence
 
 FORMS = ("chunk", "recurrent", "parallel")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The chunk loop is many small matmuls: on a loaded machine, intra-op threads that
+    wait for each other make it 10-100x slower (same results); run these tests on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 LINEAR = sorted(i.name for i in ak.methods(family="linear") if i.name in ("linear", "retnet", "lightning", "gla"))
 TOL = 1e-10
 
@@ -222,7 +232,7 @@ def test_gla_chunk_gradcheck(monkeypatch, per_channel, span):
 @pytest.mark.parametrize("name,config,causal", [("linear", {}, True), ("linear", {}, False), ("retnet", {}, True)])
 def test_chunk_gradcheck(name, config, causal):
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 13, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 10, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
     fn = lambda q, k, v: ak.attention(q, k, v, method=name, causal=causal, form="chunk", chunk_size=4, **config)
     assert gradcheck(fn, (q, k, v), atol=1e-8)
 
@@ -304,6 +314,7 @@ def test_registered_with_info():
     assert info.arxiv == "2312.06635" and "decode" in info.supports and info.config["form"] == "auto"
     shown = CliRunner().invoke(app, ["info", "gla"])
     assert shown.exit_code == 0 and "2312.06635" in shown.output and "chunk_size=64" in shown.output
+    assert "per-call inputs: g, initial_state" in shown.output
 
 
 # --- long sequences: no N x N tensor ---------------------------------------------------
@@ -318,3 +329,31 @@ def test_chunk_form_runs_16k_without_quadratic_memory(name):
         out = ak.attention(q, k, v, method=name, causal=True, **inputs)
     assert torch.isfinite(out).all()
     assert mem.grown < 256 * 2**20, f"{name}: grew {mem.grown / 2**20:.0f} MiB (N*N*4 = {n * n * 4 / 2**20:.0f} MiB)"
+
+
+def _saved_elements(name: str, n: int, d: int = 64) -> tuple[int, int]:
+    """(largest, total) elements autograd saves for backward of the chunked form."""
+    q, k, v = (t.requires_grad_() for t in make(b=1, hq=1, h=1, n=n, dk=d, dv=d, dtype=torch.float32))
+    inputs = {"g": (gates(1, 1, n, d, seed=3).float() / 8).requires_grad_()} if name == "gla" else {}
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ak.attention(q, k, v, method=name, causal=True, **inputs)
+    out.backward(torch.ones_like(out))
+    assert torch.isfinite(q.grad).all()
+    return max(sizes), sum(sizes)
+
+
+@pytest.mark.parametrize("name", ["linear", "retnet", "gla"])
+def test_chunk_backward_saves_nothing_quadratic(name):
+    """What autograd keeps for backward (recorded with saved_tensors_hooks) is O(N D):
+    doubling N doubles it, and no saved tensor is bigger than a few (N, D)."""
+    n, d = 2048, 64
+    largest, total = _saved_elements(name, n, d)
+    largest2, total2 = _saved_elements(name, 2 * n, d)
+    assert largest2 <= 2 * (2 * n) * (d + 1), f"largest saved tensor at N={2 * n}: {largest2} elements"
+    assert total2 < 2.2 * total, f"saved {total} elements at N={n}, {total2} at N={2 * n}: not linear in N"
