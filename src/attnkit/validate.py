@@ -251,7 +251,8 @@ def check_log_decay(g: Any, batch: int, heads: int, n: int, dk: int, like: torch
             f"got {tuple(g.shape)}"
         )
     if lo != lo or lo == float("-inf"):
-        raise ValueError("g contains NaN/-inf values; it must be finite (a decay of exactly 0 is g = -large, e.g. -1e4)")
+        raise ValueError("g contains NaN/-inf values; it must be finite (for a decay of ~0 use a large negative g, "
+                         "e.g. -1e4)")
     if hi > 0:
         raise ValueError(
             f"g is a log-space decay and must be <= 0 (the decay exp(g) in (0, 1]), got a maximum of "

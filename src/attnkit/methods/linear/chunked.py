@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 FORMS = ("chunk", "recurrent", "parallel")
 SPAN = 16.0  # largest decay span (in log space) of a block done in one matmul: exp(16) ~ 9e6
@@ -49,8 +50,8 @@ def choose_form(form: str, q_len: int) -> str:
     return "recurrent" if q_len == 1 else "chunk"
 
 
-def run_form(form: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], scale: float,
-             state: Optional[torch.Tensor], causal: bool = True, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def run_form(form: str, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
+             state: Optional[Tensor], causal: bool = True, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
     """Gated linear attention in ``form`` (see the module docstring for shapes)."""
     if state is None:
         state = q.new_zeros(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1])
@@ -65,13 +66,13 @@ def run_form(form: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Op
     return parallel_gla(q, k, v, g, scale, state)
 
 
-def _grouped(q: torch.Tensor, heads: int) -> torch.Tensor:
+def _grouped(q: Tensor, heads: int) -> Tensor:
     """(B, Hq, N, D) -> (B, H, G, N, D): query head i reads state head i // G."""
     b, hq, n, d = q.shape
     return q.view(b, heads, hq // heads, n, d)
 
 
-def _ungroup(o: torch.Tensor) -> torch.Tensor:
+def _ungroup(o: Tensor) -> Tensor:
     """(B, H, G, N, Dv) -> (B, Hq, N, Dv)."""
     b, h, grp, n, dv = o.shape
     return o.reshape(b, h * grp, n, dv)
@@ -80,13 +81,13 @@ def _ungroup(o: torch.Tensor) -> torch.Tensor:
 # --- non-causal: every key, no decay ---------------------------------------------------
 
 
-def state_noncausal(q, k, v, scale, state):
+def state_noncausal(q: Tensor, k: Tensor, v: Tensor, scale: float, state: Tensor) -> tuple[Tensor, Tensor]:
     """o = scale q (S_0 + K^T V): the state first, O(N D^2)."""
     state = state + k.transpose(-1, -2) @ v
     return _ungroup((_grouped(q, k.shape[1]) * scale) @ state.unsqueeze(2)), state
 
 
-def parallel_noncausal(q, k, v, scale, state):
+def parallel_noncausal(q: Tensor, k: Tensor, v: Tensor, scale: float, state: Tensor) -> tuple[Tensor, Tensor]:
     """o = scale (q K^T) V + scale q S_0: the quadratic form."""
     qg = _grouped(q, k.shape[1]) * scale
     o = (qg @ k.unsqueeze(2).transpose(-1, -2)) @ v.unsqueeze(2) + qg @ state.unsqueeze(2)
@@ -96,7 +97,8 @@ def parallel_noncausal(q, k, v, scale, state):
 # --- recurrent: one token at a time ----------------------------------------------------
 
 
-def recurrent_gla(q, k, v, g, scale, state):
+def recurrent_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
+                  state: Tensor) -> tuple[Tensor, Tensor]:
     """The per-token loop (decode; a check of the other forms)."""
     qg = _grouped(q, k.shape[1]) * scale
     outs = []
@@ -112,7 +114,8 @@ def recurrent_gla(q, k, v, g, scale, state):
 # --- parallel: quadratic, masked decay matrix ------------------------------------------
 
 
-def parallel_gla(q, k, v, g, scale, state):
+def parallel_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
+                 state: Tensor) -> tuple[Tensor, Tensor]:
     """o_i = scale sum_{j<=i} (q_i * exp(b_i - b_j)) . k_j v_j + scale (q_i * exp(b_i)) S_0,
     b the cumulative log-decay over the whole sequence. Builds (N, N) (per head) or
     (N, N, Dk) (per channel): for small N."""
@@ -141,7 +144,8 @@ def parallel_gla(q, k, v, g, scale, state):
 # --- chunk: exact within a chunk, the state across chunks ------------------------------
 
 
-def chunk_gla(q, k, v, g, scale, state, chunk_size=64):
+def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float, state: Tensor,
+              chunk_size: int = 64) -> tuple[Tensor, Tensor]:
     """The chunked form (prefill). See the module docstring."""
     bsz, heads, n, _ = k.shape
     c = chunk_size
