@@ -74,7 +74,7 @@ def oracle_kwargs(name: str, config: dict, inputs: dict, q, k) -> dict:
     elif name == "retnet":
         kw["g"] = retnet_g(b, h, n)
     elif name == "lightning":
-        kw["g"] = lightning_g(b, h, n) * config.get("decay_scale", 1.0)
+        kw.update(g=lightning_g(b, h, n) * config.get("decay_scale", 1.0), scale=1.0)
     elif name == "gla":
         kw["g"] = inputs["g"]
     return kw

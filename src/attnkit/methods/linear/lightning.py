@@ -12,8 +12,8 @@ with the decay matrix plus an inter-block state carried block to block, is exact
 chunked form of the shared kernel (``chunked.chunk_gla`` with a per-head decay; the
 block size is ``chunk_size``), so this method is that kernel with these slopes: the same
 computation as ``retnet`` with other decays. Deviations: the operator only (the SiLU
-feature map on q, k, the output norm and gate are the model's); ``scale`` defaults to
-1/sqrt(Dk) (pass scale=1.0 for the papers' unscaled form). Causal only.
+feature map on q, k, the output norm and gate are the model's). ``scale`` defaults to 1,
+unscaled as in the papers and transformers' ``MiniMaxLightningAttention``. Causal only.
 State: ``KVState`` (S (B, Hkv, Dk, Dv)).
 """
 
@@ -43,6 +43,8 @@ def lightning_slopes(heads: int, device: torch.device) -> torch.Tensor:
 )
 class Lightning(LinearMethod):
     """Linear attention with a fixed per-head decay exp(-slope_h), computed block-wise."""
+
+    unit_scale = True
 
     @dataclass
     class Config(LinearConfig):
