@@ -209,8 +209,8 @@ def test_low_precision_inputs_keep_a_float32_state(name, dtype):
 # --- gradients ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("per_channel,span", [(True, 0.0), (True, 16.0), (False, 16.0)],
-                         ids=["per-channel-halving", "per-channel-one-matmul", "per-head"])
+@pytest.mark.parametrize("per_channel,span", [(True, 0.0), (True, 16.0), (False, 0.0), (False, 16.0)],
+                         ids=["per-channel-halving", "per-channel-one-matmul", "per-head-halving", "per-head-one-matmul"])
 def test_gla_chunk_gradcheck(monkeypatch, per_channel, span):
     monkeypatch.setattr(chunked, "SPAN", span)  # 0: halve every block down to single tokens
     gen = torch.Generator().manual_seed(0)

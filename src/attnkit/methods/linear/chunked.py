@@ -15,10 +15,11 @@ o_i = scale * q_i^T (S_0 + sum_j k_j v_j^T).
   chunk in a loop over chunks (never over tokens), holding one chunk row's state at a
   time. Numerically stable in log space: exponents are differences of cumulative
   log-decays within a chunk, <= 0 for the state (relative to the chunk's end) and the
-  inter-chunk read (relative to its start); for per-channel decay the intra-chunk part
-  (``_tree``) is one rescaled matmul per block whose decay spans at most SPAN (so no
-  exponent exceeds SPAN), halving blocks (exponents <= 0 across the halves) where the
-  gates are stronger, so exp never sees a large positive number. Memory O(N (C + D)),
+  inter-chunk read (relative to its start); the intra-chunk part (per-channel decay, and
+  per-head decay as its one-channel case) is one rescaled matmul per chunk when its decay
+  spans at most SPAN (so no exponent exceeds SPAN), else ``_tree`` halves blocks
+  (exponents <= 0 across the halves) until every block's span is small, so exp never
+  sees a large positive number. Memory O(N (C + D)),
   plus one (Dk, Dv) state per head. Under autograd the loop keeps one state per chunk
   for backward (N / C x Dk x Dv per head, O(N D) for C ~ D), never an N x N tensor.
 - ``recurrent`` (decode, and a check): the per-token loop above.
@@ -156,10 +157,11 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
         g = None if g is None else F.pad(g, (0, 0, 0, pad) if g.dim() == 4 else (0, pad))
     qc = _grouped(q * scale, heads).unflatten(3, (nc, c)).transpose(2, 3)  # (B, H, nc, G, C, Dk)
     kc, vc = k.unflatten(2, (nc, c)), v.unflatten(2, (nc, c))  # (B, H, nc, C, D)
-    if g is None or g.dim() == 3:
-        o_intra, q_in, k_st, s_decay = _intra_scalar(qc, kc, vc, None if g is None else g.unflatten(2, (nc, c)))
-    else:
-        o_intra, q_in, k_st, s_decay = _intra_channel(qc, kc, vc, g.unflatten(2, (nc, c)))
+    if g is None:
+        o_intra, q_in, k_st, s_decay = _intra_free(qc, kc, vc)
+    else:  # a per-head decay is a per-channel one with one channel, broadcast over Dk
+        gc = g.unflatten(2, (nc, c))
+        o_intra, q_in, k_st, s_decay = _intra_decay(qc, kc, vc, gc if g.dim() == 4 else gc.unsqueeze(-1))
     o_inter, state = _carry(q_in, k_st, vc, s_decay, state)
     o = (o_intra + o_inter).transpose(2, 3).flatten(3, 4)  # (B, H, G, nc*C, Dv)
     return _ungroup(o)[:, :, :n], state
@@ -188,26 +190,18 @@ def _carry(q_in, k_st, vc, s_decay, state):
     return o, state.view(bsz, heads, dk, dv)
 
 
-def _intra_scalar(qc, kc, vc, gc):
-    """Per-head decay (or none): the (C, C) decay matrix exp(b_i - b_j), j <= i.
-
-    gc: None or (B, H, nc, C). Returns o_intra (B, H, nc, G, C, Dv) and the carry's inputs."""
+def _intra_free(qc, kc, vc):
+    """No decay: causal-masked (C, C) scores. qc: (B, H, nc, G, C, Dk); kc, vc: (B, H, nc, C, D).
+    Returns o_intra (B, H, nc, G, C, Dv) and the carry's inputs (q_in, k_st, s_decay)."""
     c = kc.shape[3]
     tril = torch.ones(c, c, dtype=torch.bool, device=kc.device).tril()
     scores = qc @ kc.unsqueeze(3).transpose(-1, -2)  # (B, H, nc, G, C, C)
-    if gc is None:
-        return scores.masked_fill(~tril, 0.0) @ vc.unsqueeze(3), qc, kc, None
-    b = gc.cumsum(-1)
-    last = b[..., -1:]
-    decay = (b[..., :, None] - b[..., None, :]).masked_fill(~tril, float("-inf")).exp()
-    o = (scores * decay.unsqueeze(3)) @ vc.unsqueeze(3)
-    q_in = qc * b.exp()[:, :, :, None, :, None]
-    k_st = kc * (last - b).exp()[..., None]
-    return o, q_in, k_st, last.exp()[..., None]
+    return scores.masked_fill(~tril, 0.0) @ vc.unsqueeze(3), qc, kc, None
 
 
-def _intra_channel(qc, kc, vc, gc):
-    """Per-channel decay. gc: (B, H, nc, C, Dk). Returns like ``_intra_scalar``.
+def _intra_decay(qc, kc, vc, gc):
+    """Decay per channel, gc: (B, H, nc, C, Dk), or per head, gc: (B, H, nc, C, 1).
+    Returns like ``_intra_free``.
 
     When no chunk's decay spans more than SPAN (the usual gates), the (C, C) weights
     sum_d q_id k_jd exp(b_id - b_jd) are one masked matmul of q exp(b) (<= 1) and
@@ -236,8 +230,8 @@ def _intra_channel(qc, kc, vc, gc):
 def _tree(q, k, v, b):
     """Intra-block attention with per-channel decay, halving blocks until each is short.
 
-    q: (B, H, G, nb, T, Dk); k, b: (B, H, nb, T, Dk) (b: cumulative log-decay, any
-    offset); v: (B, H, nb, T, Dv); T a power of two. Returns (B, H, G, nb, T, Dv).
+    q: (B, H, G, nb, T, Dk); k: (B, H, nb, T, Dk); b: (B, H, nb, T, Dk or 1) (cumulative
+    log-decay, any offset); v: (B, H, nb, T, Dv); T a power of two. Returns (B, H, G, nb, T, Dv).
     A block whose decay spans at most SPAN (every channel) is done in one masked matmul,
     q and k rescaled to its first token: exp(b_i - b_first) <= 1 and
     exp(b_first - b_j) <= exp(SPAN). Otherwise the block's second half attends to its first
