@@ -210,9 +210,9 @@ def test_low_precision_inputs_keep_a_float32_state(name, dtype):
 
 
 @pytest.mark.parametrize("per_channel,span", [(True, 0.0), (True, 16.0), (False, 0.0), (False, 16.0)],
-                         ids=["per-channel-halving", "per-channel-one-matmul", "per-head-halving", "per-head-one-matmul"])
+                         ids=["per-channel-halving", "per-channel-one-matmul", "per-head-decay-matrix", "per-head-one-matmul"])
 def test_gla_chunk_gradcheck(monkeypatch, per_channel, span):
-    monkeypatch.setattr(chunked, "SPAN", span)  # 0: halve every block down to single tokens
+    monkeypatch.setattr(chunked, "SPAN", span)  # 0: the strong-decay paths (halving to single tokens; decay matrix)
     gen = torch.Generator().manual_seed(0)
     n = 13
     q = torch.randn(1, 2, n, 3, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -17,7 +17,8 @@ o_i = scale * q_i^T (S_0 + sum_j k_j v_j^T).
   log-decays within a chunk, <= 0 for the state (relative to the chunk's end) and the
   inter-chunk read (relative to its start); the intra-chunk part (per-channel decay, and
   per-head decay as its one-channel case) is one rescaled matmul per chunk when its decay
-  spans at most SPAN (so no exponent exceeds SPAN), else ``_tree`` halves blocks
+  spans at most SPAN (so no exponent exceeds SPAN); else a per-head decay uses the masked
+  (C, C) matrix exp(b_i - b_j), and a per-channel one ``_tree``, which halves blocks
   (exponents <= 0 across the halves) until every block's span is small, so exp never
   sees a large positive number. Memory O(N (C + D)),
   plus one (Dk, Dv) state per head. Under autograd the loop keeps one state per chunk
@@ -205,19 +206,25 @@ def _intra_decay(qc, kc, vc, gc):
 
     When no chunk's decay spans more than SPAN (the usual gates), the (C, C) weights
     sum_d q_id k_jd exp(b_id - b_jd) are one masked matmul of q exp(b) (<= 1) and
-    k exp(-b) (<= exp(SPAN)), b relative to the chunk's start. Otherwise ``_tree`` halves
-    the blocks where needed (the chunk padded to a power of two: zero q, k, v and log-decay
-    0 add nothing)."""
+    k exp(-b) (<= exp(SPAN)), b relative to the chunk's start. Otherwise a per-head decay
+    uses the masked (C, C) matrix exp(b_i - b_j), and a per-channel one ``_tree``, which
+    halves the blocks where needed (the chunk padded to a power of two: zero q, k, v and
+    log-decay 0 add nothing)."""
     bsz, heads, nc, grp, c, dk = qc.shape
     b = gc.cumsum(3)
     last = b[:, :, :, -1:]
     q_in = qc * b.exp().unsqueeze(3)
     s_decay = last.exp().transpose(-1, -2)
+    tril = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
     if bool(last.min() >= -SPAN):
         k_neg = kc * (-b).exp()
-        tril = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
         scores = (q_in @ k_neg.unsqueeze(3).transpose(-1, -2)).masked_fill(~tril, 0.0)
         return scores @ vc.unsqueeze(3), q_in, k_neg * last.exp(), s_decay
+    if gc.shape[-1] == 1:  # per head: the (C, C) decay matrix exp(b_i - b_j), j <= i, at any strength
+        bh = b.squeeze(-1)
+        decay = (bh[..., :, None] - bh[..., None, :]).masked_fill(~tril, float("-inf")).exp()
+        scores = (qc @ kc.unsqueeze(3).transpose(-1, -2)) * decay.unsqueeze(3)
+        return scores @ vc.unsqueeze(3), q_in, kc * (last - b).exp(), s_decay
     p = 1 << (c - 1).bit_length()
     pad = (0, 0, 0, p - c)
     q_t = F.pad(qc, pad).transpose(2, 3)  # (B, H, G, nc, P, Dk): blocks split by views
