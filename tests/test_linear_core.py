@@ -149,6 +149,19 @@ def test_gla_block_halving_equals_the_recurrence(monkeypatch, span):
         assert _max_err(out, expected) < TOL, chunk
 
 
+@pytest.mark.parametrize("name", LINEAR)
+def test_non_contiguous_inputs(name):
+    """q, k, v as transformers holds them: (B, N, H, D) transposed to (B, H, N, D)."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make(n=70, seed=12))
+    assert not q.is_contiguous()
+    inputs = method_inputs(name, k)
+    for form in FORMS:
+        out = ak.attention(q, k, v, method=name, causal=True, form=form, **inputs)
+        expected = ak.attention(q.contiguous(), k.contiguous(), v.contiguous(), method=name, causal=True, form=form,
+                                **inputs)
+        assert _max_err(out, expected) < TOL, form
+
+
 def test_strong_gates_stay_finite_and_exact():
     """log-decays of -30 per token: exp of a positive cumulative sum would overflow."""
     q, k, v = make(b=1, n=96, seed=4)

@@ -71,7 +71,7 @@ def run_form(form: str, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], sc
 def _grouped(q: Tensor, heads: int) -> Tensor:
     """(B, Hq, N, D) -> (B, H, G, N, D): query head i reads state head i // G."""
     b, hq, n, d = q.shape
-    return q.view(b, heads, hq // heads, n, d)
+    return q.reshape(b, heads, hq // heads, n, d)
 
 
 def _ungroup(o: Tensor) -> Tensor:
