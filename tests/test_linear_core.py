@@ -370,3 +370,11 @@ def test_chunk_backward_saves_nothing_quadratic(name):
     largest2, total2 = _saved_elements(name, 2 * n, d)
     assert largest2 <= 2 * (2 * n) * (d + 1), f"largest saved tensor at N={2 * n}: {largest2} elements"
     assert total2 < 2.2 * total, f"saved {total} elements at N={n}, {total2} at N={2 * n}: not linear in N"
+
+
+def test_patch_refuses_a_linear_method_for_softmax_layers():
+    from attnkit import patching
+    from attnkit.patching import LayerMethod
+
+    with pytest.raises(ValueError, match="not a drop-in for a softmax attention layer"):
+        patching._check_method(LayerMethod("gla", {}, "auto"))
