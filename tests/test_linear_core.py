@@ -204,6 +204,8 @@ def test_decode_token_by_token_uses_the_recurrent_form(name):
                                          **step)
         assert stats.backend == "recurrent"
         assert _max_err(out, whole[:, :, t:t + 1]) < TOL
+        state = state.detach()
+        assert type(state).__name__ == ("LinearState" if name == "linear" else "KVState")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
