@@ -110,6 +110,9 @@ def info(
     console.print(f"paper: {record.paper} (arXiv:{record.arxiv}, {record.year})")
     console.print(f"supports: {', '.join(record.supports)}; kinds: {', '.join(record.kinds)}")
     console.print(f"config: {_config_text(record.config)}")
+    inputs = registry.method_class(name).inputs
+    if inputs:
+        console.print(f"per-call inputs: {', '.join(inputs)} (docs/linear.md)")
 
 
 def _parse_lengths(text: str) -> list[int]:

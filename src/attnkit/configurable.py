@@ -32,15 +32,17 @@ def config_defaults(config_cls: type) -> dict[str, Any]:
     return out
 
 
-def build_config(config_cls: type, method: str, kwargs: dict[str, Any]) -> Any:
-    """Make ``config_cls(**kwargs)``; unknown fields and wrong types raise with the valid fields."""
+def build_config(config_cls: type, method: str, kwargs: dict[str, Any], inputs: tuple[str, ...] = ()) -> Any:
+    """Make ``config_cls(**kwargs)``; unknown fields and wrong types raise with the valid
+    fields (and the method's per-call ``inputs``, for a method that declares some)."""
     defaults = config_defaults(config_cls)
     unknown = [key for key in kwargs if key not in defaults]
     if unknown:
         listing = ", ".join(f"{n}={v!r}" for n, v in defaults.items()) or "(none)"
+        extra = f"; per-call inputs: {', '.join(inputs)}" if inputs else ""
         raise ValueError(
             f"unknown config field(s) {', '.join(map(repr, unknown))} for method {method!r}; "
-            f"valid fields with defaults: {listing}"
+            f"valid fields with defaults: {listing}{extra}"
         )
     hints = typing.get_type_hints(config_cls)
     for key, value in kwargs.items():
@@ -53,11 +55,12 @@ class Configurable:
 
     Config: ClassVar[type]
     name: ClassVar[str]
+    inputs: ClassVar[tuple[str, ...]] = ()  # per-call tensors (linear family: g, beta, initial_state)
 
     def __init__(self, config: Any = None, **kwargs: Any) -> None:
         if config is not None and kwargs:
             raise ValueError("pass either a config object or keyword fields, not both")
-        self.config = config if config is not None else build_config(self.Config, self.name, kwargs)
+        self.config = config if config is not None else build_config(self.Config, self.name, kwargs, self.inputs)
         self.check_config()
 
     def check_config(self) -> None:

@@ -101,6 +101,9 @@ def _check_method(spec: Optional[LayerMethod]) -> None:
     _check_backend(spec.backend)
     if "prefill" not in registry.method_info(spec.name).kinds:
         raise ValueError(f"method {spec.name!r} is not a prefill method (it is a cache policy: pass cache=...)")
+    if registry.method_info(spec.name).family == "linear":
+        raise ValueError(f"method {spec.name!r} is a linear-attention method: it is not a drop-in for a softmax "
+                         f"attention layer (it computes another function); use it through ak.attention")
     api.get(spec.name, **spec.config)
 
 

@@ -61,3 +61,78 @@ def reference_attention(
     probs = torch.exp(scores - torch.where(empty, 0.0, lse).unsqueeze(-1))
     out = torch.matmul(probs, v64)
     return (out, lse) if return_lse else out
+
+
+# =====================================================================================
+# Linear family: per-token recurrences
+# =====================================================================================
+#
+# The definition of each linear method, in float64, one token at a time (nothing here is
+# fast). Feature-map and decay methods (linear, retnet, lightning, gla) share one
+# recurrence per state head h (the Hkv key/value heads; query head i reads head i // G):
+#
+#     S_t = diag(exp(g_t)) S_{t-1} + phi(k_t) v_t^T        z_t = diag(exp(g_t)) z_{t-1} + phi(k_t)
+#     o_t = scale phi(q_t)^T S_t    [ / (scale phi(q_t)^T z_t + eps) when normalised ]
+#
+# Non-causal (no decay) is the same with every key: o_t = scale phi(q_t)^T S_N.
+
+_FEATURE_MAPS = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "elu1": lambda x: torch.where(x > 0, x + 1.0, torch.exp(x)),  # elu(x) + 1
+}
+
+
+def linear_recurrence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    initial_z: torch.Tensor | None = None,
+    normalize: bool = False,
+    eps: float = 1e-6,
+    feature_map: str = "identity",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The per-token recurrence of gated / feature-map linear attention, in float64.
+
+    q: (B, Hq, N, Dk); k: (B, H, N, Dk); v: (B, H, N, Dv) with Hq % H == 0; g: log-decay,
+    None, (B, H, N) or (B, H, N, Dk) (causal only); initial_state: (B, H, Dk, Dv);
+    initial_z: (B, H, Dk) (normalised only). Returns (out (B, Hq, N, Dv), S (B, H, Dk, Dv),
+    z (B, H, Dk) or None), all float64. Differentiable.
+    """
+    if g is not None and not causal:
+        raise ValueError("linear_recurrence: a decay g is defined for causal attention only")
+    phi = _FEATURE_MAPS[feature_map]
+    q64, k64, v64 = phi(q.double()), phi(k.double()), v.double()
+    b, hq, n, dk = q64.shape
+    heads, dv = k64.shape[1], v64.shape[-1]
+    group = hq // heads
+    S = torch.zeros(b, heads, dk, dv, dtype=torch.float64) if initial_state is None else initial_state.double()
+    z = None
+    if normalize:
+        z = torch.zeros(b, heads, dk, dtype=torch.float64) if initial_z is None else initial_z.double()
+    if not causal:
+        S = S + torch.einsum("bhnd,bhne->bhde", k64, v64)
+        z = None if z is None else z + k64.sum(2)
+    rows = []
+    for t in range(n):
+        if causal:
+            if g is not None:
+                decay = g[:, :, t].double().exp()
+                decay = decay if g.dim() == 4 else decay[..., None].expand(b, heads, dk)  # (B, H, Dk)
+                S = decay.unsqueeze(-1) * S
+                z = None if z is None else decay * z
+            S = S + k64[:, :, t, :, None] * v64[:, :, t, None, :]
+            z = None if z is None else z + k64[:, :, t]
+        row = []
+        for i in range(hq):  # query head i reads state head i // group
+            qt = scale * q64[:, i, t]  # (B, Dk)
+            o = torch.einsum("bd,bde->be", qt, S[:, i // group])
+            if z is not None:
+                o = o / ((qt * z[:, i // group]).sum(-1, keepdim=True) + eps)
+            row.append(o)
+        rows.append(torch.stack(row, dim=1))
+    return torch.stack(rows, dim=2), S, z

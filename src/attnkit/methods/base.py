@@ -68,6 +68,7 @@ class Method(Configurable):
         return_stats: bool = False,
         check_finite: bool = True,
         return_lse: bool = False,
+        return_state: bool = False,
     ):
         """Attention. q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) -> (B, Hq, Nq, D).
 
@@ -75,6 +76,9 @@ class Method(Configurable):
         ``return_stats``. Without ``return_lse`` a query row with no allowed key is an
         error; with it, such a row gets out 0 and lse -inf (a partial result to merge).
         """
+        if return_state:
+            raise ValueError(f"return_state=True: method {self.name!r} is not a linear method and has no recurrent "
+                             f"state; the linear family (attnkit list --family linear) has one")
         validate.check_qkv(q, k, v, check_finite=check_finite)
         validate.check_scale(scale)
         if not isinstance(causal, bool):
