@@ -1,0 +1,1 @@
+"""Linear attention family: feature maps, gated recurrences and the delta rule."""

@@ -1,0 +1,380 @@
+"""Delta-rule family as pure functions: DeltaNet, Gated DeltaNet and Kimi Delta Attention.
+
+Papers:
+- ``delta``: Yang, Wang, Zhang, Shen, Kim, "Parallelizing Linear Transformers with the
+  Delta Rule over Sequence Length", arXiv:2406.06484 (2024).
+- ``gated_delta``: Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving Mamba2
+  with Delta Rule", arXiv:2412.06464 (2024).
+- ``kda``: Kimi Team, "Kimi Linear: An Expressive, Efficient Attention Architecture",
+  arXiv:2510.26692 (2025).
+
+Recurrence, per value head, with a (Dk, Dv) state S:
+
+    S <- diag(exp(g_t)) S                        decay: g_t log-space, <= 0
+    S <- S + k_t (beta_t (v_t - S^T k_t))^T      delta rule: write the prediction error
+    o_t = S^T q_t
+
+``g`` is one scalar per head and token for gated delta (B, Hv, N), one per key channel
+for KDA (B, Hv, N, Dk), and 0 for DeltaNet. Before the recurrence q and k are
+L2-normalised when ``use_qk_l2norm`` (x * rsqrt(sum x^2 + 1e-6), in the compute dtype)
+and q is multiplied by ``scale`` (default Dk^-0.5). These are the semantics of
+transformers' ``torch_chunk_gated_delta_rule`` / ``torch_recurrent_gated_delta_rule``
+(Qwen3-Next) and ``chunk_kimi_delta_attention`` / ``recurrent_kimi_delta_attention``
+(Kimi-Linear), in attnkit's layout: q, k (B, Hk, N, Dk), v (B, Hv, N, Dv) with Hv a
+multiple of Hk (value head h reads key head h // (Hv / Hk), as transformers'
+``repeat_interleave``), beta (B, Hv, N). Computation is in float32 (float64 for
+float64 inputs); the output has the input dtype, the state (B, Hv, Dk, Dv) the compute
+dtype. The float64 oracle is ``attnkit.reference.reference_delta_rule``.
+
+Chunked form (the WY / UT transform of the DeltaNet and Gated DeltaNet papers): with
+gamma the cumulative log-decay inside a chunk of C tokens, the writes U of a chunk solve
+(I + A) U = beta V - (beta K * exp(gamma)) S0, A[i, j] = beta_i k_i^T diag(exp(gamma_i -
+gamma_j)) k_j (j < i), so U = T beta V - W S0 with T = (I + A)^-1. All intra-chunk work
+(A, T, T beta V, W and the intra-chunk scores) is batched over every chunk and head; the
+only loop runs over chunks and carries the state (one bmm for [W; q exp(gamma)] S0, one
+baddbmm for the state update). Memory: O(N D + N C) plus one state per head.
+
+Numerics: decays are only ever exponentiated as exp(x) with x <= 0 (relative to a
+reference position between the two tokens), so nothing overflows whatever the decay.
+For the per-channel decay of KDA, the pairwise decays are never materialised as a
+(C, C, Dk) tensor (which transformers does): the intra-chunk scores are assembled by
+halving — at each level a block's lower-left quarter is one matmul of q or k scaled by
+exp(gamma_i - gamma_ref) with k scaled by exp(gamma_ref - gamma_j), gamma_ref the
+cumulative decay at the midpoint. T is inverted by the same halving (blocked inversion of
+a unit lower-triangular matrix: T21 = -T22 A21 T11), in batched matmuls; torch's batched
+``solve_triangular`` on CPU is far slower for many small systems.
+
+Deviations from transformers: ``chunk_size`` must be a power of two (the halving);
+KDA accepts grouped heads (Hv = m Hk) like gated delta, where transformers' Kimi
+fallback has none; ``scale`` may be set; l2norm uses Qwen's ``x * rsqrt(.)`` also for
+KDA (Kimi writes ``x / sqrt(.)``, equal up to rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_L2_EPS = 1e-6
+
+__all__ = [
+    "delta_rule_chunk",
+    "delta_rule_recurrent",
+    "gated_delta_rule_chunk",
+    "gated_delta_rule_recurrent",
+    "kda_chunk",
+    "kda_recurrent",
+]
+
+
+# --- input preparation -------------------------------------------------------------
+
+
+def _check(q, k, v, g, beta, initial_state, per_channel: bool | None) -> None:
+    """ValueError naming the bad argument; per_channel None means g must be None."""
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, Hk, N, Dk); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    b, hk, n, dk = q.shape
+    if v.dim() != 4 or v.shape[0] != b or v.shape[2] != n or v.shape[1] % hk:
+        raise ValueError(f"v must be (B, Hv, N, Dv) with Hv a multiple of Hk={hk}; got {tuple(v.shape)}")
+    hv, dv = v.shape[1], v.shape[3]
+    if beta.shape != (b, hv, n):
+        raise ValueError(f"beta must be (B, Hv, N) = {(b, hv, n)}; got {tuple(beta.shape)}")
+    if per_channel is not None:
+        want = (b, hv, n, dk) if per_channel else (b, hv, n)
+        if g is None or g.shape != want:
+            raise ValueError(f"g must be {want}; got {None if g is None else tuple(g.shape)}")
+    if initial_state is not None and initial_state.shape != (b, hv, dk, dv):
+        raise ValueError(f"initial_state must be (B, Hv, Dk, Dv) = {(b, hv, dk, dv)}; got {tuple(initial_state.shape)}")
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| along the last dim, as fla and transformers: x * rsqrt(sum x^2 + 1e-6)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + _L2_EPS)
+
+
+def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
+    """Cast to the compute dtype, normalise and scale q, k, repeat them to Hv heads.
+
+    Returns q, k (B, Hv, N, Dk), v (B, Hv, N, Dv), g (B, Hv, N[, Dk]) (zeros when None),
+    beta (B, Hv, N) and the state (B, Hv, Dk, Dv), all in the compute dtype.
+    """
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, hk, n, dk = q.shape
+    hv, dv = v.shape[1], v.shape[3]
+    q, k, v, beta = (x.to(dt) for x in (q, k, v, beta))
+    g = torch.zeros(b, hv, n, dtype=dt, device=q.device) if g is None else g.to(dt)
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    q = q * (dk**-0.5 if scale is None else scale)
+    if hv != hk:
+        q, k = q.repeat_interleave(hv // hk, dim=1), k.repeat_interleave(hv // hk, dim=1)
+    if initial_state is None:
+        state = torch.zeros(b, hv, dk, dv, dtype=dt, device=q.device)
+    else:
+        state = initial_state.to(dt)
+    return q, k, v, g, beta, state
+
+
+# --- blocked (halving) helpers -----------------------------------------------------
+
+
+def _merge(d11: torch.Tensor, d21: torch.Tensor, d22: torch.Tensor) -> torch.Tensor:
+    """Lower block-triangular [[d11, 0], [d21, d22]]: (..., M, s, s) x3 -> (..., M, 2s, 2s)."""
+    top = torch.cat([d11, torch.zeros_like(d11)], dim=-1)
+    return torch.cat([top, torch.cat([d21, d22], dim=-1)], dim=-2)
+
+
+def _lower_left_blocks(a: torch.Tensor, s: int) -> torch.Tensor:
+    """(..., C, C) -> (..., C/2s, s, s): the lower-left quarter of each 2s diagonal block."""
+    c = a.shape[-1]
+    m = c // (2 * s)
+    blocks = a.unflatten(-2, (m, 2, s)).unflatten(-1, (m, 2, s))[..., :, 1, :, :, 0, :]
+    return blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def _unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """(I + tril(a, -1))^-1 for a (..., C, C), C a power of two; diag and upper of a unused.
+
+    Blocked inversion by halving: [[T11, 0], [T21, T22]] with T21 = -T22 A21 T11.
+    """
+    c = a.shape[-1]
+    blocks = torch.ones(*a.shape[:-2], c, 1, 1, dtype=a.dtype, device=a.device)
+    s = 1
+    while s < c:
+        t11, t22 = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
+        a21 = _lower_left_blocks(a, s)
+        t21 = -a21 if s == 1 else -torch.matmul(t22, torch.matmul(a21, t11))
+        blocks = _merge(t11, t21, t22)
+        s *= 2
+    return blocks[..., 0, :, :]
+
+
+# --- intra-chunk scores ------------------------------------------------------------
+
+
+def _intra_scalar(q, k, gc):
+    """Per-head decay. q, k (..., C, Dk), gc (..., C) cumulative log-decay.
+
+    Returns (q_i . k_j exp(gc_i - gc_j) for j <= i, else 0) and the same with k_i for
+    q_i, both (..., C, C).
+    """
+    c = gc.shape[-1]
+    upper = torch.ones(c, c, dtype=torch.bool, device=gc.device).triu(1)
+    decay = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).masked_fill(upper, float("-inf")).exp()
+    kt = k.transpose(-1, -2)
+    return torch.matmul(q, kt) * decay, torch.matmul(k, kt) * decay
+
+
+def _intra_channel(q, k, gc):
+    """Per-channel decay. q, k, gc (..., C, Dk), C a power of two.
+
+    Returns (q_i^T diag(exp(gc_i - gc_j)) k_j for j <= i, else 0) and the same with k_i
+    for q_i strictly below the diagonal, both (..., C, C). Assembled by halving; every
+    exponent is <= 0 (relative to the midpoint of the block pair).
+    """
+    c = gc.shape[-2]
+    bq = (q * k).sum(-1)[..., None, None]  # (..., C, 1, 1): the diagonal, decay exp(0)
+    bk = torch.zeros_like(bq)
+    s = 1
+    while s < c:
+        m = c // (2 * s)
+        gv, qv, kv = (x.unflatten(-2, (m, 2, s)) for x in (gc, q, k))  # (..., M, 2, s, Dk)
+        ref = gv[..., 0, s - 1 : s, :]
+        k_first = kv[..., 0, :, :] * (ref - gv[..., 0, :, :]).exp()
+        e_second = (gv[..., 1, :, :] - ref).exp()
+        k_first_t = k_first.transpose(-1, -2)
+        oq = torch.matmul(qv[..., 1, :, :] * e_second, k_first_t)
+        ok = torch.matmul(kv[..., 1, :, :] * e_second, k_first_t)
+        bq = _merge(bq[..., 0::2, :, :], oq, bq[..., 1::2, :, :])
+        bk = _merge(bk[..., 0::2, :, :], ok, bk[..., 1::2, :, :])
+        s *= 2
+    return bq[..., 0, :, :], bk[..., 0, :, :]
+
+
+# --- the two forms -----------------------------------------------------------------
+
+
+def _scan(wq: torch.Tensor, u: torch.Tensor, k_t: torch.Tensor, decay: torch.Tensor, state: torch.Tensor):
+    """The loop over chunks, chunk-major inputs (nc, BH, ...).
+
+    wq (nc, BH, 2C, Dk) = [W; q exp(gamma)], u (nc, BH, C, Dv), k_t (nc, BH, Dk, C) keys
+    decayed to the chunk end and transposed, decay (nc, BH, 1|Dk, 1), state (BH, Dk, Dv).
+    Returns the writes v_new and the inter-chunk outputs, both (BH, nc, C, Dv), and the
+    final state.
+    """
+    c = u.shape[2]
+    news, inters = [], []
+    for i in range(wq.shape[0]):
+        p = torch.bmm(wq[i], state)
+        v_new = u[i] - p[:, :c]
+        news.append(v_new)
+        inters.append(p[:, c:])
+        state = torch.baddbmm(state * decay[i], k_t[i], v_new)
+    return torch.stack(news, 1), torch.stack(inters, 1), state
+
+
+def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
+    """Chunked delta rule; g (B, Hv, N) per head or (B, Hv, N, Dk) per channel."""
+    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two; got {chunk_size}")
+    in_dtype = v.dtype
+    b, hv, n, dv = v.shape
+    q, k, v, g, beta, state = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+    dk = q.shape[-1]
+    c = chunk_size
+    pad = (-n) % c
+    nc = (n + pad) // c
+    per_channel = g.dim() == 4
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # (B, Hv, N, d) -> (B*Hv, nc, C, d)
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+        return x.reshape(b * hv, nc, c, x.shape[-1])
+
+    # padded tokens: k = 0 and beta = 0 (no write), g = 0 (no decay): the state is unchanged
+    q, k, v = chunks(q), chunks(k), chunks(v)
+    beta = chunks(beta.unsqueeze(-1))
+    gc = chunks(g if per_channel else g.unsqueeze(-1)).cumsum(dim=2)  # (BH, nc, C, 1|Dk)
+    if per_channel:
+        a_qk, a_kk = _intra_channel(q, k, gc)
+    else:
+        a_qk, a_kk = _intra_scalar(q, k, gc[..., 0])
+    t = _unit_lower_inverse(a_kk * beta)
+    eg = gc.exp()
+    k_beta = k * beta
+    u = torch.matmul(t, v * beta)
+    w = torch.matmul(t, k_beta * eg)
+    last = gc[:, :, -1:, :]
+    k_t = (k * (last - gc).exp()).permute(1, 0, 3, 2).contiguous()  # (nc, BH, Dk, C)
+    wq = torch.cat([w, q * eg], dim=2).transpose(0, 1).contiguous()  # (nc, BH, 2C, Dk)
+    decay = last.exp().permute(1, 0, 3, 2)  # (nc, BH, 1|Dk, 1)
+    s0 = state.reshape(b * hv, dk, dv)
+    v_new, inter, state = _scan(wq, u.transpose(0, 1), k_t, decay, s0)
+    out = inter + torch.matmul(a_qk, v_new)
+    out = out.reshape(b, hv, nc * c, dv)[:, :, :n]
+    return out.to(in_dtype), state.reshape(b, hv, dk, dv)
+
+
+def _recurrent(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
+    """Per-token delta rule (decode); g (B, Hv, N) per head or (B, Hv, N, Dk) per channel."""
+    in_dtype = v.dtype
+    q, k, v, g, beta, state = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+    alpha = g.exp()
+    alpha = alpha.unsqueeze(-1) if g.dim() == 4 else alpha[..., None, None]  # (B, Hv, N, 1|Dk, 1)
+    outs = []
+    for t in range(v.shape[2]):
+        state = state * alpha[:, :, t]
+        k_t = k[:, :, t].unsqueeze(-2)  # (B, Hv, 1, Dk)
+        delta = (v[:, :, t].unsqueeze(-2) - torch.matmul(k_t, state)) * beta[:, :, t, None, None]
+        state = state + k_t.transpose(-1, -2) * delta
+        outs.append(torch.matmul(q[:, :, t].unsqueeze(-2), state))
+    out = torch.cat(outs, dim=2) if outs else v.new_zeros(v.shape)
+    return out.to(in_dtype), state
+
+
+# --- public functions --------------------------------------------------------------
+
+
+def gated_delta_rule_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet, chunked (prefill).
+
+    q, k: (B, Hk, N, Dk); v: (B, Hv, N, Dv), Hv % Hk == 0; g: (B, Hv, N) log-decay <= 0;
+    beta: (B, Hv, N) in [0, 1]; initial_state: (B, Hv, Dk, Dv).
+    Returns out (B, Hv, N, Dv) in v's dtype and the final state (B, Hv, Dk, Dv) float32
+    (float64 for float64 inputs). chunk_size: a power of two.
+    """
+    _check(q, k, v, g, beta, initial_state, per_channel=False)
+    return _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size)
+
+
+def gated_delta_rule_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet, one token at a time (decode). Shapes as ``gated_delta_rule_chunk``."""
+    _check(q, k, v, g, beta, initial_state, per_channel=False)
+    return _recurrent(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+
+
+def kda_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kimi Delta Attention (per-channel gated delta rule), chunked (prefill).
+
+    As ``gated_delta_rule_chunk`` but g: (B, Hv, N, Dk), one log-decay per key channel.
+    """
+    _check(q, k, v, g, beta, initial_state, per_channel=True)
+    return _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size)
+
+
+def kda_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kimi Delta Attention, one token at a time (decode). g: (B, Hv, N, Dk)."""
+    _check(q, k, v, g, beta, initial_state, per_channel=True)
+    return _recurrent(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+
+
+def delta_rule_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeltaNet (no decay: gated delta with g = 0), chunked. Shapes as ``gated_delta_rule_chunk``."""
+    _check(q, k, v, None, beta, initial_state, per_channel=None)
+    return _chunk(q, k, v, None, beta, initial_state, scale, use_qk_l2norm, chunk_size)
+
+
+def delta_rule_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeltaNet, one token at a time (decode). Shapes as ``gated_delta_rule_chunk``."""
+    _check(q, k, v, None, beta, initial_state, per_channel=None)
+    return _recurrent(q, k, v, None, beta, initial_state, scale, use_qk_l2norm)
