@@ -87,9 +87,9 @@ def _check(q, k, v, g, beta, initial_state, per_channel: bool | None) -> None:
         raise ValueError(f"initial_state must be (B, Hv, Dk, Dv) = {(b, hv, dk, dv)}; got {tuple(initial_state.shape)}")
 
 
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    """x / ||x|| along the last dim, as fla and transformers: x * rsqrt(sum x^2 + 1e-6)."""
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + _L2_EPS)
+def _l2norm_factor(x: torch.Tensor) -> torch.Tensor:
+    """(..., 1): rsqrt(sum x^2 + 1e-6) along the last dim (fla's and transformers' l2norm)."""
+    return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + _L2_EPS)
 
 
 def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
@@ -103,9 +103,11 @@ def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
     hv, dv = v.shape[1], v.shape[3]
     q, k, v, beta = (x.to(dt) for x in (q, k, v, beta))
     g = torch.zeros(b, hv, n, dtype=dt, device=q.device) if g is None else g.to(dt)
+    scale = dk**-0.5 if scale is None else scale
     if use_qk_l2norm:
-        q, k = _l2norm(q), _l2norm(k)
-    q = q * (dk**-0.5 if scale is None else scale)
+        q, k = q * (_l2norm_factor(q) * scale), k * _l2norm_factor(k)
+    else:
+        q = q * scale
     if hv != hk:
         q, k = q.repeat_interleave(hv // hk, dim=1), k.repeat_interleave(hv // hk, dim=1)
     if initial_state is None:
@@ -115,7 +117,7 @@ def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
     return q, k, v, g, beta, state
 
 
-# --- blocked (halving) helpers -----------------------------------------------------
+# --- blocked helpers ---------------------------------------------------------------
 
 
 def _merge(d11: torch.Tensor, d21: torch.Tensor, d22: torch.Tensor) -> torch.Tensor:
@@ -124,35 +126,20 @@ def _merge(d11: torch.Tensor, d21: torch.Tensor, d22: torch.Tensor) -> torch.Ten
     return torch.cat([top, torch.cat([d21, d22], dim=-1)], dim=-2)
 
 
-def _lower_left_blocks(a: torch.Tensor, s: int) -> torch.Tensor:
-    """(..., C, C) -> (..., C/2s, s, s): the lower-left quarter of each 2s diagonal block."""
-    c = a.shape[-1]
-    m = c // (2 * s)
-    blocks = a.unflatten(-2, (m, 2, s)).unflatten(-1, (m, 2, s))[..., :, 1, :, :, 0, :]
-    return blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
-
-
 def _unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
-    """(I + tril(a, -1))^-1 for a (..., C, C), C a power of two; diag and upper of a unused.
+    """(I + tril(a, -1))^-1 for a (..., C, C); the diagonal and upper part of a are unused.
 
-    Blocked inversion by halving: [[T11, 0], [T21, T22]] with T21 = -T22 A21 T11.
+    One batched triangular solve against I: on CPU this beats both a blocked inversion in
+    matmuls and solving against the (C, Dk + Dv) right-hand sides.
     """
-    c = a.shape[-1]
-    blocks = torch.ones(*a.shape[:-2], c, 1, 1, dtype=a.dtype, device=a.device)
-    s = 1
-    while s < c:
-        t11, t22 = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
-        a21 = _lower_left_blocks(a, s)
-        t21 = -a21 if s == 1 else -torch.matmul(t22, torch.matmul(a21, t11))
-        blocks = _merge(t11, t21, t22)
-        s *= 2
-    return blocks[..., 0, :, :]
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+    return torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
 
 
 # --- intra-chunk scores ------------------------------------------------------------
 
 
-def _intra_scalar(q, k, gc):
+def _intra_scalar(q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head decay. q, k (..., C, Dk), gc (..., C) cumulative log-decay.
 
     Returns (q_i . k_j exp(gc_i - gc_j) for j <= i, else 0) and the same with k_i for
@@ -160,7 +147,7 @@ def _intra_scalar(q, k, gc):
     """
     c = gc.shape[-1]
     upper = torch.ones(c, c, dtype=torch.bool, device=gc.device).triu(1)
-    decay = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).masked_fill(upper, float("-inf")).exp()
+    decay = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).masked_fill_(upper, float("-inf")).exp_()
     kt = k.transpose(-1, -2)
     return torch.matmul(q, kt) * decay, torch.matmul(k, kt) * decay
 
@@ -194,23 +181,29 @@ def _intra_channel(q, k, gc):
 # --- the two forms -----------------------------------------------------------------
 
 
-def _scan(wq: torch.Tensor, u: torch.Tensor, k_t: torch.Tensor, decay: torch.Tensor, state: torch.Tensor):
-    """The loop over chunks, chunk-major inputs (nc, BH, ...).
+def _scan(q, k, v, row_decay, t_beta, a_qk, k_dec, decay, state):
+    """The loop over chunks: the only sequential part, each step a few bmm over heads.
 
-    wq (nc, BH, 2C, Dk) = [W; q exp(gamma)], u (nc, BH, C, Dv), k_t (nc, BH, Dk, C) keys
-    decayed to the chunk end and transposed, decay (nc, BH, 1|Dk, 1), state (BH, Dk, Dv).
-    Returns the writes v_new and the inter-chunk outputs, both (BH, nc, C, Dv), and the
-    final state.
+    q, k (BH, nc, C, Dk), pre-multiplied by exp(gamma) (the decay from the chunk start)
+    for a per-channel decay; else row_decay (BH, nc, C, 1) = exp(gamma) scales their
+    reads of the state (cheaper: a small in-cache product). v (BH, nc, C, Dv); t_beta
+    (BH, nc, C, C) = T diag(beta); a_qk (BH, nc, C, C) the intra-chunk scores; k_dec
+    (BH, nc, C, Dk) keys decayed to the chunk end; decay (BH, nc, 1|Dk, 1) the decay of
+    the whole chunk; state (BH, Dk, Dv).
+    Per chunk: v_new = T diag(beta) (v - k exp(gamma) S), out = q exp(gamma) S +
+    a_qk v_new, S <- decay * S + k_dec^T v_new. Returns out (BH, nc, C, Dv) and the
+    final state. Chunk slices are strided views: bmm reads them in place.
     """
-    c = u.shape[2]
-    news, inters = [], []
-    for i in range(wq.shape[0]):
-        p = torch.bmm(wq[i], state)
-        v_new = u[i] - p[:, :c]
-        news.append(v_new)
-        inters.append(p[:, c:])
-        state = torch.baddbmm(state * decay[i], k_t[i], v_new)
-    return torch.stack(news, 1), torch.stack(inters, 1), state
+    outs = []
+    for i in range(v.shape[1]):
+        q_s, k_s = torch.bmm(q[:, i], state), torch.bmm(k[:, i], state)  # reads of the state
+        if row_decay is not None:
+            q_s, k_s = q_s * row_decay[:, i], k_s * row_decay[:, i]
+        v_new = torch.bmm(t_beta[:, i], v[:, i] - k_s)
+        outs.append(torch.baddbmm(q_s, a_qk[:, i], v_new))
+        # in place on a fresh product: autograd needs neither operand of the mul changed
+        state = (state * decay[:, i]).baddbmm_(k_dec[:, i].transpose(-1, -2), v_new)
+    return torch.stack(outs, 1), state
 
 
 def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
@@ -232,24 +225,18 @@ def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
 
     # padded tokens: k = 0 and beta = 0 (no write), g = 0 (no decay): the state is unchanged
     q, k, v = chunks(q), chunks(k), chunks(v)
-    beta = chunks(beta.unsqueeze(-1))
+    beta = chunks(beta.unsqueeze(-1))  # (BH, nc, C, 1)
     gc = chunks(g if per_channel else g.unsqueeze(-1)).cumsum(dim=2)  # (BH, nc, C, 1|Dk)
-    if per_channel:
-        a_qk, a_kk = _intra_channel(q, k, gc)
-    else:
-        a_qk, a_kk = _intra_scalar(q, k, gc[..., 0])
-    t = _unit_lower_inverse(a_kk * beta)
+    a_qk, a_kk = _intra_channel(q, k, gc) if per_channel else _intra_scalar(q, k, gc[..., 0])
+    # beta scales the rows of V and K: folded into T's columns (C x C, cheaper)
+    t_beta = _unit_lower_inverse(a_kk * beta) * beta.transpose(-1, -2)
     eg = gc.exp()
-    k_beta = k * beta
-    u = torch.matmul(t, v * beta)
-    w = torch.matmul(t, k_beta * eg)
     last = gc[:, :, -1:, :]
-    k_t = (k * (last - gc).exp()).permute(1, 0, 3, 2).contiguous()  # (nc, BH, Dk, C)
-    wq = torch.cat([w, q * eg], dim=2).transpose(0, 1).contiguous()  # (nc, BH, 2C, Dk)
-    decay = last.exp().permute(1, 0, 3, 2)  # (nc, BH, 1|Dk, 1)
-    s0 = state.reshape(b * hv, dk, dv)
-    v_new, inter, state = _scan(wq, u.transpose(0, 1), k_t, decay, s0)
-    out = inter + torch.matmul(a_qk, v_new)
+    k_dec = k * (last - gc).exp()
+    decay = last.exp().transpose(-1, -2)  # (BH, nc, 1|Dk, 1)
+    if per_channel:
+        q, k, eg = q * eg, k * eg, None
+    out, state = _scan(q, k, v, eg, t_beta, a_qk, k_dec, decay, state.reshape(b * hv, dk, dv))
     out = out.reshape(b, hv, nc * c, dv)[:, :, :n]
     return out.to(in_dtype), state.reshape(b, hv, dk, dv)
 
