@@ -147,7 +147,7 @@ def _intra_scalar(q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor) -> tuple[t
     """
     c = gc.shape[-1]
     upper = torch.ones(c, c, dtype=torch.bool, device=gc.device).triu(1)
-    decay = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).masked_fill_(upper, float("-inf")).exp_()
+    decay = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).to(q.dtype).masked_fill_(upper, float("-inf")).exp_()
     kt = k.transpose(-1, -2)
     return torch.matmul(q, kt) * decay, torch.matmul(k, kt) * decay
 
@@ -167,8 +167,8 @@ def _intra_channel(q, k, gc):
         m = c // (2 * s)
         gv, qv, kv = (x.unflatten(-2, (m, 2, s)) for x in (gc, q, k))  # (..., M, 2, s, Dk)
         ref = gv[..., 0, s - 1 : s, :]
-        k_first = kv[..., 0, :, :] * (ref - gv[..., 0, :, :]).exp()
-        e_second = (gv[..., 1, :, :] - ref).exp()
+        k_first = kv[..., 0, :, :] * (ref - gv[..., 0, :, :]).to(q.dtype).exp()
+        e_second = (gv[..., 1, :, :] - ref).to(q.dtype).exp()
         k_first_t = k_first.transpose(-1, -2)
         oq = torch.matmul(qv[..., 1, :, :] * e_second, k_first_t)
         ok = torch.matmul(kv[..., 1, :, :] * e_second, k_first_t)
@@ -226,14 +226,15 @@ def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
     # padded tokens: k = 0 and beta = 0 (no write), g = 0 (no decay): the state is unchanged
     q, k, v = chunks(q), chunks(k), chunks(v)
     beta = chunks(beta.unsqueeze(-1))  # (BH, nc, C, 1)
-    gc = chunks(g if per_channel else g.unsqueeze(-1)).cumsum(dim=2)  # (BH, nc, C, 1|Dk)
+    # cumulative log-decay in float64: differences of large sums keep their precision
+    gc = chunks(g if per_channel else g.unsqueeze(-1)).cumsum(dim=2, dtype=torch.float64)  # (BH, nc, C, 1|Dk)
     a_qk, a_kk = _intra_channel(q, k, gc) if per_channel else _intra_scalar(q, k, gc[..., 0])
     # beta scales the rows of V and K: folded into T's columns (C x C, cheaper)
     t_beta = _unit_lower_inverse(a_kk * beta) * beta.transpose(-1, -2)
-    eg = gc.exp()
+    eg = gc.to(q.dtype).exp()
     last = gc[:, :, -1:, :]
-    k_dec = k * (last - gc).exp()
-    decay = last.exp().transpose(-1, -2)  # (BH, nc, 1|Dk, 1)
+    k_dec = k * (last - gc).to(q.dtype).exp()
+    decay = last.to(q.dtype).exp().transpose(-1, -2)  # (BH, nc, 1|Dk, 1)
     if per_channel:
         q, k, eg = q * eg, k * eg, None
     out, state = _scan(q, k, v, eg, t_beta, a_qk, k_dec, decay, state.reshape(b * hv, dk, dv))
