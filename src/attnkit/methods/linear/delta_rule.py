@@ -149,7 +149,7 @@ def _intra_scalar(q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor) -> tuple[t
     upper = torch.ones(c, c, dtype=torch.bool, device=gc.device).triu(1)
     decay = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).to(q.dtype).masked_fill_(upper, float("-inf")).exp_()
     kt = k.transpose(-1, -2)
-    return torch.matmul(q, kt) * decay, torch.matmul(k, kt) * decay
+    return torch.matmul(q, kt).mul_(decay), torch.matmul(k, kt).mul_(decay)
 
 
 def _intra_channel(q, k, gc):
@@ -181,29 +181,31 @@ def _intra_channel(q, k, gc):
 # --- the two forms -----------------------------------------------------------------
 
 
-def _scan(q, k, v, row_decay, t_beta, a_qk, k_dec, decay, state):
-    """The loop over chunks: the only sequential part, each step a few bmm over heads.
+def _scan(q, k, v, t_beta, a_qk, k_write, decay, state, eg=None, f=None):
+    """The loop over chunks: the only sequential part, a few bmm over heads per chunk.
 
-    q, k (BH, nc, C, Dk), pre-multiplied by exp(gamma) (the decay from the chunk start)
-    for a per-channel decay; else row_decay (BH, nc, C, 1) = exp(gamma) scales their
-    reads of the state (cheaper: a small in-cache product). v (BH, nc, C, Dv); t_beta
-    (BH, nc, C, C) = T diag(beta); a_qk (BH, nc, C, C) the intra-chunk scores; k_dec
-    (BH, nc, C, Dk) keys decayed to the chunk end; decay (BH, nc, 1|Dk, 1) the decay of
-    the whole chunk; state (BH, Dk, Dv).
-    Per chunk: v_new = T diag(beta) (v - k exp(gamma) S), out = q exp(gamma) S +
-    a_qk v_new, S <- decay * S + k_dec^T v_new. Returns out (BH, nc, C, Dv) and the
-    final state. Chunk slices are strided views: bmm reads them in place.
+    q, k (BH, nc, C, Dk) read the state; v (BH, nc, C, Dv); t_beta (BH, nc, C, C) =
+    T diag(beta); a_qk (BH, nc, C, C) the intra-chunk scores; k_write (BH, nc, C, Dk)
+    the keys writing the state; decay (BH, nc, 1|Dk, 1) the decay of a whole chunk;
+    state (BH, Dk, Dv). A per-channel decay is already in q, k (times exp(gamma), the
+    decay from the chunk start) and k_write (times exp(gamma_last - gamma)); a per-head
+    decay comes as row factors eg = exp(gamma) and f = exp(gamma_last - gamma)
+    (BH, nc, C, 1), applied to the small per-chunk products instead (in cache).
+    Per chunk: v_new = T diag(beta) (v - k S), out = q S + a_qk v_new,
+    S <- decay * S + k_write^T v_new. Returns out (BH, nc, C, Dv) and the final state.
+    Chunk slices are strided views that bmm reads in place; in-place updates act only on
+    fresh products whose old values autograd does not need.
     """
-    outs = []
+    out = v.new_empty(v.shape)
     for i in range(v.shape[1]):
-        q_s, k_s = torch.bmm(q[:, i], state), torch.bmm(k[:, i], state)  # reads of the state
-        if row_decay is not None:
-            q_s, k_s = q_s * row_decay[:, i], k_s * row_decay[:, i]
+        q_s, k_s = torch.bmm(q[:, i], state), torch.bmm(k[:, i], state)
+        if eg is not None:
+            q_s, k_s = q_s * eg[:, i], k_s * eg[:, i]
         v_new = torch.bmm(t_beta[:, i], v[:, i] - k_s)
-        outs.append(torch.baddbmm(q_s, a_qk[:, i], v_new))
-        # in place on a fresh product: autograd needs neither operand of the mul changed
-        state = (state * decay[:, i]).baddbmm_(k_dec[:, i].transpose(-1, -2), v_new)
-    return torch.stack(outs, 1), state
+        out[:, i] = q_s.baddbmm_(a_qk[:, i], v_new)
+        write = v_new if f is None else v_new * f[:, i]
+        state = (state * decay[:, i]).baddbmm_(k_write[:, i].transpose(-1, -2), write)
+    return out, state
 
 
 def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
@@ -231,13 +233,15 @@ def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
     a_qk, a_kk = _intra_channel(q, k, gc) if per_channel else _intra_scalar(q, k, gc[..., 0])
     # beta scales the rows of V and K: folded into T's columns (C x C, cheaper)
     t_beta = _unit_lower_inverse(a_kk * beta) * beta.transpose(-1, -2)
-    eg = gc.to(q.dtype).exp()
+    eg = gc.to(q.dtype).exp()  # decay from the chunk start
     last = gc[:, :, -1:, :]
-    k_dec = k * (last - gc).to(q.dtype).exp()
+    f = (last - gc).to(q.dtype).exp()  # decay to the chunk end
     decay = last.to(q.dtype).exp().transpose(-1, -2)  # (BH, nc, 1|Dk, 1)
+    s0 = state.reshape(b * hv, dk, dv)
     if per_channel:
-        q, k, eg = q * eg, k * eg, None
-    out, state = _scan(q, k, v, eg, t_beta, a_qk, k_dec, decay, state.reshape(b * hv, dk, dv))
+        out, state = _scan(q * eg, k * eg, v, t_beta, a_qk, k * f, decay, s0)
+    else:
+        out, state = _scan(q, k, v, t_beta, a_qk, k, decay, s0, eg=eg, f=f)
     out = out.reshape(b, hv, nc * c, dv)[:, :, :n]
     return out.to(in_dtype), state.reshape(b, hv, dk, dv)
 
