@@ -197,4 +197,13 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="multiple of Hk"):
         dr.delta_rule_chunk(q, k, v[:, :3], beta[:, :3])
     with pytest.raises(ValueError, match="power of two"):
-        dr.gated_delta_rule_chunk(q, k, v, g, beta, chunk_size=24)
+        dr.kda_chunk(q, k, v, g.unsqueeze(-1).expand(*g.shape, DK), beta, chunk_size=24)
+
+
+@pytest.mark.parametrize("kind", ["delta", "gated_delta"])
+def test_per_head_decay_takes_any_chunk_size(kind):
+    q, k, v, g, beta, s0 = make_inputs(kind, 50, True, dtype=torch.float64)
+    ref_out, ref_state = reference_delta_rule(q, k, v, g, beta, s0, use_qk_l2norm=True)
+    out, state = run(kind, "chunk", q, k, v, g, beta, s0, True, 24)
+    assert_close_rel(out, ref_out, 1e-11)
+    assert_close_rel(state, ref_state, 1e-11)

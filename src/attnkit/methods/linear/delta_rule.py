@@ -27,27 +27,34 @@ float64 inputs); the output has the input dtype, the state (B, Hv, Dk, Dv) the c
 dtype. The float64 oracle is ``attnkit.reference.reference_delta_rule``.
 
 Chunked form (the WY / UT transform of the DeltaNet and Gated DeltaNet papers): with
-gamma the cumulative log-decay inside a chunk of C tokens, the writes U of a chunk solve
-(I + A) U = beta V - (beta K * exp(gamma)) S0, A[i, j] = beta_i k_i^T diag(exp(gamma_i -
-gamma_j)) k_j (j < i), so U = T beta V - W S0 with T = (I + A)^-1. All intra-chunk work
-(A, T, T beta V, W and the intra-chunk scores) is batched over every chunk and head; the
-only loop runs over chunks and carries the state (one bmm for [W; q exp(gamma)] S0, one
-baddbmm for the state update). Memory: O(N D + N C) plus one state per head.
+gamma the cumulative log-decay inside a chunk of C tokens (from the chunk start), the
+writes of a chunk, v_new = beta (v - S_before^T k), solve the unit lower-triangular system
+(I + A) V_new = diag(beta) (V - (K * exp(gamma)) S0), A[i, j] = beta_i k_i^T
+diag(exp(gamma_i - gamma_j)) k_j (j < i). Batched over every chunk and head: the
+intra-chunk scores (q_i or k_i against k_j, decayed), and T = (I + A)^-1 by one batched
+``torch.linalg.solve_triangular`` against I (with diag(beta) folded into T's columns).
+The only loop runs over chunks and carries the state S0 (B*Hv, Dk, Dv); per chunk it does
+five bmm over all heads: q S0 and k S0 (the reads), V_new = T diag(beta) (V - k S0),
+out = q S0 + A_qk V_new, S0 <- exp(gamma_C) S0 + K_end^T V_new. Applying T inside the
+loop (rather than precomputing T V and T K batched, as transformers does) costs a few
+more flops but no full-size temporaries, which dominate on CPU. Memory: O(N D + N C)
+plus one state per head; no chunk's state is kept. Gradients: autograd through these ops.
 
-Numerics: decays are only ever exponentiated as exp(x) with x <= 0 (relative to a
-reference position between the two tokens), so nothing overflows whatever the decay.
-For the per-channel decay of KDA, the pairwise decays are never materialised as a
-(C, C, Dk) tensor (which transformers does): the intra-chunk scores are assembled by
-halving — at each level a block's lower-left quarter is one matmul of q or k scaled by
+Numerics: decays are only ever exponentiated as exp(x) with x <= 0 (relative
+differences inside a chunk), so nothing overflows whatever the decay; the cumulative
+sums are taken in float64 so that differences of large sums keep their precision. A
+per-head decay is applied as row factors on the small per-chunk products. For the
+per-channel decay of KDA, the pairwise decays are never materialised as a (C, C, Dk)
+tensor (as transformers does): the intra-chunk scores are assembled by halving — at
+each level a block's lower-left quarter is one matmul of q or k scaled by
 exp(gamma_i - gamma_ref) with k scaled by exp(gamma_ref - gamma_j), gamma_ref the
-cumulative decay at the midpoint. T is inverted by the same halving (blocked inversion of
-a unit lower-triangular matrix: T21 = -T22 A21 T11), in batched matmuls; torch's batched
-``solve_triangular`` on CPU is far slower for many small systems.
+cumulative decay at the block's midpoint (both exponents <= 0).
 
-Deviations from transformers: ``chunk_size`` must be a power of two (the halving);
-KDA accepts grouped heads (Hv = m Hk) like gated delta, where transformers' Kimi
-fallback has none; ``scale`` may be set; l2norm uses Qwen's ``x * rsqrt(.)`` also for
-KDA (Kimi writes ``x / sqrt(.)``, equal up to rounding).
+Deviations from transformers: for KDA ``chunk_size`` must be a power of two (the
+halving); KDA accepts grouped heads (Hv = m Hk) like gated delta, where transformers'
+Kimi fallback has none; ``scale`` may be set; l2norm uses Qwen's ``x * rsqrt(.)`` also
+for KDA (Kimi writes ``x / sqrt(.)``, equal up to rounding); the decay's cumulative sum
+is float64 (transformers: float32).
 """
 
 from __future__ import annotations
@@ -210,8 +217,9 @@ def _scan(q, k, v, t_beta, a_qk, k_write, decay, state, eg=None, f=None):
 
 def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
     """Chunked delta rule; g (B, Hv, N) per head or (B, Hv, N, Dk) per channel."""
-    if chunk_size < 1 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two; got {chunk_size}")
+    per_channel = g is not None and g.dim() == 4
+    if chunk_size < 1 or (per_channel and chunk_size & (chunk_size - 1)):
+        raise ValueError(f"chunk_size must be a positive integer, a power of two for kda; got {chunk_size}")
     in_dtype = v.dtype
     b, hv, n, dv = v.shape
     q, k, v, g, beta, state = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
@@ -219,7 +227,6 @@ def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
     c = chunk_size
     pad = (-n) % c
     nc = (n + pad) // c
-    per_channel = g.dim() == 4
 
     def chunks(x: torch.Tensor) -> torch.Tensor:  # (B, Hv, N, d) -> (B*Hv, nc, C, d)
         x = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
@@ -283,7 +290,7 @@ def gated_delta_rule_chunk(
     q, k: (B, Hk, N, Dk); v: (B, Hv, N, Dv), Hv % Hk == 0; g: (B, Hv, N) log-decay <= 0;
     beta: (B, Hv, N) in [0, 1]; initial_state: (B, Hv, Dk, Dv).
     Returns out (B, Hv, N, Dv) in v's dtype and the final state (B, Hv, Dk, Dv) float32
-    (float64 for float64 inputs). chunk_size: a power of two.
+    (float64 for float64 inputs).
     """
     _check(q, k, v, g, beta, initial_state, per_channel=False)
     return _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size)
@@ -319,7 +326,8 @@ def kda_chunk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kimi Delta Attention (per-channel gated delta rule), chunked (prefill).
 
-    As ``gated_delta_rule_chunk`` but g: (B, Hv, N, Dk), one log-decay per key channel.
+    As ``gated_delta_rule_chunk`` but g: (B, Hv, N, Dk), one log-decay per key channel;
+    chunk_size a power of two.
     """
     _check(q, k, v, g, beta, initial_state, per_channel=True)
     return _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size)
