@@ -100,10 +100,13 @@ def _l2norm_factor(x: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
-    """Cast to the compute dtype, normalise and scale q, k, repeat them to Hv heads.
+    """Cast to the compute dtype and repeat q, k to Hv heads; normalisation as row factors.
 
-    Returns q, k (B, Hv, N, Dk), v (B, Hv, N, Dv), g (B, Hv, N[, Dk]) (zeros when None),
-    beta (B, Hv, N) and the state (B, Hv, Dk, Dv), all in the compute dtype.
+    Returns q, k (B, Hv, N, Dk) as given, v (B, Hv, N, Dv), g (B, Hv, N[, Dk]) (zeros
+    when None), beta (B, Hv, N), the state (B, Hv, Dk, Dv), all in the compute dtype, and
+    the row factors rq (B, Hv, N, 1) (l2norm and scale of q) and rk (B, Hv, N, 1), or
+    None without l2norm: the normalised inputs are q * rq and k * rk. Kept apart so that
+    the chunked form can fold them into small products instead of rewriting q and k.
     """
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, hk, n, dk = q.shape
@@ -112,16 +115,17 @@ def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
     g = torch.zeros(b, hv, n, dtype=dt, device=q.device) if g is None else g.to(dt)
     scale = dk**-0.5 if scale is None else scale
     if use_qk_l2norm:
-        q, k = q * (_l2norm_factor(q) * scale), k * _l2norm_factor(k)
+        rq, rk = _l2norm_factor(q) * scale, _l2norm_factor(k)
     else:
-        q = q * scale
+        rq, rk = torch.full_like(q[..., :1], scale), None
     if hv != hk:
-        q, k = q.repeat_interleave(hv // hk, dim=1), k.repeat_interleave(hv // hk, dim=1)
+        q, k, rq = (x.repeat_interleave(hv // hk, dim=1) for x in (q, k, rq))
+        rk = None if rk is None else rk.repeat_interleave(hv // hk, dim=1)
     if initial_state is None:
         state = torch.zeros(b, hv, dk, dv, dtype=dt, device=q.device)
     else:
         state = initial_state.to(dt)
-    return q, k, v, g, beta, state
+    return q, k, v, g, beta, state, rq, rk
 
 
 # --- blocked helpers ---------------------------------------------------------------
@@ -146,17 +150,21 @@ def _unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
 # --- intra-chunk scores ------------------------------------------------------------
 
 
-def _intra_scalar(q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head decay. q, k (..., C, Dk), gc (..., C) cumulative log-decay.
+def _intra_scalar(q, k, gc, rq, rk, beta):
+    """Per-head decay. q, k (..., C, Dk) unnormalised, gc (..., C) cumulative log-decay
+    (float64), rq, rk, beta (..., C, 1) row factors of q, k and the write strength.
 
-    Returns (q_i . k_j exp(gc_i - gc_j) for j <= i, else 0) and the same with k_i for
-    q_i, both (..., C, C).
+    Returns a_qk[i, j] = rq_i q_i . rk_j k_j exp(gc_i - gc_j) for j <= i, else 0, and
+    a_kk[i, j] = beta_i (rk_i k_i . rk_j k_j) exp(gc_i - gc_j) (only j < i is used), both
+    (..., C, C). rk_j goes into the exponent (log rk_j <= log 1000), saving a pass.
     """
     c = gc.shape[-1]
     upper = torch.ones(c, c, dtype=torch.bool, device=gc.device).triu(1)
-    decay = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).to(q.dtype).masked_fill_(upper, float("-inf")).exp_()
+    col = gc if rk is None else gc - rk[..., 0].log()
+    decay = (gc.unsqueeze(-1) - col.unsqueeze(-2)).to(q.dtype).masked_fill_(upper, float("-inf")).exp_()
     kt = k.transpose(-1, -2)
-    return torch.matmul(q, kt).mul_(decay), torch.matmul(k, kt).mul_(decay)
+    a_kk = torch.matmul(k, kt).mul_(decay).mul_(beta if rk is None else beta * rk)
+    return torch.matmul(q, kt).mul_(decay).mul_(rq), a_kk
 
 
 def _intra_channel(q, k, gc):
@@ -188,7 +196,7 @@ def _intra_channel(q, k, gc):
 # --- the two forms -----------------------------------------------------------------
 
 
-def _scan(q, k, v, t_beta, a_qk, k_write, decay, state, eg=None, f=None):
+def _scan(q, k, v, t_beta, a_qk, k_write, decay, state, q_row=None, k_row=None, w_row=None):
     """The loop over chunks: the only sequential part, a few bmm over heads per chunk.
 
     q, k (BH, nc, C, Dk) read the state; v (BH, nc, C, Dv); t_beta (BH, nc, C, C) =
@@ -196,21 +204,22 @@ def _scan(q, k, v, t_beta, a_qk, k_write, decay, state, eg=None, f=None):
     the keys writing the state; decay (BH, nc, 1|Dk, 1) the decay of a whole chunk;
     state (BH, Dk, Dv). A per-channel decay is already in q, k (times exp(gamma), the
     decay from the chunk start) and k_write (times exp(gamma_last - gamma)); a per-head
-    decay comes as row factors eg = exp(gamma) and f = exp(gamma_last - gamma)
-    (BH, nc, C, 1), applied to the small per-chunk products instead (in cache).
+    decay and the l2norm come as row factors (BH, nc, C, 1) of the small per-chunk
+    products instead (in cache): q_row on q S, k_row on k S, w_row on the writes.
     Per chunk: v_new = T diag(beta) (v - k S), out = q S + a_qk v_new,
     S <- decay * S + k_write^T v_new. Returns out (BH, nc, C, Dv) and the final state.
     Chunk slices are strided views that bmm reads in place; in-place updates act only on
-    fresh products whose old values autograd does not need.
+    fresh products (autograd saves what it needs).
     """
     out = v.new_empty(v.shape)
     for i in range(v.shape[1]):
         q_s, k_s = torch.bmm(q[:, i], state), torch.bmm(k[:, i], state)
-        if eg is not None:
-            q_s, k_s = q_s * eg[:, i], k_s * eg[:, i]
+        if q_row is not None:
+            q_s = q_s.mul_(q_row[:, i])
+        k_s = k_s if k_row is None else k_s.mul_(k_row[:, i])
         v_new = torch.bmm(t_beta[:, i], v[:, i] - k_s)
         out[:, i] = q_s.baddbmm_(a_qk[:, i], v_new)
-        write = v_new if f is None else v_new * f[:, i]
+        write = v_new if w_row is None else v_new * w_row[:, i]
         state = (state * decay[:, i]).baddbmm_(k_write[:, i].transpose(-1, -2), write)
     return out, state
 
@@ -222,24 +231,32 @@ def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
         raise ValueError(f"chunk_size must be a positive integer, a power of two for kda; got {chunk_size}")
     in_dtype = v.dtype
     b, hv, n, dv = v.shape
-    q, k, v, g, beta, state = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+    q, k, v, g, beta, state, rq, rk = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+    if per_channel:  # the per-channel decays scale q and k anyway: normalise them now
+        q, k, rq, rk = q * rq, (k if rk is None else k * rk), None, None
     dk = q.shape[-1]
     c = chunk_size
     pad = (-n) % c
     nc = (n + pad) // c
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # (B, Hv, N, d) -> (B*Hv, nc, C, d)
+    def chunks(x: torch.Tensor | None) -> torch.Tensor | None:  # (B, Hv, N, d) -> (B*Hv, nc, C, d)
+        if x is None:
+            return None
         x = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
         return x.reshape(b * hv, nc, c, x.shape[-1])
 
     # padded tokens: k = 0 and beta = 0 (no write), g = 0 (no decay): the state is unchanged
-    q, k, v = chunks(q), chunks(k), chunks(v)
+    q, k, v, rq, rk = (chunks(x) for x in (q, k, v, rq, rk))
     beta = chunks(beta.unsqueeze(-1))  # (BH, nc, C, 1)
     # cumulative log-decay in float64: differences of large sums keep their precision
     gc = chunks(g if per_channel else g.unsqueeze(-1)).cumsum(dim=2, dtype=torch.float64)  # (BH, nc, C, 1|Dk)
-    a_qk, a_kk = _intra_channel(q, k, gc) if per_channel else _intra_scalar(q, k, gc[..., 0])
-    # beta scales the rows of V and K: folded into T's columns (C x C, cheaper)
-    t_beta = _unit_lower_inverse(a_kk * beta) * beta.transpose(-1, -2)
+    if per_channel:
+        a_qk, a_kk = _intra_channel(q, k, gc)
+        a_kk = a_kk.mul_(beta)
+    else:
+        a_qk, a_kk = _intra_scalar(q, k, gc[..., 0], rq, rk, beta)
+    # beta scales the rows of V: folded into T's columns (C x C, cheaper)
+    t_beta = _unit_lower_inverse(a_kk) * beta.transpose(-1, -2)
     eg = gc.to(q.dtype).exp()  # decay from the chunk start
     last = gc[:, :, -1:, :]
     f = (last - gc).to(q.dtype).exp()  # decay to the chunk end
@@ -248,7 +265,8 @@ def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
     if per_channel:
         out, state = _scan(q * eg, k * eg, v, t_beta, a_qk, k * f, decay, s0)
     else:
-        out, state = _scan(q, k, v, t_beta, a_qk, k, decay, s0, eg=eg, f=f)
+        k_row, w_row = (eg, f) if rk is None else (eg * rk, f * rk)
+        out, state = _scan(q, k, v, t_beta, a_qk, k, decay, s0, q_row=eg * rq, k_row=k_row, w_row=w_row)
     out = out.reshape(b, hv, nc * c, dv)[:, :, :n]
     return out.to(in_dtype), state.reshape(b, hv, dk, dv)
 
@@ -256,7 +274,8 @@ def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
 def _recurrent(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
     """Per-token delta rule (decode); g (B, Hv, N) per head or (B, Hv, N, Dk) per channel."""
     in_dtype = v.dtype
-    q, k, v, g, beta, state = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+    q, k, v, g, beta, state, rq, rk = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+    q, k = q * rq, (k if rk is None else k * rk)
     alpha = g.exp()
     alpha = alpha.unsqueeze(-1) if g.dim() == 4 else alpha[..., None, None]  # (B, Hv, N, 1|Dk, 1)
     outs = []
