@@ -85,13 +85,17 @@ def test_low_precision_inputs_keep_a_float32_state():
     assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
 
 
-def test_extreme_decays_stay_finite():
-    """Per-step log-decays down to -200: a chunk-start factorisation would overflow."""
-    q, k, v, _, beta, s0 = make_inputs("kda", 64, True)
-    g = -torch.rand(B, HV, 64, DK) * 200
+@pytest.mark.parametrize("kind", ["gated_delta", "kda"])
+def test_extreme_decays_stay_finite_and_precise(kind):
+    """Log-decays down to -200 per step, then none: a chunk-start factorisation would
+    overflow, and float32 differences of the large cumulative sums would lose precision."""
+    q, k, v, _, beta, s0 = make_inputs(kind, 64, True)
+    shape = (B, HV, 64, DK) if kind == "kda" else (B, HV, 64)
+    g = -torch.rand(*shape) * 200
+    g[:, :, 5:13] *= 1e-4  # then weak decays: small differences of large sums
     ref_out, ref_state = reference_delta_rule(q, k, v, g, beta, s0, use_qk_l2norm=True)
-    for fn in (dr.kda_chunk, dr.kda_recurrent):
-        out, state = fn(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True)
+    for form in ("chunk", "recurrent"):
+        out, state = run(kind, form, q, k, v, g, beta, s0, True, 16)
         assert torch.isfinite(out).all()
         assert_close_rel(out, ref_out, 1e-5)
         assert_close_rel(state, ref_state, 1e-5)

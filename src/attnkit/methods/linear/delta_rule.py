@@ -150,6 +150,21 @@ def _unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
 # --- intra-chunk scores ------------------------------------------------------------
 
 
+def _outer_diff(row: torch.Tensor, col: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., C) x2 float64 -> (..., C, C) row_i - col_j in ``dtype``, to float64 accuracy.
+
+    Each float64 value is split into hi + lo in ``dtype``: hi_i - hi_j is exact when the
+    two are close (Sterbenz) and the lo terms carry the rest; half the cost of a float64
+    outer difference followed by a cast.
+    """
+    if dtype == torch.float64:
+        return row.unsqueeze(-1) - col.unsqueeze(-2)
+    row_hi, col_hi = row.to(dtype), col.to(dtype)
+    row_lo, col_lo = (row - row_hi.double()).to(dtype), (col - col_hi.double()).to(dtype)
+    diff = row_hi.unsqueeze(-1) - col_hi.unsqueeze(-2)
+    return diff.add_(row_lo.unsqueeze(-1)).sub_(col_lo.unsqueeze(-2))
+
+
 def _intra_scalar(q, k, gc, rq, rk, beta):
     """Per-head decay. q, k (..., C, Dk) unnormalised, gc (..., C) cumulative log-decay
     (float64), rq, rk, beta (..., C, 1) row factors of q, k and the write strength.
@@ -161,7 +176,7 @@ def _intra_scalar(q, k, gc, rq, rk, beta):
     c = gc.shape[-1]
     upper = torch.ones(c, c, dtype=torch.bool, device=gc.device).triu(1)
     col = gc if rk is None else gc - rk[..., 0].log()
-    decay = (gc.unsqueeze(-1) - col.unsqueeze(-2)).to(q.dtype).masked_fill_(upper, float("-inf")).exp_()
+    decay = _outer_diff(gc, col, q.dtype).masked_fill_(upper, float("-inf")).exp_()
     kt = k.transpose(-1, -2)
     a_kk = torch.matmul(k, kt).mul_(decay).mul_(beta if rk is None else beta * rk)
     return torch.matmul(q, kt).mul_(decay).mul_(rq), a_kk
@@ -239,14 +254,17 @@ def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
     pad = (-n) % c
     nc = (n + pad) // c
 
-    def chunks(x: torch.Tensor | None) -> torch.Tensor | None:  # (B, Hv, N, d) -> (B*Hv, nc, C, d)
+    def chunks(x: torch.Tensor | None, value: float = 0.0) -> torch.Tensor | None:
+        """(B, Hv, N, d) -> (B*Hv, nc, C, d), padded with ``value``."""
         if x is None:
             return None
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad), value=value) if pad else x
         return x.reshape(b * hv, nc, c, x.shape[-1])
 
-    # padded tokens: k = 0 and beta = 0 (no write), g = 0 (no decay): the state is unchanged
-    q, k, v, rq, rk = (chunks(x) for x in (q, k, v, rq, rk))
+    # padded tokens: k = 0 and beta = 0 (no write), g = 0 (no decay): the state is unchanged;
+    # row factors padded with 1 (their logs are taken)
+    q, k, v = chunks(q), chunks(k), chunks(v)
+    rq, rk = chunks(rq, 1.0), chunks(rk, 1.0)
     beta = chunks(beta.unsqueeze(-1))  # (BH, nc, C, 1)
     # cumulative log-decay in float64: differences of large sums keep their precision
     gc = chunks(g if per_channel else g.unsqueeze(-1)).cumsum(dim=2, dtype=torch.float64)  # (BH, nc, C, 1|Dk)
