@@ -40,10 +40,17 @@ loop (rather than precomputing T V and T K batched, as transformers does) costs 
 more flops but no full-size temporaries, which dominate on CPU. Memory: O(N D + N C)
 plus one state per head; no chunk's state is kept. Gradients: autograd through these ops.
 
+For a per-head decay, exp(gamma) and the l2norm / scale of q and k are never applied
+to q and k themselves (full-size passes): they are row factors of the small per-chunk
+products in the loop and of the (C, C) intra-chunk scores (the key norm as a term of
+their exponent).
+
 Numerics: decays are only ever exponentiated as exp(x) with x <= 0 (relative
-differences inside a chunk), so nothing overflows whatever the decay; the cumulative
-sums are taken in float64 so that differences of large sums keep their precision. A
-per-head decay is applied as row factors on the small per-chunk products. For the
+differences inside a chunk; plus log of the key's l2norm factor, <= log 1000), so
+nothing overflows whatever the decay; the cumulative sums are taken in float64 and
+their pairwise differences formed from a hi/lo float32 split, so that small differences
+of large sums keep their precision (a float32 cumsum, as in transformers, loses it when
+strong decays precede weak ones). For the
 per-channel decay of KDA, the pairwise decays are never materialised as a (C, C, Dk)
 tensor (as transformers does): the intra-chunk scores are assembled by halving — at
 each level a block's lower-left quarter is one matmul of q or k scaled by
