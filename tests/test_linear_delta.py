@@ -176,8 +176,9 @@ def test_kda_equals_transformers_kimi_linear(form, with_state, l2norm):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
-def test_gradcheck_float64(kind, form):
-    q, k, v, g, beta, s0 = make_inputs(kind, 11, True, dtype=torch.float64, hk=1, hv=2, dk=3, dv=2)
+@pytest.mark.parametrize("l2norm", [False, True], ids=["raw", "l2norm"])
+def test_gradcheck_float64(kind, form, l2norm):
+    q, k, v, g, beta, s0 = make_inputs(kind, 11, l2norm, dtype=torch.float64, hk=1, hv=2, dk=3, dv=2)
     q, k, v, beta, s0 = (x[:1] for x in (q, k, v, beta, s0))
     g = None if g is None else g[:1]
     inputs = [x.clone().requires_grad_() for x in (q, k, v, beta, s0)]
@@ -185,7 +186,7 @@ def test_gradcheck_float64(kind, form):
         inputs.append(g.clone().requires_grad_())
 
     def fn(q, k, v, beta, s0, g=None):
-        out, state = run(kind, form, q, k, v, g, beta, s0, True, 4)
+        out, state = run(kind, form, q, k, v, g, beta, s0, l2norm, 4)
         return out, state
 
     assert torch.autograd.gradcheck(fn, inputs, atol=1e-6, rtol=1e-5)
