@@ -78,7 +78,9 @@ def reference_delta_rule(
     scale: float | None = None,
     use_qk_l2norm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gated delta rule in float64: S_t = (I - b_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + b_t k_t v_t^T, o_t = S_t^T q_t.
+    """The gated delta rule in float64, one token at a time:
+
+        S_t = (I - b_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + b_t k_t v_t^T,   o_t = S_t^T q_t.
 
     q, k: (B, Hk, N, Dk); v: (B, Hv, N, Dv), Hv % Hk == 0 (value head h reads key head
     h // (Hv / Hk)); g: None (DeltaNet), (B, Hv, N) (Gated DeltaNet) or (B, Hv, N, Dk)
