@@ -136,3 +136,57 @@ def linear_recurrence(
             row.append(o)
         rows.append(torch.stack(row, dim=1))
     return torch.stack(rows, dim=2), S, z
+
+
+# === Delta-rule family: per-token recurrences =========================================
+# The definition of delta / gated_delta / kda (attnkit.methods.linear.delta_rule), one
+# token at a time in float64, written as the matrix recurrence of the papers.
+
+
+def reference_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule in float64, one token at a time:
+
+        S_t = (I - b_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + b_t k_t v_t^T,   o_t = S_t^T q_t.
+
+    q, k: (B, Hk, N, Dk); v: (B, Hv, N, Dv), Hv % Hk == 0 (value head h reads key head
+    h // (Hv / Hk)); g: None (DeltaNet), (B, Hv, N) (Gated DeltaNet) or (B, Hv, N, Dk)
+    (KDA), log-space; beta: (B, Hv, N); initial_state: (B, Hv, Dk, Dv). q and k are first
+    L2-normalised when ``use_qk_l2norm`` (x * rsqrt(sum x^2 + 1e-6)), q then scaled by
+    ``scale`` (default Dk^-0.5). Returns out (B, Hv, N, Dv) and the final state
+    (B, Hv, Dk, Dv), both float64.
+    """
+    q64, k64, v64, b64 = q.double(), k.double(), v.double(), beta.double()
+    bsz, hk, n, dk = q.shape
+    hv, dv = v.shape[1], v.shape[3]
+    if use_qk_l2norm:
+        q64 = q64 * torch.rsqrt((q64 * q64).sum(-1, keepdim=True) + 1e-6)
+        k64 = k64 * torch.rsqrt((k64 * k64).sum(-1, keepdim=True) + 1e-6)
+    q64 = q64 * (dk**-0.5 if scale is None else scale)
+    q64, k64 = q64.repeat_interleave(hv // hk, dim=1), k64.repeat_interleave(hv // hk, dim=1)
+    if g is None:
+        alpha = torch.ones(bsz, hv, n, dk, dtype=torch.float64, device=q.device)
+    elif g.dim() == 3:
+        alpha = g.double().exp().unsqueeze(-1).expand(bsz, hv, n, dk)
+    else:
+        alpha = g.double().exp()
+    state = torch.zeros(bsz, hv, dk, dv, dtype=torch.float64, device=q.device)
+    if initial_state is not None:
+        state = initial_state.double()
+    eye = torch.eye(dk, dtype=torch.float64, device=q.device)
+    out = []
+    for t in range(n):
+        kt, bt = k64[:, :, t], b64[:, :, t, None, None]
+        erase = eye - bt * torch.einsum("bhi,bhj->bhij", kt, kt)
+        write = bt * torch.einsum("bhi,bhj->bhij", kt, v64[:, :, t])
+        state = erase @ (alpha[:, :, t].unsqueeze(-1) * state) + write
+        out.append(torch.einsum("bhij,bhi->bhj", state, q64[:, :, t]))
+    return torch.stack(out, dim=2), state
