@@ -14,16 +14,20 @@ of a fresh Gaussian Dk-vector (so the row norms are chi-distributed like Gaussia
 Drawn once per (m, Dk, seed) by ``projection`` (a function the tests call), shared by all
 heads; ``seed`` redraws it (the paper's periodic redraw is a new seed).
 
-Numerical stability, as the paper's code subtracts a max before exp: a query's
-log-features minus their max over the m features (a per-query factor: cancels in the
-normalised output); the keys' minus the largest key log-feature over the call's keys and
-features per (batch, head) — and, across calls, the running max carried in the state
-(``PerformerState.offset``), the old S, z rescaled by exp(old - new) <= 1, so a sequence
-split in two equals one shot. Deviations: the reference code adds a small constant
-(1e-6 / 1e-4) to every feature and, causal, uses one max over the whole sequence; here
-no constant is added (the features are exp(.) > 0) and the denominator gets only a floor
-(the dtype's smallest normal number), which keeps the output invariant to the shifts.
-A row whose every key log-feature lies ~87 (float32) below the max underflows to 0.
+Numerical stability, as the paper's code subtracts a max before exp (its queries: the
+max over the m features; its keys: one max over every key and feature): a query's
+log-features minus their max over the m features (a per-query factor that cancels in
+the normalised output). Non-causal, the keys' minus their max over the call's keys and
+features (and the state's offset). Causal, key t minus c_t, the running max of the key
+log-features up to t (the largest one query t can see): the state is kept at scale
+exp(-c_t) by the shared kernel's per-head log-decay g_t = c_{t-1} - c_t <= 0, so every
+form rescales exactly, and an early query is not underflowed by a later large key (as a
+whole-sequence max would do). The state carries the offset (``PerformerState.offset``),
+so a sequence split in two equals one shot. Deviations: the code adds a small constant
+(1e-6 / 1e-4) to every feature; here none is added (exp(.) > 0) and the denominator gets
+only a floor (the dtype's smallest normal number), which keeps the output invariant to
+the shifts. A query whose own features on the visible keys' directions lie ~87 below its
+max (float32) still underflows: q . k / sqrt(D) in the hundreds.
 ``scale`` defaults to 1/sqrt(Dk), the softmax scale the features approximate. Causal via
 the shared chunked kernel (no decay), non-causal too.
 State: ``PerformerState`` (S (B, Hkv, m, Dv), z (B, Hkv, m), offset (B, Hkv)).
@@ -108,13 +112,29 @@ class Performer(LinearMethod):
         lk = log_features(k.to(dtype), w, scale)
         norm = c.features ** -0.5
         fq = (lq - lq.amax(-1, keepdim=True).detach()).exp() * norm
-        offset = lk.detach().amax(dim=(-1, -2))  # (B, H)
         state = inputs.get("initial_state")
+        if causal:
+            return self._causal(form, fq, lk, v.to(dtype), state, norm)
+        offset = lk.detach().amax(dim=(-1, -2))  # (B, H): one shift for every key (all are visible)
         s0 = z0 = None
         if state is not None:
             offset = torch.maximum(offset, state.offset)
             shrink = (state.offset - offset).exp()
             s0, z0 = state.S * shrink[..., None, None], state.z * shrink[..., None]
         fk = (lk - offset[..., None, None]).exp() * norm
-        out, s, z = run_normalized(form, fq, fk, v.to(dtype), s0, z0, causal, c.chunk_size, torch.finfo(dtype).tiny)
+        out, s, z = run_normalized(form, fq, fk, v.to(dtype), s0, z0, False, c.chunk_size, torch.finfo(fq.dtype).tiny)
         return out, PerformerState(S=s, z=z, offset=offset)
+
+    def _causal(self, form, fq, lk, v, state, norm):
+        """Key t shifted by c_t, the running max of the key log-features up to t (the keys
+        query t sees); the state kept at scale exp(-c_t) by the per-head log-decay
+        g_t = c_{t-1} - c_t <= 0 of the shared kernel, so every form rescales exactly."""
+        kmax = lk.detach().amax(-1)  # (B, H, N)
+        first = kmax[..., :1] if state is None else state.offset.detach().unsqueeze(-1)
+        c = torch.cat([first, kmax], dim=-1).cummax(dim=-1).values  # c_0 = the state's offset
+        g = c[..., :-1] - c[..., 1:]
+        fk = (lk - c[..., 1:, None]).exp() * norm
+        s0, z0 = (None, None) if state is None else (state.S, state.z)
+        out, s, z = run_normalized(form, fq, fk, v, s0, z0, True, self.config.chunk_size, torch.finfo(fq.dtype).tiny,
+                                   g=g)
+        return out, PerformerState(S=s, z=z, offset=c[..., -1])
