@@ -11,10 +11,12 @@ scaling of the paper's code ``TaylorExp``); 1 + Dk + Dk^2 features.
 o_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps), eps = 1e-12 as in the paper's code.
 
 The paper's architecture is a hybrid of *layers*: Taylor linear-attention layers,
-sliding-window softmax layers (window 64) and gated short convolutions, mixed across
-depth (its code's ``alt_mixer`` layer lists); no single layer adds a window term to the
-linear one. So ``based`` is the Taylor linear attention, and the window layers are
-``sliding_window`` (``window=64``). Deviations: the paper's q, k projection to a small
+small sliding-window softmax layers (tens to a few hundred tokens; 64 in the paper's
+main discussion, 128 in a released config) and gated short convolutions, assigned per
+layer (its code's ``alt_mixer_layers`` / ``alt_mixer_2_layers`` lists); no single layer
+adds a window term to the linear one. So ``based`` is the Taylor linear attention, and
+the window layers are ``sliding_window`` (e.g. ``window=64``), assigned per layer by a
+plan; the state is the linear part's only (no window K/V). Deviations: the paper's q, k projection to a small
 feature dim (16) belongs to the layer: the map takes q, k as given (Dk is that feature
 dim; Dk = 64 gives 4161 features, so a model's full head dim is slow); the full
 x ⊗ x is kept (its symmetric half would give the same kernel with fewer features).
