@@ -151,8 +151,8 @@ def true_state(name, state):
 @pytest.mark.parametrize("with_state", [False, True], ids=["s0-none", "s0-given"])
 @pytest.mark.parametrize("n,chunk", [(37, 16), (130, 48)], ids=["N37-C16", "N130-C48"])
 @pytest.mark.parametrize("name,config,causal", CASES,
-                         ids=[f"{n}-{'-'.join(str(x)[:6] for x in c.values()) or 'default'}-{'causal' if ca else 'noncausal'}"
-                              for n, c, ca in CASES])
+                         ids=[f"{n}-{'-'.join(f'{key}={val}' for key, val in c.items()) or 'default'}-"
+                              f"{'causal' if ca else 'noncausal'}" for n, c, ca in CASES])
 def test_every_form_equals_the_recurrence(name, config, causal, n, chunk, with_state):
     config = resolve(config)
     if with_state and name == "cosformer" and not config.get("max_len"):
