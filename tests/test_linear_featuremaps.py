@@ -373,3 +373,24 @@ def _qkv():
 def test_bad_configs_raise_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call(*_qkv())
+
+
+def _saved(name: str, n: int, config: dict) -> tuple[int, int]:
+    """(largest, total) elements autograd saves for backward of the chunked form."""
+    q, k, v = (t.float().requires_grad_() for t in make(b=1, hq=1, h=1, n=n, dk=16, dv=16, seed=1))
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        out = ak.attention(q, k, v, method=name, causal=True, **config)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    return max(sizes), sum(sizes)
+
+
+@pytest.mark.parametrize("name,config", [("performer", {"features": 64}), ("cosformer", {})])
+def test_chunk_backward_saves_nothing_quadratic(name, config):
+    """Saved for backward: O(N F) (F the feature count), linear in N — no N x N tensor,
+    also through Performer's running-max decay."""
+    largest, total = _saved(name, 1024, config)
+    largest2, total2 = _saved(name, 2048, config)
+    assert largest2 <= 2 * 2048 * (64 + 1), f"largest saved tensor at N=2048: {largest2} elements"
+    assert total2 < 2.2 * total, f"saved {total} elements at N=1024, {total2} at N=2048: not linear in N"
