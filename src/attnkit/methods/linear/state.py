@@ -38,7 +38,8 @@ class KVState:
 class LinearState(KVState):
     """S: (B, H, Dk', Dv), sum of phi(k_t) v_t^T; z: (B, H, Dk') sum of phi(k_t), the
     normaliser (None when the method is not normalised). Dk' = the feature map's size
-    (Dk for elu1 / relu / identity). The state of ``linear``."""
+    (Dk for elu1 / relu / identity; 1 + Dk + Dk^2 for ``based``; 2M for ``hedgehog``).
+    The state of ``linear``, ``based`` and ``hedgehog``."""
 
     z: Optional[torch.Tensor] = None
 
