@@ -133,7 +133,8 @@ def oracle(name, config, q, k, v, causal, state=None, s0=None, z0=None):
         fq, fk = taylor_phi(q, dk**-0.5), taylor_phi(k, dk**-0.5)
     else:
         maps = config.get("maps") or hedgehog.identity_maps(q.shape[1], k.shape[1], dk, torch.float64)
-        fq, fk = hedgehog_phi(q, maps["wq"].double(), maps["bq"].double()), hedgehog_phi(k, maps["wk"].double(), maps["bk"].double())
+        fq = hedgehog_phi(q, maps["wq"].double(), maps["bq"].double())
+        fk = hedgehog_phi(k, maps["wk"].double(), maps["bk"].double())
     return linear_recurrence(fq, fk, v, causal=causal, scale=1.0, initial_state=s0, initial_z=z0, normalize=True,
                              eps=eps, feature_map="identity")
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ... import validate
 from ...registry import register
 from .base import LinearConfig, LinearMethod, run_normalized
 from .state import CosformerState, state_dtype

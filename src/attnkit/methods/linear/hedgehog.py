@@ -33,7 +33,6 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ... import validate
 from ...registry import register
 from .base import LinearConfig, LinearMethod, run_normalized
 from .state import LinearState, state_dtype

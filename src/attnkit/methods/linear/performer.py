@@ -36,7 +36,6 @@ State: ``PerformerState`` (S (B, Hkv, m, Dv), z (B, Hkv, m), offset (B, Hkv)).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
