@@ -101,3 +101,18 @@ class LinearMethod(Method):
 
     def compatible_backends(self, q, k, v, causal=False, scale=None, training=False, return_lse=False):
         return [] if return_lse else ["auto"]
+
+
+def run_normalized(form: str, fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, s0: Optional[torch.Tensor],
+                   z0: Optional[torch.Tensor], causal: bool, chunk_size: int, eps: float,
+                   scale: float = 1.0, g: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised feature-map attention o = scale fq S / (scale fq z + eps) in ``form``.
+
+    fq: (B, Hq, N, F), fk: (B, H, N, F) the features (compute dtype); v: (B, H, N, Dv);
+    s0: (B, H, F, Dv) or None, z0: (B, H, F) or None; g: None or a per-head log-decay
+    (B, H, N) applied to S and z alike (causal). The normaliser z rides along as one more
+    value column of ones, so every form carries it with S exactly. Returns (out, S, z)."""
+    v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
+    s0 = None if s0 is None else torch.cat([s0, z0.unsqueeze(-1)], dim=-1)
+    out, s = run_form(form, fq, fk, v, g, scale, s0, causal, chunk_size)
+    return out[..., :-1] / (out[..., -1:] + eps), s[..., :-1], s[..., -1]

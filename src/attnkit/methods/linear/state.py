@@ -38,6 +38,35 @@ class KVState:
 class LinearState(KVState):
     """S: (B, H, Dk', Dv), sum of phi(k_t) v_t^T; z: (B, H, Dk') sum of phi(k_t), the
     normaliser (None when the method is not normalised). Dk' = the feature map's size
-    (Dk for elu1 / relu / identity). The state of ``linear``."""
+    (Dk for elu1 / relu / identity; 1 + Dk + Dk^2 for ``based``; 2M for ``hedgehog``).
+    The state of ``linear``, ``based`` and ``hedgehog``."""
 
     z: Optional[torch.Tensor] = None
+
+
+@dataclass
+class PerformerState(LinearState):
+    """``performer``: S (B, H, m, Dv) and z (B, H, m) in the random-feature space, stored
+    at the scale exp(-offset) of the key features; offset: (B, H) the largest key
+    log-feature seen so far (the stabiliser: S_true = exp(offset) S)."""
+
+    offset: Optional[torch.Tensor] = None
+
+
+@dataclass
+class CosformerState:
+    """``cosformer``: two feature-space states, one per term of
+    cos(a_i - a_j) = cos a_i cos a_j + sin a_i sin a_j (a_i = pi/2 i / M):
+    S_cos, S_sin: (B, H, Dk, Dv) sums of relu(k_j) cos a_j v_j^T and relu(k_j) sin a_j v_j^T;
+    z_cos, z_sin: (B, H, Dk) their normalisers; seen: the number of tokens seen (the next
+    token's position is seen + 1)."""
+
+    S_cos: torch.Tensor
+    S_sin: torch.Tensor
+    z_cos: torch.Tensor
+    z_sin: torch.Tensor
+    seen: int = 0
+
+    def detach(self) -> "CosformerState":
+        return CosformerState(self.S_cos.detach(), self.S_sin.detach(), self.z_cos.detach(), self.z_sin.detach(),
+                              self.seen)
