@@ -1,0 +1,152 @@
+"""attnkit's delta-rule kernels inside transformers' hybrid models (linear + softmax layers).
+
+transformers runs the linear-attention layers of its hybrid models with pure-PyTorch
+fallbacks when fla / Triton is absent (always on the CPU): module-level functions of the
+modeling file that the layer's ``forward`` calls by name, not through an extension point.
+``attnkit.patch`` swaps those names for adapters that call attnkit's kernels
+(``methods/linear/delta_rule.py``) with the same arguments and results — layout
+(B, N, H, D) in and out, ``use_qk_l2norm_in_kernel``, ``chunk_size``, the initial state
+and the final state that transformers' cache keeps — and puts the originals back on exit.
+
+The swap is per model although the names are per modeling file: a patched layer's
+``forward`` is wrapped to mark itself active (a ContextVar), and the adapter runs
+attnkit only inside an active layer; any other call (an unpatched model of the same
+architecture) goes to transformers' original. The names are swapped while at least one
+model of the architecture is patched (a count), so nested and overlapping patches restore
+correctly.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from .methods.linear import delta_rule
+
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("attnkit_hybrid_active", default=False)
+
+
+@dataclass(frozen=True)
+class HybridLayer:
+    """One linear-attention layer class of a transformers model and the functions it calls.
+
+    module: the modeling file; layer: the layer class name; method: the attnkit method it
+    runs; chunk / recurrent: the names of transformers' functions -> the names of attnkit's
+    kernels in ``methods/linear/delta_rule.py`` (looked up at each call)."""
+
+    module: str
+    layer: str
+    method: str
+    chunk: tuple[str, str]
+    recurrent: tuple[str, str]
+
+
+HYBRID_LAYERS = (
+    HybridLayer("transformers.models.qwen3_next.modeling_qwen3_next", "Qwen3NextGatedDeltaNet", "gated_delta",
+                ("torch_chunk_gated_delta_rule", "gated_delta_rule_chunk"),
+                ("torch_recurrent_gated_delta_rule", "gated_delta_rule_recurrent")),
+)
+
+_count: dict[str, int] = {}  # modeling file -> number of patched models using it
+_originals: dict[tuple[str, str], Callable] = {}
+
+
+def _adapter(original: Callable, kernel: str, chunked: bool) -> Callable:
+    """transformers' signature -> attnkit's kernel inside an active layer, else ``original``.
+
+    query, key: (B, N, Hk, Dk); value: (B, N, Hv, Dv); g: (B, N, Hv) or (B, N, Hv, Dk);
+    beta: (B, N, Hv); initial_state: (B, Hv, Dk, Dv). Returns (out (B, N, Hv, Dv) in the
+    query's dtype, the final state float32 (B, Hv, Dk, Dv) or None)."""
+
+    @functools.wraps(original)
+    def run(query, key, value, g, beta, chunk_size: int = 64, initial_state: Optional[torch.Tensor] = None,
+            output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False, **kwargs: Any):
+        if not _ACTIVE.get() or kwargs.get("cu_seqlens") is not None:
+            # packed sequences (cu_seqlens): transformers' own path decides (it refuses them without fla)
+            call = dict(initial_state=initial_state, output_final_state=output_final_state,
+                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+            if chunked:
+                call["chunk_size"] = chunk_size
+            return original(query, key, value, g, beta, **call)
+        dtype = query.dtype
+        # transformers computes in float32 whatever the input dtype; so does this
+        q, k, v = (x.transpose(1, 2).float() for x in (query, key, value))
+        g, beta = g.transpose(1, 2).float(), beta.transpose(1, 2).float()
+        s0 = None if initial_state is None else initial_state.float()
+        kw = dict(initial_state=s0, use_qk_l2norm=use_qk_l2norm_in_kernel)
+        if chunked:
+            kw["chunk_size"] = chunk_size
+        out, state = getattr(delta_rule, kernel)(q, k, v, g, beta, **kw)
+        out = out.transpose(1, 2).to(dtype).contiguous()
+        return out, (state if output_final_state else None)
+
+    run.attnkit_adapter = True
+    return run
+
+
+def _wrap_forward(module: torch.nn.Module) -> Callable:
+    """The layer's forward, marking attnkit active while it runs."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def active_forward(*args: Any, **kwargs: Any):
+        token = _ACTIVE.set(True)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+    return active_forward
+
+
+def hybrid_layers(model: torch.nn.Module) -> dict[torch.nn.Module, HybridLayer]:
+    """The model's linear-attention layers that attnkit runs: {module: its HybridLayer}."""
+    found = {}
+    for module in model.modules():
+        for spec in HYBRID_LAYERS:
+            if type(module).__name__ == spec.layer and type(module).__module__ == spec.module:
+                found[module] = spec
+    return found
+
+
+def install(model: torch.nn.Module, set_attr: Callable[[Any, str, Any], None]) -> Callable[[], None]:
+    """Route the model's linear-attention layers to attnkit; ``set_attr(obj, name, value)``
+    records per-module changes (undone by the caller). Returns the undo of the swapped
+    module-level names (call it once, after the caller's undo)."""
+    layers = hybrid_layers(model)
+    files = sorted({spec.module for spec in layers.values()})
+    for module in layers:
+        set_attr(module, "forward", _wrap_forward(module))
+    for name in files:
+        if _count.get(name, 0) == 0:
+            modeling = importlib.import_module(name)
+            for spec in HYBRID_LAYERS:
+                if spec.module != name:
+                    continue
+                for (fn_name, kernel), chunked in ((spec.chunk, True), (spec.recurrent, False)):
+                    original = getattr(modeling, fn_name)
+                    _originals[(name, fn_name)] = original
+                    setattr(modeling, fn_name, _adapter(original, kernel, chunked))
+        _count[name] = _count.get(name, 0) + 1
+
+    def undo() -> None:
+        for name in files:
+            _count[name] -= 1
+            if _count[name] == 0:
+                modeling = importlib.import_module(name)
+                for (file, fn_name), original in list(_originals.items()):
+                    if file == name:
+                        setattr(modeling, fn_name, original)
+                        del _originals[(file, fn_name)]
+
+    return undo
+
+
+def describe(spec: HybridLayer) -> str:
+    """What a linear-attention layer runs, in words."""
+    return f"{spec.method} (attnkit delta-rule kernels for transformers' {spec.chunk[0]} / {spec.recurrent[0]})"
