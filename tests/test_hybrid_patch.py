@@ -13,6 +13,7 @@ from attnkit.methods.linear import delta_rule
 
 transformers = pytest.importorskip("transformers")
 mq = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+mk = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
 
 
 def tiny_qwen3_next(seed: int = 0):
@@ -27,12 +28,38 @@ def tiny_qwen3_next(seed: int = 0):
     return transformers.Qwen3NextForCausalLM(config).eval()
 
 
+def tiny_kimi_linear(seed: int = 0):
+    """4 layers (KDA, MLA, KDA, MLA), a small MoE."""
+    config = transformers.KimiLinearConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, num_experts=4, num_experts_per_token=2, linear_head_dim=16,
+        linear_num_heads=4, layer_types=["linear_attention", "full_attention"] * 2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)
+    torch.manual_seed(seed)
+    return transformers.KimiLinearForCausalLM(config).eval()
+
+
+# architecture -> (tiny model, modeling file, (chunk, recurrent) function names, attnkit kernel prefix, method)
+ARCHS = {
+    "qwen3_next": (tiny_qwen3_next, mq, ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"),
+                   "gated_delta_rule", "gated_delta"),
+    "kimi_linear": (tiny_kimi_linear, mk, ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention"),
+                    "kda", "kda"),
+}
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request):
+    return ARCHS[request.param]
+
+
 @pytest.fixture
-def counted(monkeypatch):
-    """Calls of attnkit's gated delta kernels, by form."""
+def counted(monkeypatch, arch):
+    """Calls of attnkit's kernels for the architecture, by form."""
     calls = {"chunk": 0, "recurrent": 0}
     for form in calls:
-        name = f"gated_delta_rule_{form}"
+        name = f"{arch[3]}_{form}"
         original = getattr(delta_rule, name)
 
         def spy(*args, _form=form, _original=original, **kwargs):
@@ -44,25 +71,26 @@ def counted(monkeypatch):
 
 
 @torch.no_grad()
-def test_logits_equal_and_unpatch_restores(counted):
-    model = tiny_qwen3_next()
-    originals = (mq.torch_chunk_gated_delta_rule, mq.torch_recurrent_gated_delta_rule)
-    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(1))  # > 2 chunks of 64
+def test_logits_equal_and_unpatch_restores(arch, counted):
+    build, modeling, names, _, method = arch
+    model = build()
+    originals = tuple(getattr(modeling, name) for name in names)
+    ids = torch.randint(3, 128, (1, 150), generator=torch.Generator().manual_seed(1))  # > 2 chunks of 64
     ref = model(ids).logits
     with ak.patch(model):
         out = model(ids).logits
-        assert "gated_delta" in model.attnkit_assignment[0] and model.attnkit_assignment[1] == "exact"
+        assert model.attnkit_assignment[0].startswith(method) and model.attnkit_assignment[1] == "exact"
     assert counted["chunk"] == 2  # both linear layers, prefill
     assert (out - ref).abs().max() < 1e-4
-    assert (mq.torch_chunk_gated_delta_rule, mq.torch_recurrent_gated_delta_rule) == originals
-    assert "forward" not in vars(model.model.layers[0].linear_attn)
+    assert tuple(getattr(modeling, name) for name in names) == originals
+    assert all("forward" not in vars(module) for module in model.modules())
     assert not hasattr(model, "attnkit_assignment")
 
 
 @torch.no_grad()
-def test_greedy_generate_same_tokens(counted):
-    model = tiny_qwen3_next()
-    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(2))
+def test_greedy_generate_same_tokens(arch, counted):
+    model = arch[0]()
+    ids = torch.randint(3, 128, (1, 70), generator=torch.Generator().manual_seed(2))
     ref = model.generate(ids, max_new_tokens=12, do_sample=False)
     with ak.patch(model):
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
@@ -71,10 +99,10 @@ def test_greedy_generate_same_tokens(counted):
 
 
 @torch.no_grad()
-def test_left_padded_batch(counted):
-    model = tiny_qwen3_next()
+def test_left_padded_batch(arch, counted):
+    model = arch[0]()
     gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 128, (2, 40), generator=gen)
+    ids = torch.randint(3, 128, (2, 40), generator=gen)
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :13] = 0  # row 1 left-padded
     ids[1, :13] = 0
@@ -89,29 +117,31 @@ def test_left_padded_batch(counted):
 
 
 @torch.no_grad()
-def test_only_the_patched_model_uses_attnkit(counted):
+def test_only_the_patched_model_uses_attnkit(arch, counted):
     """The swapped functions run attnkit only inside a patched model's layers."""
-    patched, other = tiny_qwen3_next(), tiny_qwen3_next(seed=1)
-    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(4))
+    build, modeling, names = arch[:3]
+    patched, other = build(), build(seed=1)
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(4))
     with ak.patch(patched):
         other(ids)
         assert counted["chunk"] == 0
         with ak.patch(other):  # nested: the inner exit leaves the outer patch working
             other(ids)
-        assert counted["chunk"] == 2 and mq.torch_chunk_gated_delta_rule.attnkit_adapter
+        assert counted["chunk"] == 2 and getattr(modeling, names[0]).attnkit_adapter
         patched(ids)
         assert counted["chunk"] == 4
-    assert not hasattr(mq.torch_chunk_gated_delta_rule, "attnkit_adapter")
+    assert not hasattr(getattr(modeling, names[0]), "attnkit_adapter")
 
 
 @torch.no_grad()
-def test_apply_and_unpatch_with_a_prefill_method(counted):
-    model = tiny_qwen3_next()
-    ids = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(5))
+def test_apply_and_unpatch_with_a_prefill_method(arch, counted):
+    build, modeling, names = arch[:3]
+    model = build()
+    ids = torch.randint(3, 128, (1, 50), generator=torch.Generator().manual_seed(5))
     ref = model(ids).logits
     ak.apply(model, "full")
     ak.apply(model, ("streaming", {"sink": 4, "window": 1024}))  # again: replaces the plan (exact at N=50)
     out = model(ids).logits
     ak.unpatch(model)
     assert (out - ref).abs().max() < 1e-4 and counted["chunk"] == 2
-    assert not hasattr(mq.torch_chunk_gated_delta_rule, "attnkit_adapter")
+    assert not hasattr(getattr(modeling, names[0]), "attnkit_adapter")

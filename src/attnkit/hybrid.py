@@ -50,6 +50,9 @@ HYBRID_LAYERS = (
     HybridLayer("transformers.models.qwen3_next.modeling_qwen3_next", "Qwen3NextGatedDeltaNet", "gated_delta",
                 ("torch_chunk_gated_delta_rule", "gated_delta_rule_chunk"),
                 ("torch_recurrent_gated_delta_rule", "gated_delta_rule_recurrent")),
+    HybridLayer("transformers.models.kimi_linear.modeling_kimi_linear", "KimiLinearDeltaAttention", "kda",
+                ("chunk_kimi_delta_attention", "kda_chunk"),
+                ("recurrent_kimi_delta_attention", "kda_recurrent")),
 )
 
 _count: dict[str, int] = {}  # modeling file -> number of patched models using it
