@@ -14,6 +14,7 @@ from attnkit.methods.linear import delta_rule
 transformers = pytest.importorskip("transformers")
 mq = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
 mk = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+mm = pytest.importorskip("transformers.models.minimax.modeling_minimax")
 
 
 def tiny_qwen3_next(seed: int = 0):
@@ -40,12 +41,24 @@ def tiny_kimi_linear(seed: int = 0):
     return transformers.KimiLinearForCausalLM(config).eval()
 
 
-# architecture -> (tiny model, modeling file, (chunk, recurrent) function names, attnkit kernel prefix, method)
+def tiny_minimax(seed: int = 0):
+    """4 layers (lightning, softmax, lightning, softmax), block_size 16, a small MoE."""
+    config = transformers.MiniMaxConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, block_size=16,
+        layer_types=["linear_attention", "full_attention"] * 2, pad_token_id=0)
+    torch.manual_seed(seed)
+    return transformers.MiniMaxForCausalLM(config).eval()
+
+
+# architecture -> (tiny model, modeling file, swapped (chunk, recurrent) function names or None when the
+# layer's forward is replaced, attnkit kernel prefix or None for the lightning method, method)
 ARCHS = {
     "qwen3_next": (tiny_qwen3_next, mq, ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"),
                    "gated_delta_rule", "gated_delta"),
     "kimi_linear": (tiny_kimi_linear, mk, ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention"),
                     "kda", "kda"),
+    "minimax": (tiny_minimax, mm, None, None, "lightning"),
 }
 
 
@@ -58,6 +71,17 @@ def arch(request):
 def counted(monkeypatch, arch):
     """Calls of attnkit's kernels for the architecture, by form."""
     calls = {"chunk": 0, "recurrent": 0}
+    if arch[3] is None:  # the lightning method: its run(q, k, v, causal, scale, form, inputs)
+        from attnkit.methods.linear.lightning import Lightning
+
+        original_run = Lightning.run
+
+        def run(self, q, k, v, causal, scale, form, inputs):
+            calls[form] += 1
+            return original_run(self, q, k, v, causal, scale, form, inputs)
+
+        monkeypatch.setattr(Lightning, "run", run)
+        return calls
     for form in calls:
         name = f"{arch[3]}_{form}"
         original = getattr(delta_rule, name)
@@ -70,11 +94,16 @@ def counted(monkeypatch, arch):
     return calls
 
 
+def swapped(modeling, names) -> tuple:
+    """The module-level functions attnkit swaps (empty when it replaces the layer's forward)."""
+    return tuple(getattr(modeling, name) for name in names or ())
+
+
 @torch.no_grad()
 def test_logits_equal_and_unpatch_restores(arch, counted):
     build, modeling, names, _, method = arch
     model = build()
-    originals = tuple(getattr(modeling, name) for name in names)
+    originals = swapped(modeling, names)
     ids = torch.randint(3, 128, (1, 150), generator=torch.Generator().manual_seed(1))  # > 2 chunks of 64
     ref = model(ids).logits
     with ak.patch(model):
@@ -82,7 +111,7 @@ def test_logits_equal_and_unpatch_restores(arch, counted):
         assert model.attnkit_assignment[0].startswith(method) and model.attnkit_assignment[1] == "exact"
     assert counted["chunk"] == 2  # both linear layers, prefill
     assert (out - ref).abs().max() < 1e-4
-    assert tuple(getattr(modeling, name) for name in names) == originals
+    assert swapped(modeling, names) == originals
     assert all("forward" not in vars(module) for module in model.modules())
     assert not hasattr(model, "attnkit_assignment")
 
@@ -127,10 +156,10 @@ def test_only_the_patched_model_uses_attnkit(arch, counted):
         assert counted["chunk"] == 0
         with ak.patch(other):  # nested: the inner exit leaves the outer patch working
             other(ids)
-        assert counted["chunk"] == 2 and getattr(modeling, names[0]).attnkit_adapter
+        assert counted["chunk"] == 2 and all(f.attnkit_adapter for f in swapped(modeling, names))
         patched(ids)
         assert counted["chunk"] == 4
-    assert not hasattr(getattr(modeling, names[0]), "attnkit_adapter")
+    assert not any(hasattr(f, "attnkit_adapter") for f in swapped(modeling, names))
 
 
 @torch.no_grad()
@@ -144,4 +173,5 @@ def test_apply_and_unpatch_with_a_prefill_method(arch, counted):
     out = model(ids).logits
     ak.unpatch(model)
     assert (out - ref).abs().max() < 1e-4 and counted["chunk"] == 2
-    assert not hasattr(getattr(modeling, names[0]), "attnkit_adapter")
+    assert not any(hasattr(f, "attnkit_adapter") for f in swapped(modeling, names))
+    assert all("forward" not in vars(module) for module in model.modules())

@@ -42,8 +42,49 @@ class HybridLayer:
     module: str
     layer: str
     method: str
-    chunk: tuple[str, str]
-    recurrent: tuple[str, str]
+    chunk: Optional[tuple[str, str]] = None
+    recurrent: Optional[tuple[str, str]] = None
+    forward: Optional[Callable[[torch.nn.Module], Callable]] = None  # else: the layer's whole forward
+
+
+def _minimax_forward(module: torch.nn.Module) -> Callable:
+    """``MiniMaxLightningAttention.forward`` with attnkit's ``lightning`` method in place of
+    its block loop (prefill) and token loop (a cached continuation).
+
+    Same computation: qkv = act(qkv_proj(x)), padded positions zeroed; per head the decay
+    exp(-slope_rate) of the module (MiniMax's ALiBi slopes times its per-layer factor),
+    unscaled; the state S (B, H, D, D) read from and written to the cache's linear cache
+    (kept in the value dtype, as transformers keeps it); then norm, sigmoid output gate
+    and out_proj. transformers runs its token loop for any continuation of a cached
+    state; attnkit runs the chunked form from that state (N > 1) or the recurrent one."""
+    modeling = importlib.import_module(type(module).__module__)
+
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        from . import api
+        from .methods.linear import KVState
+
+        b, n, _ = hidden_states.shape
+        h, d = module.num_attention_heads, module.head_dim
+        qkv = module.act_fn(module.qkv_proj(hidden_states))
+        qkv = modeling.apply_mask_to_padding_states(qkv, attention_mask)
+        q, k, v = torch.split(qkv.reshape(b, n, h, 3 * d), d, dim=3)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        cached = None if past_key_values is None else past_key_values.get_linear_cache(module.layer_idx)
+        state = None if cached is None or isinstance(cached, list) else KVState(cached.float())
+        # the module's slopes are lightning's 2^(-8(h+1)/H) times MiniMax's per-layer factor: decay_scale
+        decay_scale = float(module.slope_rate.flatten()[0]) * 2.0 ** (8.0 / h)
+        out, state = api.attention(q, k, v, method="lightning", causal=True, decay_scale=decay_scale,
+                                   initial_state=state, return_state=True)
+        out = out.transpose(1, 2).reshape(b, n, h * d).to(hidden_states.dtype)
+        out = module.norm(out)
+        out = torch.sigmoid(module.output_gate(hidden_states)) * out
+        out = module.out_proj(out)
+        s = state.S.to(v.dtype)
+        if past_key_values is not None:
+            past_key_values.set_linear_cache(module.layer_idx, s)
+        return out, s
+
+    return forward
 
 
 HYBRID_LAYERS = (
@@ -53,6 +94,8 @@ HYBRID_LAYERS = (
     HybridLayer("transformers.models.kimi_linear.modeling_kimi_linear", "KimiLinearDeltaAttention", "kda",
                 ("chunk_kimi_delta_attention", "kda_chunk"),
                 ("recurrent_kimi_delta_attention", "kda_recurrent")),
+    HybridLayer("transformers.models.minimax.modeling_minimax", "MiniMaxLightningAttention", "lightning",
+                forward=_minimax_forward),
 )
 
 _count: dict[str, int] = {}  # modeling file -> number of patched models using it
@@ -122,14 +165,15 @@ def install(model: torch.nn.Module, set_attr: Callable[[Any, str, Any], None]) -
     records per-module changes (undone by the caller). Returns the undo of the swapped
     module-level names (call it once, after the caller's undo)."""
     layers = hybrid_layers(model)
+    for module, spec in layers.items():
+        set_attr(module, "forward", spec.forward(module) if spec.forward else _wrap_forward(module))
+    layers = {module: spec for module, spec in layers.items() if spec.forward is None}
     files = sorted({spec.module for spec in layers.values()})
-    for module in layers:
-        set_attr(module, "forward", _wrap_forward(module))
     for name in files:
         if _count.get(name, 0) == 0:
             modeling = importlib.import_module(name)
             for spec in HYBRID_LAYERS:
-                if spec.module != name:
+                if spec.module != name or spec.forward is not None:
                     continue
                 for (fn_name, kernel), chunked in ((spec.chunk, True), (spec.recurrent, False)):
                     original = getattr(modeling, fn_name)
@@ -152,4 +196,6 @@ def install(model: torch.nn.Module, set_attr: Callable[[Any, str, Any], None]) -
 
 def describe(spec: HybridLayer) -> str:
     """What a linear-attention layer runs, in words."""
+    if spec.forward is not None:
+        return f"{spec.method} (attnkit, in place of transformers' {spec.layer}.forward loops)"
     return f"{spec.method} (attnkit delta-rule kernels for transformers' {spec.chunk[0]} / {spec.recurrent[0]})"
