@@ -1,4 +1,4 @@
-"""attnkit's delta-rule kernels inside transformers' hybrid models (linear + softmax layers).
+"""attnkit's linear kernels inside transformers' hybrid models (linear + softmax layers).
 
 transformers runs the linear-attention layers of its hybrid models with pure-PyTorch
 fallbacks when fla / Triton is absent (always on the CPU): module-level functions of the
@@ -13,7 +13,8 @@ The swap is per model although the names are per modeling file: a patched layer'
 attnkit only inside an active layer; any other call (an unpatched model of the same
 architecture) goes to transformers' original. The names are swapped while at least one
 model of the architecture is patched (a count), so nested and overlapping patches restore
-correctly.
+correctly. A layer without such functions (MiniMax's lightning attention, one loop in its
+``forward``) gets its ``forward`` replaced on the instance instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -103,33 +105,32 @@ _originals: dict[tuple[str, str], Callable] = {}
 
 
 def _adapter(original: Callable, kernel: str, chunked: bool) -> Callable:
-    """transformers' signature -> attnkit's kernel inside an active layer, else ``original``.
+    """transformers' function -> attnkit's kernel inside an active layer, else ``original``.
 
-    query, key: (B, N, Hk, Dk); value: (B, N, Hv, Dv); g: (B, N, Hv) or (B, N, Hv, Dk);
-    beta: (B, N, Hv); initial_state: (B, Hv, Dk, Dv). Returns (out (B, N, Hv, Dv) in the
-    query's dtype, the final state float32 (B, Hv, Dk, Dv) or None)."""
+    Arguments are bound to the original's own signature (positional or keyword, its
+    defaults): query, key (B, N, Hk, Dk); value (B, N, Hv, Dv); g (B, N, Hv) or
+    (B, N, Hv, Dk); beta (B, N, Hv); initial_state (B, Hv, Dk, Dv); chunk_size (chunked
+    only); output_final_state; use_qk_l2norm_in_kernel. Returns (out (B, N, Hv, Dv) in the
+    query's dtype, the final state float32 (B, Hv, Dk, Dv) or None), as transformers does."""
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def run(query, key, value, g, beta, chunk_size: int = 64, initial_state: Optional[torch.Tensor] = None,
-            output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False, **kwargs: Any):
+    def run(*args: Any, **kwargs: Any):
+        # packed sequences (cu_seqlens): transformers' own path decides (it refuses them without fla)
         if not _ACTIVE.get() or kwargs.get("cu_seqlens") is not None:
-            # packed sequences (cu_seqlens): transformers' own path decides (it refuses them without fla)
-            call = dict(initial_state=initial_state, output_final_state=output_final_state,
-                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
-            if chunked:
-                call["chunk_size"] = chunk_size
-            return original(query, key, value, g, beta, **call)
-        dtype = query.dtype
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        p = bound.arguments
         # transformers computes in float32 whatever the input dtype; so does this
-        q, k, v = (x.transpose(1, 2).float() for x in (query, key, value))
-        g, beta = g.transpose(1, 2).float(), beta.transpose(1, 2).float()
-        s0 = None if initial_state is None else initial_state.float()
-        kw = dict(initial_state=s0, use_qk_l2norm=use_qk_l2norm_in_kernel)
+        q, k, v, g, beta = (p[name].transpose(1, 2).float() for name in ("query", "key", "value", "g", "beta"))
+        s0 = p.get("initial_state")
+        kw = dict(initial_state=None if s0 is None else s0.float(), use_qk_l2norm=bool(p["use_qk_l2norm_in_kernel"]))
         if chunked:
-            kw["chunk_size"] = chunk_size
+            kw["chunk_size"] = int(p["chunk_size"])
         out, state = getattr(delta_rule, kernel)(q, k, v, g, beta, **kw)
-        out = out.transpose(1, 2).to(dtype).contiguous()
-        return out, (state if output_final_state else None)
+        out = out.transpose(1, 2).to(p["query"].dtype).contiguous()
+        return out, (state if p["output_final_state"] else None)
 
     run.attnkit_adapter = True
     return run
