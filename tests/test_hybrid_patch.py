@@ -15,6 +15,34 @@ transformers = pytest.importorskip("transformers")
 mq = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
 mk = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
 mm = pytest.importorskip("transformers.models.minimax.modeling_minimax")
+mq35 = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
+mo = pytest.importorskip("transformers.models.olmo_hybrid.modeling_olmo_hybrid")
+mq35m = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+
+SMALL_GDN = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, layer_types=["linear_attention", "full_attention"] * 2,
+                 linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                 pad_token_id=0, eos_token_id=2)
+
+
+def tiny_qwen3_5(seed: int = 0):
+    """Qwen3.5's text model: 4 layers (GDN, full, GDN, full), Hv = 2 Hk."""
+    torch.manual_seed(seed)
+    return transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(head_dim=16, **SMALL_GDN)).eval()
+
+
+def tiny_qwen3_5_moe(seed: int = 0):
+    """Qwen3.5-MoE's text model: as Qwen3.5 with a small MoE."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen3_5MoeTextConfig(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=32, **SMALL_GDN)
+    return transformers.Qwen3_5MoeForCausalLM(config).eval()
+
+
+def tiny_olmo_hybrid(seed: int = 0):
+    """OLMo-hybrid: 4 layers (GDN with beta in [0, 2], full, GDN, full)."""
+    torch.manual_seed(seed)
+    return transformers.OlmoHybridForCausalLM(transformers.OlmoHybridConfig(**SMALL_GDN)).eval()
 
 
 def tiny_qwen3_next(seed: int = 0):
@@ -59,6 +87,12 @@ ARCHS = {
     "kimi_linear": (tiny_kimi_linear, mk, ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention"),
                     "kda", "kda"),
     "minimax": (tiny_minimax, mm, None, None, "lightning"),
+    "qwen3_5": (tiny_qwen3_5, mq35, ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"),
+                "gated_delta_rule", "gated_delta"),
+    "qwen3_5_moe": (tiny_qwen3_5_moe, mq35m, ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"),
+                    "gated_delta_rule", "gated_delta"),
+    "olmo_hybrid": (tiny_olmo_hybrid, mo, ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"),
+                    "gated_delta_rule", "gated_delta"),
 }
 
 
