@@ -98,12 +98,28 @@ def test_value_heads_equal_repeated_qk():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_gradcheck(name):
+    """Exact gradients in q, k, v, g and beta (a model trains its gates), chunked and recurrent."""
     q, k, v, inputs = make(name, 9, dtype=torch.float64)
-    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    inputs["beta"] = inputs["beta"].clamp(0.05, 0.95)  # finite differences stay inside [0, 1]
+    if "g" in inputs:
+        inputs["g"] = inputs["g"].clamp(max=-0.05)
+    keys = sorted(inputs)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, *(inputs[key] for key in keys))]
     for form in ("chunk", "recurrent"):
-        fn = lambda q, k, v: ak.attention(q, k, v, method=name, causal=True, form=form, chunk_size=4,  # noqa: E731
-                                          **inputs)
-        assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+        def fn(q, k, v, *rest, form=form):
+            return ak.attention(q, k, v, method=name, causal=True, form=form, chunk_size=4, **dict(zip(keys, rest)))
+
+        assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_contiguous_inputs(name):
+    q, k, v, inputs = make(name, 33)
+    want = ak.attention(q, k, v, method=name, causal=True, **inputs)
+    nc = lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  same values, other strides
+    got = ak.attention(nc(q), nc(k), nc(v), method=name, causal=True, **{key: x.transpose(0, 1).contiguous()
+                                                                        .transpose(0, 1) for key, x in inputs.items()})
+    assert not nc(q).is_contiguous() and torch.allclose(got, want, atol=1e-6)
 
 
 def _q():
