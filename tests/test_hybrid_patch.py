@@ -34,8 +34,9 @@ def tiny_qwen3_5(seed: int = 0):
 def tiny_qwen3_5_moe(seed: int = 0):
     """Qwen3.5-MoE's text model: as Qwen3.5 with a small MoE."""
     torch.manual_seed(seed)
-    config = transformers.Qwen3_5MoeTextConfig(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                               shared_expert_intermediate_size=32, **SMALL_GDN)
+    config = transformers.Qwen3_5MoeTextConfig(head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                               **SMALL_GDN)
     return transformers.Qwen3_5MoeForCausalLM(config).eval()
 
 

@@ -89,19 +89,20 @@ def _minimax_forward(module: torch.nn.Module) -> Callable:
     return forward
 
 
+_TF = "transformers.models"
 _GDN = (("torch_chunk_gated_delta_rule", "gated_delta_rule_chunk"),
         ("torch_recurrent_gated_delta_rule", "gated_delta_rule_recurrent"))
 
 # OLMo-hybrid's beta may reach 2 (linear_allow_neg_eigval): the kernels take it as given
 HYBRID_LAYERS = (
-    HybridLayer("transformers.models.qwen3_next.modeling_qwen3_next", "Qwen3NextGatedDeltaNet", "gated_delta", *_GDN),
-    HybridLayer("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5GatedDeltaNet", "gated_delta", *_GDN),
-    HybridLayer("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeGatedDeltaNet", "gated_delta", *_GDN),
-    HybridLayer("transformers.models.olmo_hybrid.modeling_olmo_hybrid", "OlmoHybridGatedDeltaNet", "gated_delta", *_GDN),
-    HybridLayer("transformers.models.kimi_linear.modeling_kimi_linear", "KimiLinearDeltaAttention", "kda",
+    HybridLayer(f"{_TF}.qwen3_next.modeling_qwen3_next", "Qwen3NextGatedDeltaNet", "gated_delta", *_GDN),
+    HybridLayer(f"{_TF}.qwen3_5.modeling_qwen3_5", "Qwen3_5GatedDeltaNet", "gated_delta", *_GDN),
+    HybridLayer(f"{_TF}.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeGatedDeltaNet", "gated_delta", *_GDN),
+    HybridLayer(f"{_TF}.olmo_hybrid.modeling_olmo_hybrid", "OlmoHybridGatedDeltaNet", "gated_delta", *_GDN),
+    HybridLayer(f"{_TF}.kimi_linear.modeling_kimi_linear", "KimiLinearDeltaAttention", "kda",
                 ("chunk_kimi_delta_attention", "kda_chunk"),
                 ("recurrent_kimi_delta_attention", "kda_recurrent")),
-    HybridLayer("transformers.models.minimax.modeling_minimax", "MiniMaxLightningAttention", "lightning",
+    HybridLayer(f"{_TF}.minimax.modeling_minimax", "MiniMaxLightningAttention", "lightning",
                 forward=_minimax_forward),
 )
 
