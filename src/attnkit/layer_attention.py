@@ -50,6 +50,7 @@ IGNORED_KWARGS = frozenset({
     "past_key_values", "past_key_value", "num_items_in_batch", "token_type_ids", "cu_seq_lens_q", "cu_seq_lens_k",
     "max_length_q", "max_length_k", "position_embeddings", "layer_idx", "is_causal", "cache", "target_dtype",
     "deterministic",  # a flash-attn flag (ModernBERT); attnkit's kernels are deterministic
+    "output_router_logits",  # MoE bookkeeping (Qwen3-Next, MiniMax): the router's, not the attention's
 })
 HANDLED_KWARGS = frozenset({"sliding_window", "position_bias", "softcap", "position_ids"})
 

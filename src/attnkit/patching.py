@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 
-from . import api, model_layers, registry, validate
+from . import api, hybrid, model_layers, registry, validate
 from .kernels import BACKENDS
 from .layer_attention import CROSS_ATTR, LAYER_ATTR, LayerMethod, attnkit_attention, row_spans
 
@@ -52,11 +52,13 @@ __all__ = ["IMPLEMENTATION", "LayerMethod", "apply", "assignment", "attnkit_atte
 
 @dataclass
 class _Saved:
-    """What installing a plan changed, to put back: the implementation, and each
-    attribute set on a module as (module, attribute, had it, old value)."""
+    """What installing a plan changed, to put back: the implementation, each attribute
+    set on a module as (module, attribute, had it, old value), and undo functions run
+    after those (the hybrid layers' swapped kernel functions, ``hybrid.install``)."""
 
     implementation: Optional[str]
     attrs: list[tuple[torch.nn.Module, str, bool, Any]]
+    after: list[Callable[[], None]] = field(default_factory=list)
 
 
 def _spec(value: Spec) -> Optional[LayerMethod]:
@@ -138,7 +140,8 @@ def _register() -> None:
 
 
 def _set(saved: _Saved, module: torch.nn.Module, name: str, value: Any) -> None:
-    saved.attrs.append((module, name, hasattr(module, name), getattr(module, name, None)))
+    # "had" means set on the object itself: a class attribute (a method) is left to the class
+    saved.attrs.append((module, name, name in vars(module), vars(module).get(name)))
     setattr(module, name, value)
 
 
@@ -165,6 +168,8 @@ def _install(model: torch.nn.Module, plan: PlanLike) -> _Saved:
         if model.config._attn_implementation != IMPLEMENTATION:
             raise ValueError(f"{type(model).__name__} cannot switch attention implementation (it does not use "
                              "transformers' AttentionInterface), so attnkit cannot patch it")
+        # linear-attention layers of hybrid models: attnkit's kernels for transformers' fallbacks
+        saved.after.append(hybrid.install(model, lambda obj, name, value: _set(saved, obj, name, value)))
     except BaseException:
         _restore(model, saved)
         raise
@@ -182,16 +187,23 @@ def _restore(model: torch.nn.Module, saved: _Saved) -> None:
             delattr(module, name)
     if saved.implementation is not None and model.config._attn_implementation != saved.implementation:
         model.set_attn_implementation(saved.implementation)
+    for undo in reversed(saved.after):
+        undo()
+    saved.after.clear()
 
 
 def assignment(model: torch.nn.Module) -> dict[int, str]:
     """What each layer of a patched model runs, in words ({layer_idx: description}; an
     encoder-decoder's layers with one index are joined by "; ")."""
     reason = model_layers.exact_only_reason(model)
+    linear = hybrid.hybrid_layers(model)
     out: dict[int, str] = {}
     for idx, group in sorted(model_layers.attention_modules(model).items()):
         parts = []
         for module in group:
+            if module in linear:
+                parts.append(hybrid.describe(linear[module]))
+                continue
             if not hasattr(module, LAYER_ATTR) or module is not model and hasattr(module, "self_attn"):
                 continue  # a decoder layer that carries layer_idx: its attention module speaks for it
             what = model_layers.describe(getattr(module, LAYER_ATTR), model_layers.own_window(module),
@@ -283,6 +295,11 @@ def patch(
         from .kvcache import KVCache
 
         KVCache(policy=cache, **cache_kw)  # a bad policy or field fails before anything changes
+        if hybrid.hybrid_layers(model):
+            raise ValueError(
+                f"cache={cache!r}: {type(model).__name__} has linear-attention layers, whose recurrent and "
+                f"convolution states attnkit's KV-cache policies do not hold yet; patch it without cache= "
+                f"(transformers' own hybrid cache keeps working, with attnkit's kernels)")
     saved = _install(model, _plan_from_args(prefill, layers, method_config, dense_layers, backend))
     try:
         if cache is None:
@@ -316,7 +333,7 @@ def apply(model: torch.nn.Module, plan: PlanLike) -> torch.nn.Module:
     saved = _install(model, plan)
     if previous is not None:
         # Undo to the state before the first apply: the originals are in `previous`.
-        saved = _Saved(previous.implementation, previous.attrs)
+        saved = _Saved(previous.implementation, previous.attrs, previous.after + saved.after)
     object.__setattr__(model, _SAVED_ATTR, saved)
     return model
 

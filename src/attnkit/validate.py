@@ -18,8 +18,12 @@ def unknown_name(what: str, name: str, valid: Sequence[str]) -> NoReturn:
     raise ValueError(f"unknown {what} {name!r}.{hint} Valid: {', '.join(valid)}")
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, check_finite: bool = True) -> None:
-    """Check q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) for attention."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, check_finite: bool = True,
+              grouping: str = "gqa") -> None:
+    """Check q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) for attention.
+
+    grouping "value" (delta-rule methods): q, k (B, Hk, N, D), v (B, Hv, N, Dv) with
+    Hv % Hk == 0 instead (``check_linear_heads``)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -42,7 +46,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, check_finite: b
         raise ValueError(f"head dim D differs: q has {dq}, k has {dk}; they must be equal")
     if nk != nv:
         raise ValueError(f"sequence length Nk differs: k has {nk}, v has {nv}")
-    if hk != hv:
+    if grouping == "value":
+        check_linear_heads(q, k, v, grouping="value")
+    elif hk != hv:
         raise ValueError(f"KV heads differ: k has {hk}, v has {hv}")
     if hk == 0 or hq % hk != 0:
         raise ValueError(

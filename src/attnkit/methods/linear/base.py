@@ -38,6 +38,7 @@ class LinearMethod(Method):
     inputs: ClassVar[tuple[str, ...]] = ("initial_state",)
     State: ClassVar[type] = KVState
     unit_scale: ClassVar[bool] = False  # True: scale defaults to 1 (not 1/sqrt(D))
+    grouping: ClassVar[str] = "gqa"  # "value": q, k share Hk heads, v has Hv = m Hk (delta rule)
 
     def check_config(self) -> None:
         validate.check_choice(self.name, "form", self.config.form, ("auto",) + FORMS)
@@ -51,12 +52,12 @@ class LinearMethod(Method):
         fields = [f.name for f in dataclasses.fields(self.Config)]
         validate.check_inputs(self.name, inputs, self.inputs, fields)
         validate.check_no_lse(self.name, return_lse)
-        validate.check_qkv(q, k, v, check_finite=check_finite)
+        validate.check_qkv(q, k, v, check_finite=check_finite, grouping=self.grouping)
         validate.check_scale(scale)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         validate.check_same_length(self.name, q.shape[2], k.shape[2])
-        self._check_supported(causal, q.shape[1] != k.shape[1])
+        self._check_supported(causal, q.shape[1] != k.shape[1] or k.shape[1] != v.shape[1])
         if backend != "auto":
             raise ValueError(f"method {self.name!r} is a linear method: it picks a form (config field form=, one of "
                              f"{FORMS}), not a backend; backend must be 'auto', got {backend!r}")
