@@ -1,4 +1,4 @@
 """The linear family: feature-map and gated linear attention (``docs/linear.md``)."""
 
-from . import based, cosformer, gla, hedgehog, lightning, linear, performer, retnet, sigmoid  # noqa: F401
+from . import agent, based, cosformer, gla, hedgehog, lightning, linear, performer, retnet, sigmoid  # noqa: F401
 from .state import CosformerState, KVState, LinearState, PerformerState  # noqa: F401
