@@ -215,3 +215,15 @@ def _qkv():
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call(*_qkv())
+
+
+@pytest.mark.parametrize("name,config,causal", [("sigmoid", {"block_size": 8}, True), ("agent", {"agents": 5}, False)])
+def test_non_contiguous_inputs(name, config, causal):
+    """q, k, v as transformers holds them: (B, N, H, D) transposed to (B, H, N, D)."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in make(nq=30, nk=30, seed=8))
+    assert not q.is_contiguous()
+    out = ak.attention(q, k, v, method=name, causal=causal, **config)
+    expected = ak.attention(*(t.detach().contiguous() for t in (q, k, v)), method=name, causal=causal, **config)
+    assert _err(out, expected) < TOL
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(v.grad).all()

@@ -74,7 +74,7 @@ def density(nq: int, nk: int, causal: bool, window: int) -> float:
 def _layout(q: torch.Tensor, heads: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """(B, Hq, N, D) -> (B * Hkv, N * G, D), the G query heads of a KV head adjacent per row."""
     b, hq, n, d = q.shape
-    x = q.to(dtype).view(b, heads, hq // heads, n, d).transpose(2, 3) * scale
+    x = q.to(dtype).reshape(b, heads, hq // heads, n, d).transpose(2, 3) * scale
     return x.reshape(b * heads, n * (hq // heads), d)
 
 
