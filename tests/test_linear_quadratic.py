@@ -104,8 +104,9 @@ def test_sigmoid_gradients_equal_the_oracle(causal, window):
 
 
 def test_sigmoid_8k_without_an_n_by_n_tensor():
-    """N = 8192: forward memory grows far less than one N x N float32 matrix (256 MiB), and
-    autograd saves q, k, v only (recorded with saved_tensors_hooks): backward recomputes tiles."""
+    """N = 8192: forward and backward memory grow far less than one N x N float32 matrix
+    (256 MiB), and autograd saves q, k, v only (recorded with saved_tensors_hooks): the
+    backward recomputes its tiles."""
     n, d = 8192, 32
     q, k, v = make(b=1, hq=2, h=1, nq=n, nk=n, d=d, dv=d, dtype=torch.float32, seed=5)
     with torch.no_grad(), PeakMemory() as mem:
@@ -121,7 +122,10 @@ def test_sigmoid_8k_without_an_n_by_n_tensor():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = ak.attention(q, k, v, method="sigmoid", causal=True, window=1024)
-    out.backward(torch.ones_like(out))
+    dout = torch.ones_like(out)
+    with PeakMemory() as mem:
+        out.backward(dout)
+    assert mem.grown < 64 * 2**20, f"backward grew {mem.grown / 2**20:.0f} MiB"
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
     assert max(sizes) <= 2 * n * d and sum(sizes) <= 4 * n * d, sizes
 

@@ -83,6 +83,8 @@ def _unlayout(x: torch.Tensor, b: int, hq: int, heads: int, n: int) -> torch.Ten
 
 
 class _Geometry:
+    """Shapes, band and bias of one call; ``probs`` recomputes a tile (forward and backward)."""
+
     def __init__(self, q, k, v, causal, window, block, bias):
         self.b, self.hq, self.nq, _ = q.shape
         self.heads, self.nk = k.shape[1], k.shape[2]
