@@ -138,6 +138,63 @@ def linear_recurrence(
     return torch.stack(rows, dim=2), S, z
 
 
+# === Sigmoid and agent attention: dense formulas ======================================
+# The definitions of the linear family's two quadratic methods (attnkit.methods.linear
+# .sigmoid / .agent), dense in float64: the full Nq x Nk matrix, on purpose.
+
+
+def sigmoid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: float | None = None,
+    window: int = 0,
+) -> torch.Tensor:
+    """sum_j sigmoid(scale q_i . k_j + bias) v_j over the allowed keys, in float64.
+
+    q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv); query row i at position
+    Nk - Nq + i. Allowed: every key; causal: j <= i; window W > 0: i - j < W (causal) or
+    |i - j| < W. bias None: -log(Nk). Returns (B, Hq, Nq, Dv) float64; differentiable.
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k64 = k.double().repeat_interleave(group, dim=1)
+    v64 = v.double().repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    bias = -math.log(nk) if bias is None else bias
+    weights = torch.sigmoid(torch.matmul(q.double(), k64.transpose(-1, -2)) * scale + bias)
+    dist = (torch.arange(nq)[:, None] + nk - nq) - torch.arange(nk)[None, :]
+    allowed = torch.ones(nq, nk, dtype=torch.bool)
+    if causal:
+        allowed &= dist >= 0
+    if window > 0:
+        allowed &= (dist < window) & (dist > -window)
+    return torch.matmul(weights * allowed.to(q.device), v64)
+
+
+def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: int,
+                    scale: float | None = None) -> torch.Tensor:
+    """softmax(scale Q A^T) softmax(scale A K^T) V in float64 (non-causal).
+
+    q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv). The agents A (B, Hq, n, D)
+    are the mean of the queries over n segments of the sequence: agent a averages rows
+    floor(a Nq / n) .. ceil((a + 1) Nq / n) - 1 (adaptive average pooling). Returns
+    (B, Hq, Nq, Dv) float64; differentiable.
+    """
+    nq = q.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k64 = k.double().repeat_interleave(group, dim=1)
+    v64 = v.double().repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q64 = q.double()
+    rows = [q64[:, :, (a * nq) // agents: -((-(a + 1) * nq) // agents)].mean(dim=2) for a in range(agents)]
+    a64 = torch.stack(rows, dim=2)
+    agent_v = torch.softmax(torch.matmul(a64, k64.transpose(-1, -2)) * scale, dim=-1) @ v64
+    return torch.softmax(torch.matmul(q64, a64.transpose(-1, -2)) * scale, dim=-1) @ agent_v
+
+
 # === Delta-rule family: per-token recurrences =========================================
 # The definition of delta / gated_delta / kda (attnkit.methods.linear.delta_rule), one
 # token at a time in float64, written as the matrix recurrence of the papers.

@@ -1,4 +1,19 @@
-"""The linear family: feature-map, gated and delta-rule linear attention (``docs/linear.md``)."""
+"""The linear family: feature-map, gated and delta-rule linear attention, and the
+softmax-free quadratic methods `sigmoid` and `agent` (``docs/linear.md``)."""
 
-from . import based, cosformer, delta, gated_delta, gla, hedgehog, kda, lightning, linear, performer, retnet  # noqa: F401
+from . import (  # noqa: F401
+    agent,
+    based,
+    cosformer,
+    delta,
+    gated_delta,
+    gla,
+    hedgehog,
+    kda,
+    lightning,
+    linear,
+    performer,
+    retnet,
+    sigmoid,
+)
 from .state import CosformerState, KVState, LinearState, PerformerState  # noqa: F401
