@@ -140,12 +140,18 @@ def _split_methods(text: str) -> list[str]:
     return [m.strip() for m in out if m.strip()]
 
 
+DEFAULT_SPEED_METHODS = ("full,streaming(sink=64,window=1024),sliding_window(window=1024),"
+                         "neighborhood(kernel_size=13,grid=2d)")
+
+
 @app.command("speed")
 def speed(
-    methods: str = typer.Option(
-        "full,streaming(sink=64,window=1024),sliding_window(window=1024),neighborhood(kernel_size=13,grid=2d)",
-        help="Comma-separated method specs NAME(field=value,...); grid=2d picks a square grid.",
+    methods: Optional[str] = typer.Option(
+        None,
+        help="Comma-separated method specs NAME(field=value,...); grid=2d picks a square grid. Default: "
+             f"{DEFAULT_SPEED_METHODS} (or every method of --family).",
     ),
+    family: Optional[str] = typer.Option(None, help="Every method of this family instead of --methods, e.g. linear."),
     lengths: str = typer.Option("4k,16k,32k,64k", help="Sequence lengths, e.g. 4k,16k."),
     heads: int = typer.Option(8, help="Query heads H."),
     kv_heads: Optional[int] = typer.Option(None, help="KV heads (default: H)."),
@@ -153,6 +159,8 @@ def speed(
     repeats: int = typer.Option(5, help="Timed runs per point (median reported)."),
     flex: bool = typer.Option(True, "--flex/--no-flex", help="Also time FlexAttention on each pattern."),
     backward: bool = typer.Option(False, "--backward", help="Time the backward pass (after an untimed forward) against exact attention's backward."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help="Also time transformers' fallbacks of gated_delta "
+                               "and kda on the same inputs (forward only; rows 'NAME (transformers fallback)')."),
     out: Optional[str] = typer.Option(None, help="Write the rows as JSON to this file."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Validate the methods and lengths and print the grid; time nothing."),
@@ -162,25 +170,38 @@ def speed(
     Example: attnkit speed --lengths 4k,16k --methods "full,streaming(sink=64,window=1024)"
     Backward: attnkit speed --backward --lengths 16k --methods "streaming(sink=64,window=1024),moba"
     Check first: attnkit speed --lengths 16k --methods moba --dry-run
+    Linear family (chunked forms; gated_delta and kda also against transformers' fallbacks):
+    attnkit speed --family linear --lengths 4k,16k
     """
     from rich.progress import Progress
 
-    from .bench.speed import run_speed, rows_to_json
+    from .bench.speed import peer_count, run_speed, rows_to_json
 
-    specs = _split_methods(methods)
+    if family is not None and methods is not None:
+        raise typer.BadParameter("use either --family or --methods, not both", param_hint="--family")
+    if family is not None:
+        names = [i.name for i in registry.methods(family=family)]
+        if not names:
+            families = sorted({i.family for i in registry.methods()})
+            raise typer.BadParameter(f"no methods in family {family!r}; families: {', '.join(families)}",
+                                     param_hint="--family")
+        specs = names
+    else:
+        specs = _split_methods(methods or DEFAULT_SPEED_METHODS)
     ns = _parse_lengths(lengths)
     if dry_run:
         _speed_plan(specs, ns, heads=heads, kv_heads=kv_heads or heads, dim=dim, repeats=repeats, flex=flex,
-                    backward=backward, out=out)
+                    backward=backward, peers=peers, out=out)
         return
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("speed", total=len(ns) * (len(specs) + ("full" not in specs)))
+        per_length = len(specs) + ("full" not in specs) + peer_count(specs, backward, peers)
+        task = bar.add_task("speed", total=len(ns) * per_length)
 
         def step(label: str) -> None:
             bar.update(task, advance=1, description=label)
 
-        rows = run_speed(specs, ns, repeats=repeats, flex=flex, progress=step, backward=backward, heads=heads,
-                         kv_heads=kv_heads or heads, dim=dim)
+        rows = run_speed(specs, ns, repeats=repeats, flex=flex, progress=step, backward=backward, peers=peers,
+                         heads=heads, kv_heads=kv_heads or heads, dim=dim)
     console.print(speed_table(rows, backward))
     record = rows_to_json(rows)
     if out:
@@ -190,15 +211,18 @@ def speed(
 
 
 def _speed_plan(specs: list[str], ns: list[int], **settings: object) -> None:
-    """``attnkit speed --dry-run``: build every (method, length) and print the grid."""
+    """``attnkit speed --dry-run``: build every (method, length) and print the grid, the
+    generated inputs of linear methods and the transformers peers."""
     from . import api
-    from .bench.speed import parse_method_spec
+    from .bench.linear_inputs import describe_inputs
+    from .bench.speed import PEERS, parse_method_spec, peer_count
 
+    built = {}
     for n in ns:
         for spec in specs:
             try:
                 name, config = parse_method_spec(spec, n)
-                api.get(name, **config)
+                built[spec] = api.get(name, **config)
             except (ValueError, TypeError) as exc:
                 console.print(f"[red]error:[/red] method {spec!r} at length {n}: {exc}", highlight=False)
                 raise typer.Exit(2) from None
@@ -206,21 +230,37 @@ def _speed_plan(specs: list[str], ns: list[int], **settings: object) -> None:
     typer.echo(f"methods: {', '.join(specs)}")
     typer.echo(f"lengths: {', '.join(map(str, ns))}")
     typer.echo(", ".join(f"{k}={v}" for k, v in settings.items()))
+    for spec, method in built.items():
+        if describe_inputs(method) != "-":
+            typer.echo(f"inputs of {spec}: {describe_inputs(method)} (seeded)")
+    peers = peer_count(specs, bool(settings.get("backward")), bool(settings.get("peers", True)))
+    for spec, method in built.items():
+        if peers and method.name in PEERS:
+            module, func = PEERS[method.name]
+            typer.echo(f"peer of {spec}: transformers fallback {func} ({module}), same inputs")
     typer.echo(f"{len(specs)} methods x {len(ns)} lengths = {len(specs) * len(ns)} timings"
-               + ("" if "full" in specs else " (+ exact attention at each length)"))
+               + ("" if "full" in specs else " (+ exact attention at each length)")
+               + (f" (+ {peers} transformers fallback(s) at each length)" if peers else ""))
 
 
 def speed_table(rows, backward: bool = False) -> Table:
     table = Table(title=f"operator {'backward ' if backward else ''}latency (median), causal, fp32")
-    for col in ("method", "N", "backend", "density", "seconds", "x SDPA", "flex s (compile)", "x flex", "peak MiB"):
+    peers = any("speedup_vs_transformers" in r.extra for r in rows)
+    cols = ["method", "N", "backend", "density", "seconds", "x SDPA", "flex s (compile)", "x flex", "peak MiB"]
+    for col in cols + (["x transformers (max rel diff)"] if peers else []):
         table.add_column(col, justify="right")
     for r in rows:
         flex = f"{r.flex_seconds:.3f} ({r.flex_compile_seconds:.1f})" if r.flex_seconds else "-"
-        table.add_row(
-            r.method + ("" if r.extra.get("causal", True) else " (non-causal)"), str(r.length), r.backend, f"{r.density:.3f}", f"{r.seconds:.3f}",
+        cells = [
+            r.method + ("" if r.extra.get("causal", True) else " (non-causal)"), str(r.length), r.backend,
+            "-" if r.density != r.density else f"{r.density:.3f}", f"{r.seconds:.3f}",
             f"{r.speedup_vs_sdpa:.2f}" if r.speedup_vs_sdpa else "-", flex,
             f"{r.speedup_vs_flex:.2f}" if r.speedup_vs_flex else "-", f"{r.peak_mib:.0f}",
-        )
+        ]
+        if peers:
+            x = r.extra.get("speedup_vs_transformers")
+            cells.append(f"{x:.2f} ({r.extra['transformers_max_rel_diff']:.1e})" if x else "-")
+        table.add_row(*cells)
     return table
 
 

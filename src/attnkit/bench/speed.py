@@ -10,6 +10,14 @@ gradients enabled, then times ``torch.autograd.grad`` of the output (random outp
 gradient) for q, k and v; the baseline is SDPA's backward on the same inputs, and peak
 memory covers forward + backward. FlexAttention is left out there (its CPU kernel has
 no backward).
+
+Linear methods (``--family linear``) run their chunked forward (``form="auto"``) on the
+per-call inputs they declare, generated deterministically (``linear_inputs.py``); for the
+delta-rule methods q and k get ``kv_heads`` heads and v gets ``heads`` (value heads).
+``gated_delta`` and ``kda`` are also compared with transformers' pure-PyTorch fallbacks
+on the same inputs (``PEERS``; forward only): their own rows "NAME (transformers
+fallback)", and on attnkit's row the speedup over them and the max relative output
+difference max|o - o_tf| / max|o_tf|.
 """
 
 from __future__ import annotations
@@ -123,11 +131,15 @@ def _parse_value(value: str, length: int) -> Any:
     return value
 
 
-def make_inputs(length: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, seed: int = 0):
+def make_inputs(length: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, seed: int = 0,
+                grouping: str = "gqa"):
+    """q (1, heads, N, D), k, v (1, kv_heads, N, D); with ``grouping="value"`` (the delta
+    rule's heads) q, k (1, kv_heads, N, D) and v (1, heads, N, D)."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, heads, length, dim, generator=g, dtype=torch.float32).to(dtype)
-    k = torch.randn(1, kv_heads, length, dim, generator=g, dtype=torch.float32).to(dtype)
-    v = torch.randn(1, kv_heads, length, dim, generator=g, dtype=torch.float32).to(dtype)
+    hq, hk, hv = (kv_heads, kv_heads, heads) if grouping == "value" else (heads, kv_heads, kv_heads)
+    q = torch.randn(1, hq, length, dim, generator=g, dtype=torch.float32).to(dtype)
+    k = torch.randn(1, hk, length, dim, generator=g, dtype=torch.float32).to(dtype)
+    v = torch.randn(1, hv, length, dim, generator=g, dtype=torch.float32).to(dtype)
     return q, k, v
 
 
@@ -142,27 +154,31 @@ def measure(
     repeats: int = 5,
     flex: bool = True,
     backward: bool = False,
+    peers: bool = True,
 ) -> SpeedRow:
     """Latency / peak memory of one method at one length (and of FlexAttention on its
     pattern); with ``backward`` the backward pass (see module doc)."""
     import attnkit as ak
 
+    from .linear_inputs import method_inputs
+
     name, config = parse_method_spec(spec, length)
-    q, k, v = make_inputs(length, heads, kv_heads, dim, dtype)
     method = ak.get(name, **config)
+    q, k, v = make_inputs(length, heads, kv_heads, dim, dtype, grouping=getattr(method, "grouping", "gqa"))
+    inputs = method_inputs(method, q, k, v)
     is_causal = causal and "causal" in method.info.supports
     with torch.no_grad():
         try:
-            _, stats = method(q, k, v, causal=is_causal, return_stats=True)
+            _, stats = method(q, k, v, causal=is_causal, return_stats=True, **inputs)
         except ValueError as err:
             if not is_causal or "causal" not in str(err):
                 raise
             is_causal = False  # e.g. a 2D neighborhood: causality is not defined on a grid
-            _, stats = method(q, k, v, causal=False, return_stats=True)
+            _, stats = method(q, k, v, causal=False, return_stats=True, **inputs)
     if backward:
-        run, timed = _backward_runs(method, q, k, v, is_causal)
+        run, timed = _backward_runs(method, q, k, v, is_causal, inputs)
     else:
-        run = lambda: method(q, k, v, causal=is_causal, check_finite=False)  # noqa: E731
+        run = lambda: method(q, k, v, causal=is_causal, check_finite=False, **inputs)  # noqa: E731
         timed = run
     with PeakMemory() as mem:
         run()
@@ -170,33 +186,95 @@ def measure(
     row = SpeedRow(spec, length, stats.backend, statistics.median(runs), runs, mem.grown / 2**20, stats.density)
     row.extra["causal"] = is_causal
     row.extra["pass"] = "backward" if backward else "forward"
+    if inputs:
+        row.extra["inputs"] = {key: list(t.shape) for key, t in inputs.items()}
     if flex and not backward and stats.pattern is not None:
         try:
             _measure_flex(row, method, q, k, v, is_causal, repeats)
         except (RuntimeError, MemoryError) as err:  # a compile failure must not lose the row
             row.extra["flex_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    if peers and not backward and name in PEERS:
+        peer = measure_peer(row, method, q, k, v, inputs, repeats)
+        if peer is not None:
+            row.extra["peer_row"] = peer
     return row
 
 
-def _backward_runs(method: Any, q, k, v, causal: bool):
-    """(forward + backward, a timed callable whose time is the backward alone)."""
+# attnkit method -> (transformers module, its pure-PyTorch chunked fallback): the peers of
+# the issue's speed targets, called on the same inputs in transformers' (B, N, H, D) layout
+PEERS = {
+    "gated_delta": ("transformers.models.qwen3_next.modeling_qwen3_next", "torch_chunk_gated_delta_rule"),
+    "kda": ("transformers.models.kimi_linear.modeling_kimi_linear", "chunk_kimi_delta_attention"),
+}
+
+
+def peer_label(name: str) -> str:
+    return f"{name} (transformers fallback)"
+
+
+def measure_peer(row: SpeedRow, method: Any, q, k, v, inputs: dict, repeats: int) -> Optional[SpeedRow]:
+    """Time transformers' fallback of ``method`` (``PEERS``) on the inputs attnkit's row ran;
+    sets on ``row`` the speedup over it and the max relative output difference. None (and
+    ``row.extra["transformers_error"]``) when transformers or the function is missing."""
+    import importlib
+
+    module, func_name = PEERS[method.name]
+    try:
+        func = getattr(importlib.import_module(module), func_name)
+    except (ImportError, AttributeError) as err:
+        row.extra["transformers_error"] = f"{type(err).__name__}: {err}"
+        return None
+    with torch.no_grad():
+        out = method(q, k, v, causal=True, check_finite=False, **inputs)
+    hk, hv = k.shape[1], v.shape[1]
+    if method.name == "kda" and hk != hv:  # Kimi's fallback has no grouped heads: repeat q, k per value head
+        q, k = (t.repeat_interleave(hv // hk, dim=1) for t in (q, k))
+    tf = [t.transpose(1, 2).contiguous() for t in (q, k, v, inputs["g"], inputs["beta"])]
+    kw = dict(chunk_size=method.config.chunk_size, use_qk_l2norm_in_kernel=method.config.use_qk_l2norm)
+
+    def call():
+        with torch.no_grad():
+            return func(*tf, **kw)[0]
+
+    with PeakMemory() as mem:
+        ref = call()
+    runs = median_seconds(call, repeats=repeats, warmup=0)
+    peer = SpeedRow(peer_label(method.name), row.length, "transformers", statistics.median(runs), runs,
+                    mem.grown / 2**20, float("nan"))
+    peer.extra.update({"causal": True, "pass": "forward", "function": f"{module}.{func_name}"})
+    row.extra["speedup_vs_transformers"] = peer.seconds / row.seconds
+    row.extra["transformers_max_rel_diff"] = max_rel_diff(out, ref.transpose(1, 2))
+    return peer
+
+
+def _backward_runs(method: Any, q, k, v, causal: bool, inputs: Optional[dict] = None):
+    """(forward + backward, a timed callable whose time is the backward alone); ``inputs``:
+    the method's per-call tensors (no gradient taken for them)."""
+    inputs = inputs or {}
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
-    grad = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(1), dtype=q.dtype)
+    heads = max(q.shape[1], v.shape[1])  # the output's heads (Hq; Hv for the delta rule)
+    grad = torch.randn((q.shape[0], heads, q.shape[2], v.shape[-1]), generator=torch.Generator().manual_seed(1), dtype=q.dtype)
 
     def both():
-        out = method(q, k, v, causal=causal, check_finite=False)
+        out = method(q, k, v, causal=causal, check_finite=False, **inputs)
         torch.autograd.grad(out, (q, k, v), grad)
 
     class _Timed:
         """Runs an untimed forward first; ``median_seconds`` times only the backward."""
 
         def __call__(self):
-            out = method(q, k, v, causal=causal, check_finite=False)
+            out = method(q, k, v, causal=causal, check_finite=False, **inputs)
             start = time.perf_counter()
             torch.autograd.grad(out, (q, k, v), grad)
             return time.perf_counter() - start
 
     return both, _Timed()
+
+
+def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (float64)."""
+    err = (out.double() - ref.double()).abs().max().item()
+    return err / max(ref.double().abs().max().item(), 1e-300)
 
 
 def _measure_flex(row: SpeedRow, method: Any, q, k, v, causal: bool, repeats: int) -> None:
@@ -216,10 +294,12 @@ def run_speed(
     flex: bool = True,
     progress: Optional[Callable[[str], None]] = None,
     backward: bool = False,
+    peers: bool = True,
     **shape: Any,
 ) -> list[SpeedRow]:
     """Measure every method at every length; exact attention ("full") is the baseline
-    (forward, or its backward with ``backward``)."""
+    (forward, or its backward with ``backward``). With ``peers`` (forward only) a method of
+    ``PEERS`` is followed by the row of its transformers fallback."""
     methods = list(methods)
     if "full" not in methods:
         methods = ["full"] + methods
@@ -229,12 +309,23 @@ def run_speed(
         for spec in methods:
             if progress:
                 progress(f"{spec} @ {length}")
-            row = measure(spec, length, repeats=repeats, flex=flex, backward=backward, **shape)
+            row = measure(spec, length, repeats=repeats, flex=flex, backward=backward, peers=peers, **shape)
             if spec == "full":
                 baseline = row.seconds
-            row.speedup_vs_sdpa = baseline / row.seconds if baseline else None
-            rows.append(row)
+            peer = row.extra.pop("peer_row", None)
+            if peer is not None and progress:
+                progress(f"{peer.method} @ {length}")
+            for r in (row, peer) if peer is not None else (row,):
+                r.speedup_vs_sdpa = baseline / r.seconds if baseline else None
+                rows.append(r)
     return rows
+
+
+def peer_count(methods: Iterable[str], backward: bool = False, peers: bool = True) -> int:
+    """How many transformers-fallback rows ``run_speed`` adds per length."""
+    if backward or not peers:
+        return 0
+    return sum(parse_method_spec(spec, 1)[0] in PEERS for spec in methods)
 
 
 def rows_to_json(rows: list[SpeedRow]) -> list[dict[str, Any]]:
