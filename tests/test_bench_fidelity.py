@@ -115,3 +115,67 @@ def test_capture_survives_a_library_that_rewrapped_the_attention_functions(smoll
         ALL_ATTENTION_FUNCTIONS[name] = wrapped
     captured = capture_qkv(smollm2.model, ids, [2, 4])
     assert sorted(captured) == [2, 4] and captured[4]["q"].shape == (1, 9, 64, 64)
+
+
+LINEAR_FIDELITY = ["linear", "performer", "cosformer", "based", "hedgehog", "retnet", "lightning", "gla", "delta",
+                   "gated_delta", "kda", "sigmoid"]
+
+
+def _fake_capture_task():
+    """The fidelity task on a fake capture (SmolLM2's grouping, 6 query / 3 KV heads); no model."""
+    from attnkit.bench.spec import TaskSpec
+    from attnkit.bench.tasks import Context
+    from attnkit.bench.tasks.fidelity import Fidelity
+
+    torch.manual_seed(2)
+    cap = {"q": torch.randn(1, 6, 97, 16), "k": torch.randn(1, 3, 97, 16), "v": torch.randn(1, 3, 97, 16), "scale": None}
+    ctx = Context("none", memo={("fidelity", 97, 0): {2: cap}})
+    spec = TaskSpec("fidelity", [97], [], 1, [], params=Fidelity.Params(layers=[2]))
+    return Fidelity(), ctx, spec, cap
+
+
+@pytest.mark.parametrize("name", LINEAR_FIDELITY)
+def test_linear_methods_on_captured_qkv(name):
+    """Linear methods report their rel. error against softmax on captured q/k/v: no pattern,
+    so recall None; density None for the state-based methods (sigmoid: its own, 1.0 without
+    a window); generated g / beta (seeded: the same numbers twice)."""
+    from attnkit.bench.parse import parse_method
+    from attnkit.bench.tasks import Case
+
+    task, ctx, spec, cap = _fake_capture_task()
+    case = Case("layer2", 97, None, 0, 0)
+    got = task.measure(ctx, case, parse_method(name), spec)
+    assert got["recall"] is None
+    assert got["density"] is None if name != "sigmoid" else got["density"] == pytest.approx(1.0)
+    assert math.isfinite(got["rel_error"]) and got["rel_error"] > 1e-3 and got["score"] == got["rel_error"]
+    needs = {"gla": ["g"], "delta": ["beta"], "gated_delta": ["beta", "g"], "kda": ["beta", "g"]}.get(name)
+    assert got.get("generated_inputs") == needs
+    assert task.measure(ctx, case, parse_method(name), spec)["rel_error"] == got["rel_error"]
+
+
+def test_linear_fidelity_error_is_the_methods_own_output():
+    """The task's error is ||o - o*|| / ||o*|| of the method's output on the captured
+    q/k/v (delta rule: K/V heads repeated to the query heads; g / beta as generated)."""
+    from attnkit.bench.linear_inputs import method_inputs
+    from attnkit.bench.parse import parse_method
+    from attnkit.bench.tasks import Case, case_seed
+
+    task, ctx, spec, cap = _fake_capture_task()
+    q, k, v = cap["q"], cap["k"], cap["v"]
+    for name in ("retnet", "gated_delta"):
+        got = task.measure(ctx, Case("layer2", 97, None, 0, 0), parse_method(name), spec)
+        kk, vv = (k, v) if name == "retnet" else (k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+        inputs = method_inputs(attnkit.get(name), q, kk, vv, seed=case_seed(0, "fidelity_inputs", 97, 0))
+        out = attnkit.attention(q, kk, vv, method=name, causal=True, **inputs)
+        exact = _dense(q, k, v, 16 ** -0.5)[0]
+        assert got["rel_error"] == pytest.approx(((out.double() - exact).norm() / exact.norm()).item(), rel=1e-6)
+
+
+def test_non_causal_only_method_is_not_applicable():
+    from attnkit.bench.parse import parse_method
+    from attnkit.bench.tasks import Case
+    from attnkit.errors import NotApplicable
+
+    task, ctx, spec, _ = _fake_capture_task()
+    with pytest.raises(NotApplicable, match="non-causal only"):
+        task.measure(ctx, Case("layer2", 97, None, 0, 0), parse_method("agent"), spec)

@@ -11,6 +11,17 @@ after the last chosen layer. Per (layer, method):
   (``stats.pattern``), averaged over query rows and heads, computed in row chunks so
   memory stays O(chunk x N);
 - ``density`` = allowed pairs / causal pairs (``stats.density``).
+
+Linear-family methods (``docs/linear.md``) run on the same captured q, k, v: they have no
+pattern and no softmax weights, so ``recall`` is None, and ``density`` is None when the method reports none (the
+state-based methods: every causal pair reaches the output through the state, with
+weights that are not a softmax, so "share of pairs kept" does not apply; None also keeps
+them off the error-vs-density plot and the equal-density comparison); ``sigmoid``
+reports its own density (pairs inside its window). Per-call inputs a method needs (``g``,
+``beta``) are generated, seeded per case (``bench/linear_inputs.py``: random gates, not a
+trained layer's); the delta-rule methods, whose q and k share heads, get the model's K/V
+heads repeated to its query heads (as GQA softmax reads them). A non-causal-only method
+(``agent``) is not applicable: the task compares causal attention.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from typing import Any, Optional
 
 import torch
 
+from ...errors import NotApplicable
 from ...kernels import attention_with_lse
 from ..spec import MethodSpec, TaskSpec
 from .base import Case, Context, Section, Task, case_seed, register_task
@@ -191,6 +203,22 @@ class Fidelity(Task):
             ctx.memo[key] = capture_qkv(ctx.lm.model, ids, list(spec.params.layers))
         return ctx.memo[key]
 
+    @staticmethod
+    def linear_call(m: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context,
+                    case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(q, k, v, per-call inputs) for method ``m`` on captured q, k, v: unchanged and {}
+        for a softmax method (module doc for the linear family)."""
+        from ..linear_inputs import method_inputs
+
+        if "causal" not in m.info.supports:
+            raise NotApplicable(f"method {m.name!r} is non-causal only; the fidelity task compares causal attention "
+                                f"on a causal model's q, k, v")
+        if getattr(m, "grouping", "gqa") == "value" and k.shape[1] != q.shape[1]:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        seed = case_seed(ctx.seed, "fidelity_inputs", case.length, case.sample)
+        return q, k, v, method_inputs(m, q, k, v, seed=seed)
+
     def measure(self, ctx: Context, case: Case, method: MethodSpec, spec: TaskSpec) -> dict[str, Any]:
         from ... import api, registry
 
@@ -200,8 +228,11 @@ class Fidelity(Task):
         start = time.perf_counter()
         name, config = (method.name, method.method_config) if layer >= method.dense_layers else ("full", {})
         config = registry.for_layer(name, config, layer)  # per-layer calibrations (sea's estimator, plans)
+        m = api.get(name, **config)
+        qm, km, vm, inputs = self.linear_call(m, q, k, v, ctx, case)
         with torch.inference_mode():
-            out, stats = api.attention(q, k, v, method=name, causal=True, scale=scale, return_stats=True, **config)
+            out, stats = api.attention(qm, km, vm, method=name, causal=True, scale=scale, return_stats=True, **config,
+                                       **inputs)
         seconds = time.perf_counter() - start
         scale = scale if scale is not None else q.shape[-1] ** -0.5
         ref_key = ("fidelity_ref", case.length, case.sample, layer)
@@ -212,12 +243,15 @@ class Fidelity(Task):
             ctx.memo[ref_key] = exact_output(q, k, v, scale)
         result = compare(q, k, v, out, stats.pattern, scale, reference=ctx.memo[ref_key],
                          recall_stride=spec.params.recall_stride)
-        if stats.pattern is None and stats.density < 1.0:
-            result["recall"] = None  # no pattern to measure coverage against
+        density = None if stats.density != stats.density else stats.density  # NaN: the method reports none
+        if stats.pattern is None and (density is None or density < 1.0 or m.info.family == "linear"):
+            result["recall"] = None  # no pattern to measure coverage against (linear: no softmax weights)
+        extra = {"generated_inputs": sorted(inputs)} if inputs else {}
         return {
             "score": result["rel_error"],
             **result,
-            "density": stats.density,
+            **extra,
+            "density": density,
             "method_seconds": seconds,
             "estimator_seconds": stats.estimator_seconds,
             "backend": stats.backend,
