@@ -154,7 +154,8 @@ def speed(
     family: Optional[str] = typer.Option(None, help="Every method of this family instead of --methods, e.g. linear."),
     lengths: str = typer.Option("4k,16k,32k,64k", help="Sequence lengths, e.g. 4k,16k."),
     heads: int = typer.Option(8, help="Query heads H."),
-    kv_heads: Optional[int] = typer.Option(None, help="KV heads (default: H)."),
+    kv_heads: Optional[int] = typer.Option(None, help="KV heads (default: H); delta-rule methods: the q/k heads "
+                                                  "(v gets H value heads)."),
     dim: int = typer.Option(64, help="Head dim D."),
     repeats: int = typer.Option(5, help="Timed runs per point (median reported)."),
     flex: bool = typer.Option(True, "--flex/--no-flex", help="Also time FlexAttention on each pattern."),

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 GLA_GATE_NORMALIZER = 16.0
 
 
-def method_inputs(method: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+def method_inputs(method: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
     """The generated per-call tensors ``method`` needs for q, k, v (empty when it needs none)."""
     wanted = [name for name in getattr(method, "inputs", ()) if name != "initial_state"]
     if not wanted:

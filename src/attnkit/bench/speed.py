@@ -253,7 +253,8 @@ def _backward_runs(method: Any, q, k, v, causal: bool, inputs: Optional[dict] = 
     inputs = inputs or {}
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
     heads = max(q.shape[1], v.shape[1])  # the output's heads (Hq; Hv for the delta rule)
-    grad = torch.randn((q.shape[0], heads, q.shape[2], v.shape[-1]), generator=torch.Generator().manual_seed(1), dtype=q.dtype)
+    grad = torch.randn((q.shape[0], heads, q.shape[2], v.shape[-1]), generator=torch.Generator().manual_seed(1),
+                       dtype=q.dtype)
 
     def both():
         out = method(q, k, v, causal=causal, check_finite=False, **inputs)
