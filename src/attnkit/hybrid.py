@@ -201,6 +201,26 @@ def install(model: torch.nn.Module, set_attr: Callable[[Any, str, Any], None]) -
     return undo
 
 
+# layer classes whose softmax partner an attnkit.KVCache cannot hold: {layer class: why}
+_NO_KV_CACHE = {
+    "KimiLinearDeltaAttention": "Kimi-Linear's softmax layers are MLA: transformers caches their compressed "
+                                "latents and expands them into keys and values after the cache, so the policy "
+                                "would score latents against queries it never sees (not supported yet)",
+}
+
+
+def cache_unsupported_reason(model: torch.nn.Module) -> Optional[str]:
+    """Why ``attnkit.KVCache`` cannot run this hybrid model, naming the family, or None.
+
+    Linear layers keep their conv / recurrent states in ``KVCache`` (``StateLayer``) and
+    the softmax layers get the policy; a family is refused where its softmax layers do
+    not cache plain keys and values."""
+    for spec in set(hybrid_layers(model).values()):
+        if spec.layer in _NO_KV_CACHE:
+            return f"{type(model).__name__}: {_NO_KV_CACHE[spec.layer]}"
+    return None
+
+
 def describe(spec: HybridLayer) -> str:
     """What a linear-attention layer runs, in words."""
     if spec.forward is not None:
