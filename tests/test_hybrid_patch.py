@@ -213,8 +213,9 @@ def test_apply_and_unpatch_with_a_prefill_method(arch, counted):
 
 
 def test_cache_policy_refused_with_a_reason():
-    model = tiny_qwen3_next()
-    with pytest.raises(ValueError, match="has linear-attention layers, whose recurrent and convolution states"):
+    """Kimi-Linear's MLA layers cache latents: no KV-cache policy yet (tests/test_hybrid_cache.py)."""
+    model = tiny_kimi_linear()
+    with pytest.raises(ValueError, match="Kimi-Linear's softmax layers are MLA"):
         with ak.patch(model, cache="snapkv", budget=64):
             pass
     assert not hasattr(model, "attnkit_assignment")

@@ -1,0 +1,131 @@
+"""``attnkit.KVCache`` on transformers' hybrid models (linear + softmax layers): the softmax
+layers get the policy, the linear layers keep their recurrent and short-convolution
+states (``StateLayer``, O(1) per token); ``patch(model, cache=...)`` runs them. Kimi-Linear
+is refused with its reason (its softmax layers cache MLA latents)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit as ak
+from attnkit.kvcache import KVCacheLayer, StateLayer
+
+pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+pytest.importorskip("transformers.models.minimax.modeling_minimax")
+pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+
+from test_hybrid_patch import tiny_kimi_linear, tiny_minimax, tiny_qwen3_5, tiny_qwen3_next  # noqa: E402
+
+BUILDERS = {"qwen3_next": tiny_qwen3_next, "qwen3_5": tiny_qwen3_5, "minimax": tiny_minimax}
+BUDGET = 16
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def build(request):
+    return BUILDERS[request.param]
+
+
+def prompt(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def storage_bytes(cache) -> int:
+    """Sum of the storage sizes of every distinct tensor the cache's layers hold."""
+    seen: dict[int, int] = {}
+    for layer in cache.layers:
+        if isinstance(layer, StateLayer):
+            tensors = layer.tensors()
+        else:
+            tensors = [layer.keys, layer.values, layer.positions, layer.obs_q, *layer.state.values()]
+        for t in tensors:
+            if t is not None:
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def state_bytes(cache) -> list[int]:
+    return [layer.nbytes() for layer in cache.layers if isinstance(layer, StateLayer)]
+
+
+@torch.no_grad()
+def generate(model, ids, cache=None, mask=None, new=8):
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+def test_budget_above_prompt_equals_transformers_cache(build):
+    model = build()
+    ids = prompt(40)
+    ref_tokens, ref_logits = generate(model, ids)  # transformers' own hybrid cache
+    with ak.patch(model):
+        cache = ak.KVCache.for_model(model, policy="snapkv", budget=1000)
+        tokens, logits = generate(model, ids, cache)
+    assert torch.equal(tokens, ref_tokens)
+    assert (logits - ref_logits).abs().max() < 1e-4
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds == [StateLayer, KVCacheLayer, StateLayer, KVCacheLayer]
+    assert cache.get_seq_length() == tokens.shape[1] - 1
+
+
+@torch.no_grad()
+def test_small_budget_bounds_softmax_layers_and_linear_states_are_constant(build):
+    model = build()
+    held = {}
+    with ak.patch(model):
+        for n in (64, 256):
+            cache = ak.KVCache.for_model(model, policy="snapkv", budget=BUDGET, window=8)
+            model(prompt(n), past_key_values=cache, use_cache=True)
+            stats = cache.stats()  # compresses what the prefill scheduled
+            softmax = [k for layer, k in zip(cache.layers, stats["kept_per_layer"]) if isinstance(layer, KVCacheLayer)]
+            assert softmax and all(k <= BUDGET for k in softmax)
+            assert all(layer.kept_positions().shape[-1] <= BUDGET
+                       for layer in cache.layers if isinstance(layer, KVCacheLayer))
+            held[n] = state_bytes(cache)
+            assert all(b > 0 for b in held[n])
+            assert abs(cache.nbytes() - storage_bytes(cache)) <= 0.1 * storage_bytes(cache)
+        assert held[64] == held[256]  # O(1): the states do not grow with the prompt
+        tokens, _ = generate(model, prompt(64), ak.KVCache.for_model(model, policy="snapkv", budget=BUDGET, window=8))
+    assert tokens.shape == (1, 72)
+
+
+@torch.no_grad()
+def test_patch_with_cache_runs_a_left_padded_batch(build):
+    """Nothing evicted: each step's logits equal one forward over the generated sequence.
+    (Compared with that forward, not with transformers' cache: MiniMax's own MiniMaxCache
+    sizes the decode mask from its first layer, a linear one that holds no tokens, so its
+    padded row attends to its padding — off by 4e-3 here; attnkit's cache is not.)"""
+    model = build()
+    ids = prompt(48, batch=2, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    ids[1, :11] = 0
+    with ak.patch(model, cache="snapkv", budget=1000):
+        tokens, logits = generate(model, ids, mask=mask)
+    full_mask = torch.cat([mask, torch.ones(2, tokens.shape[1] - ids.shape[1], dtype=mask.dtype)], dim=1)
+    full = model(tokens[:, :-1], attention_mask=full_mask[:, :-1]).logits[:, ids.shape[1] - 1:]
+    assert (logits.transpose(0, 1) - full).abs().max() < 1e-4
+    if build is not tiny_minimax:
+        assert torch.equal(tokens, generate(model, ids, mask=mask)[0])  # transformers' own cache
+    with ak.patch(model, cache="snapkv", budget=BUDGET, window=8):
+        tokens, _ = generate(model, ids, mask=mask)
+    assert tokens.shape == (2, 56)
+
+
+def test_kimi_linear_refused_with_its_reason():
+    model = tiny_kimi_linear()
+    with pytest.raises(ValueError, match="KimiLinearForCausalLM.*MLA"):
+        with ak.patch(model, cache="snapkv", budget=64):
+            pass
+    assert not hasattr(model, "attnkit_assignment")
+
+
+def test_plain_kvcache_on_a_minimax_model_is_refused_by_minimax():
+    """MiniMax's model accepts only a MiniMaxCache: ``KVCache.for_model`` gives one."""
+    model = tiny_minimax()
+    assert isinstance(ak.KVCache.for_model(model, policy="snapkv", budget=64),
+                      __import__("transformers").models.minimax.modeling_minimax.MiniMaxCache)
+    with ak.patch(model), pytest.raises(ValueError, match="MiniMax uses cache of its own"):
+        model(prompt(8), past_key_values=ak.KVCache(policy="snapkv", budget=64), use_cache=True)
