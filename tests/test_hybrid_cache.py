@@ -1,7 +1,7 @@
 """``attnkit.KVCache`` on transformers' hybrid models (linear + softmax layers): the softmax
 layers get the policy, the linear layers keep their recurrent and short-convolution
-states (``StateLayer``, O(1) per token); ``patch(model, cache=...)`` runs them. Kimi-Linear
-is refused with its reason (its softmax layers cache MLA latents)."""
+states (``StateLayer``, O(1) per token); ``patch(model, cache=...)`` runs them. Kimi-Linear's
+softmax layers are MLA: the cache holds their latents, chosen on the expanded keys."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
 
 from test_hybrid_patch import tiny_kimi_linear, tiny_minimax, tiny_qwen3_5, tiny_qwen3_next  # noqa: E402
 
-BUILDERS = {"qwen3_next": tiny_qwen3_next, "qwen3_5": tiny_qwen3_5, "minimax": tiny_minimax}
+BUILDERS = {"qwen3_next": tiny_qwen3_next, "qwen3_5": tiny_qwen3_5, "minimax": tiny_minimax,
+            "kimi_linear": tiny_kimi_linear}
 BUDGET = 16
 
 
@@ -81,8 +82,11 @@ def test_small_budget_bounds_softmax_layers_and_linear_states_are_constant(build
             stats = cache.stats()  # compresses what the prefill scheduled
             softmax = [k for layer, k in zip(cache.layers, stats["kept_per_layer"]) if isinstance(layer, KVCacheLayer)]
             assert softmax and all(k <= BUDGET for k in softmax)
-            assert all(layer.kept_positions().shape[-1] <= BUDGET
-                       for layer in cache.layers if isinstance(layer, KVCacheLayer))
+            for layer in cache.layers:
+                if isinstance(layer, KVCacheLayer):
+                    kept = layer.kept_positions()
+                    assert kept.shape[-1] <= BUDGET
+                    assert set(range(n - 8, n)) <= set(kept[0, 0].tolist())  # SnapKV's observation window
             held[n] = state_bytes(cache)
             assert all(b > 0 for b in held[n])
             assert abs(cache.nbytes() - storage_bytes(cache)) <= 0.1 * storage_bytes(cache)
@@ -114,12 +118,39 @@ def test_patch_with_cache_runs_a_left_padded_batch(build):
     assert tokens.shape == (2, 56)
 
 
-def test_kimi_linear_refused_with_its_reason():
+@torch.no_grad()
+def test_evicted_decode_equals_a_forward_masked_to_the_kept_tokens(build):
+    """After StreamingLLM eviction, a decode step equals one forward over prompt + token in
+    which the softmax layers' last row sees only the kept positions and itself (the
+    linear layers see everything, through their state)."""
+    model = build()
+    n, ids, nxt = 64, prompt(64), torch.tensor([[7]])
+    with ak.patch(model):
+        cache = ak.KVCache.for_model(model, policy="streaming", budget=12, sink=4)
+        model(ids, past_key_values=cache, use_cache=True)
+        kept = cache.kept_positions(1)[0, 0]
+        assert kept.tolist() == [0, 1, 2, 3, *range(56, 64)]
+        out = model(nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+        allowed = torch.ones(n + 1, n + 1, dtype=torch.bool).tril()
+        allowed[n] = False
+        allowed[n, kept] = True
+        allowed[n, n] = True
+        masks = {"full_attention": allowed[None, None], "linear_attention": None}
+        full = model(torch.cat([ids, nxt], dim=1), attention_mask=masks).logits[0, -1]
+    assert (out - full).abs().max() < 1e-4
+
+
+def test_kimi_linear_mla_caches_latents_and_refuses_accumulating_policies():
+    """Kimi-Linear's MLA layers: the cache holds the compressed latents (one "head"), and
+    a policy that accumulates attention while decoding is refused with the reason."""
     model = tiny_kimi_linear()
-    with pytest.raises(ValueError, match="KimiLinearForCausalLM.*MLA"):
-        with ak.patch(model, cache="snapkv", budget=64):
-            pass
-    assert not hasattr(model, "attnkit_assignment")
+    with ak.patch(model), torch.no_grad():
+        cache = ak.KVCache(policy="snapkv", budget=BUDGET, window=8)
+        model(prompt(64), past_key_values=cache, use_cache=True)
+        assert cache.kept_positions(1).shape == (1, 1, BUDGET)
+        assert cache.layers[1].keys.shape == (1, 1, BUDGET, model.config.kv_lora_rank)
+        with pytest.raises(ValueError, match="policy 'h2o' on an MLA layer"):
+            model(prompt(32), past_key_values=ak.KVCache(policy="h2o", budget=BUDGET), use_cache=True)
 
 
 def test_plain_kvcache_on_a_minimax_model_is_refused_by_minimax():

@@ -210,12 +210,3 @@ def test_apply_and_unpatch_with_a_prefill_method(arch, counted):
     assert (out - ref).abs().max() < 1e-4 and counted["chunk"] == 2
     assert not any(hasattr(f, "attnkit_adapter") for f in swapped(modeling, names))
     assert all("forward" not in vars(module) for module in model.modules())
-
-
-def test_cache_policy_refused_with_a_reason():
-    """Kimi-Linear's MLA layers cache latents: no KV-cache policy yet (tests/test_hybrid_cache.py)."""
-    model = tiny_kimi_linear()
-    with pytest.raises(ValueError, match="Kimi-Linear's softmax layers are MLA"):
-        with ak.patch(model, cache="snapkv", budget=64):
-            pass
-    assert not hasattr(model, "attnkit_assignment")

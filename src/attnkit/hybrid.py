@@ -201,12 +201,9 @@ def install(model: torch.nn.Module, set_attr: Callable[[Any, str, Any], None]) -
     return undo
 
 
-# layer classes whose softmax partner an attnkit.KVCache cannot hold: {layer class: why}
-_NO_KV_CACHE = {
-    "KimiLinearDeltaAttention": "Kimi-Linear's softmax layers are MLA: transformers caches their compressed "
-                                "latents and expands them into keys and values after the cache, so the policy "
-                                "would score latents against queries it never sees (not supported yet)",
-}
+# layer classes whose model an attnkit.KVCache cannot run: {layer class: why} (none now;
+# Kimi-Linear's MLA latents are handled by KVCacheLayer._latent_attention)
+_NO_KV_CACHE: dict[str, str] = {}
 
 
 def cache_unsupported_reason(model: torch.nn.Module) -> Optional[str]:
