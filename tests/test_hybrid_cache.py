@@ -15,10 +15,16 @@ pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
 pytest.importorskip("transformers.models.minimax.modeling_minimax")
 pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
 
-from test_hybrid_patch import tiny_kimi_linear, tiny_minimax, tiny_qwen3_5, tiny_qwen3_next  # noqa: E402
+from test_hybrid_patch import (  # noqa: E402
+    tiny_kimi_linear,
+    tiny_minimax,
+    tiny_olmo_hybrid,
+    tiny_qwen3_5,
+    tiny_qwen3_next,
+)
 
 BUILDERS = {"qwen3_next": tiny_qwen3_next, "qwen3_5": tiny_qwen3_5, "minimax": tiny_minimax,
-            "kimi_linear": tiny_kimi_linear}
+            "kimi_linear": tiny_kimi_linear, "olmo_hybrid": tiny_olmo_hybrid}
 BUDGET = 16
 
 
@@ -151,6 +157,20 @@ def test_kimi_linear_mla_caches_latents_and_refuses_accumulating_policies():
         assert cache.layers[1].keys.shape == (1, 1, BUDGET, model.config.kv_lora_rank)
         with pytest.raises(ValueError, match="policy 'h2o' on an MLA layer"):
             model(prompt(32), past_key_values=ak.KVCache(policy="h2o", budget=BUDGET), use_cache=True)
+
+
+def test_other_recurrent_layers_refused_naming_them():
+    """A hybrid whose recurrent layers attnkit does not know (Jamba's Mamba) is refused."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.JambaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2,
+                                      attn_layer_offset=1, num_experts=1, mamba_d_state=4, mamba_expand=1,
+                                      mamba_dt_rank=8, use_mamba_kernels=False)
+    model = transformers.JambaForCausalLM(config)
+    with pytest.raises(ValueError, match=r"cache='snapkv': JambaForCausalLM has recurrent layers .*JambaMambaMixer"):
+        with ak.patch(model, cache="snapkv", budget=64):
+            pass
+    assert not hasattr(model, "attnkit_assignment")
 
 
 def test_plain_kvcache_on_a_minimax_model_is_refused_by_minimax():
