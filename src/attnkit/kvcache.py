@@ -22,6 +22,10 @@ How it works (see docs/kv-cache.md):
   budget: what decode sees is compressed, as in SnapKV and kvpress. A chunked prefill
   compresses after every chunk. With ``when="decode"``/``"both"`` the cache is
   compressed again every ``interval`` decode steps once a head holds more than the budget.
+- Hybrid models (linear + softmax layers): a linear-attention layer gets a ``StateLayer``
+  (``attnkit.kvcache_state``: its recurrent and short-convolution states, O(1) per token);
+  MiniMax needs ``KVCache.for_model(model, ...)``; Kimi-Linear's MLA layers hold their
+  latents (``KVCacheLayer._latent_attention``).
 - Positions are never rewritten: keys keep the RoPE of their original positions, and
   ``get_seq_length`` counts tokens seen, so new tokens get the right positions.
 """

@@ -40,6 +40,9 @@ class StateLayer(LinearAttentionLayer):
     def flush(self) -> None:
         """Nothing to compress: the state does not grow with the length."""
 
+    def kept_positions(self) -> torch.Tensor:
+        raise ValueError(f"layer {self.layer_idx} is a linear-attention layer: it keeps a state, not tokens")
+
     def tensors(self) -> list[torch.Tensor]:
         """The tensors held now (conv and recurrent states)."""
         held = [*self.conv_states.values(), *self.recurrent_states.values()]
