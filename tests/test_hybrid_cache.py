@@ -125,6 +125,17 @@ def test_patch_with_cache_runs_a_left_padded_batch(build):
 
 
 @torch.no_grad()
+def test_beam_search_reorders_both_kinds_of_layer(build):
+    """Beam search reorders the softmax slots and the linear states alike."""
+    model = build()
+    ids = prompt(30)
+    ref = model.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False)
+    with ak.patch(model, cache="snapkv", budget=500):
+        out = model.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
 def test_evicted_decode_equals_a_forward_masked_to_the_kept_tokens(build):
     """After StreamingLLM eviction, a decode step equals one forward over prompt + token in
     which the softmax layers' last row sees only the kept positions and itself (the
