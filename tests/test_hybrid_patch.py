@@ -210,11 +210,3 @@ def test_apply_and_unpatch_with_a_prefill_method(arch, counted):
     assert (out - ref).abs().max() < 1e-4 and counted["chunk"] == 2
     assert not any(hasattr(f, "attnkit_adapter") for f in swapped(modeling, names))
     assert all("forward" not in vars(module) for module in model.modules())
-
-
-def test_cache_policy_refused_with_a_reason():
-    model = tiny_qwen3_next()
-    with pytest.raises(ValueError, match="has linear-attention layers, whose recurrent and convolution states"):
-        with ak.patch(model, cache="snapkv", budget=64):
-            pass
-    assert not hasattr(model, "attnkit_assignment")

@@ -201,6 +201,29 @@ def install(model: torch.nn.Module, set_attr: Callable[[Any, str, Any], None]) -
     return undo
 
 
+# words in the class names of recurrent / state-space layers (Mamba, short convolutions,
+# linear attention): such a layer that attnkit does not know keeps a state KVCache cannot vouch for
+_RECURRENT_WORDS = ("Mamba", "Mixer", "ShortConv", "GatedDeltaNet", "DeltaAttention", "Lightning", "Rwkv", "SSM")
+
+
+def cache_unsupported_reason(model: torch.nn.Module) -> Optional[str]:
+    """Why ``attnkit.KVCache`` cannot run this model, naming the layers, or None.
+
+    The linear layers attnkit knows (``HYBRID_LAYERS``: Qwen3-Next, Qwen3.5, OLMo-hybrid,
+    Kimi-Linear, MiniMax) keep their conv / recurrent states in ``KVCache``
+    (``StateLayer``) and the softmax layers get the policy; a model with other recurrent
+    layers (Mamba hybrids such as Jamba, short-convolution models such as LFM2) is refused."""
+    known = hybrid_layers(model)
+    other = sorted({type(m).__name__ for m in model.modules()
+                    if m not in known and "DecoderLayer" not in type(m).__name__
+                    and any(word in type(m).__name__ for word in _RECURRENT_WORDS)})
+    if other:
+        families = ", ".join(sorted({spec.layer for spec in HYBRID_LAYERS}))
+        return (f"{type(model).__name__} has recurrent layers attnkit's KVCache does not hold ({', '.join(other)}); "
+                f"the hybrid layers it holds are {families}")
+    return None
+
+
 def describe(spec: HybridLayer) -> str:
     """What a linear-attention layer runs, in words."""
     if spec.forward is not None:

@@ -22,12 +22,18 @@ How it works (see docs/kv-cache.md):
   budget: what decode sees is compressed, as in SnapKV and kvpress. A chunked prefill
   compresses after every chunk. With ``when="decode"``/``"both"`` the cache is
   compressed again every ``interval`` decode steps once a head holds more than the budget.
+- Hybrid models (linear + softmax layers): a linear-attention layer gets a ``StateLayer``
+  (``attnkit.kvcache_state``: its recurrent and short-convolution states, O(1) per token);
+  MiniMax needs ``KVCache.for_model(model, ...)``; Kimi-Linear's MLA layers hold their
+  latents (``KVCacheLayer._latent_attention``).
 - Positions are never rewritten: keys keep the RoPE of their original positions, and
   ``get_seq_length`` counts tokens seen, so new tokens get the right positions.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -35,10 +41,11 @@ import torch
 from transformers.cache_utils import Cache
 
 from .kvcache_layer import KVCacheLayer
+from .kvcache_state import StateLayer
 from .methods.kvcache.base import WHEN, CachePolicy
 from .registry import policy_class
 
-__all__ = ["KVCache", "KVCacheLayer", "generate_with_cache"]
+__all__ = ["KVCache", "KVCacheLayer", "StateLayer", "generate_with_cache"]
 
 
 class KVCache(Cache):
@@ -55,7 +62,7 @@ class KVCache(Cache):
 
     def __init__(self, policy: str = "snapkv", budget: Optional[int] = None, ratio: Optional[float] = None,
                  when: Optional[str] = None, interval: int = 1, **config: Any) -> None:
-        super().__init__(layers=[])
+        Cache.__init__(self, layers=[])  # not super(): a model's own cache class may follow (for_model)
         cls = policy_class(policy)
         self.policy: CachePolicy = cls(**config)
         if budget is not None and ratio is not None:
@@ -79,14 +86,64 @@ class KVCache(Cache):
             self.policy.check_budget(budget, f"budget={budget}")
         self.budget, self.ratio, self.when, self.interval = budget, ratio, when, interval
 
+    @classmethod
+    def for_model(cls, model: Any, *args: Any, **kwargs: Any) -> "KVCache":
+        """``KVCache(*args, **kwargs)`` of the class ``model`` accepts: MiniMax's model takes
+        only its own ``MiniMaxCache`` (an ``isinstance`` check), so it gets a ``KVCache``
+        that is also one; any other model gets a plain ``KVCache``."""
+        required = _required_cache_class(model)
+        if required is None:
+            return cls(*args, **kwargs)
+        return _with_base(cls, required)(*args, **kwargs)
+
     def __repr__(self) -> str:
         amount = f"budget={self.budget}" if self.ratio is None else f"ratio={self.ratio}"
         return f"KVCache(policy={self.policy.name!r}, {amount}, when={self.when!r}, {self.policy.config})"
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        while len(self.layers) <= layer_idx:
+        return self._layer(layer_idx, KVCacheLayer).update(key_states, value_states)
+
+    def _layer(self, idx: int, kind: type) -> Any:
+        """Layer ``idx``, created on first use as ``kind``: ``KVCacheLayer`` for a softmax
+        layer (``update``), ``StateLayer`` for a linear-attention layer of a hybrid model
+        (its conv / recurrent states). Layers not reached yet are softmax placeholders,
+        replaced while still empty if a linear layer turns out to sit there."""
+        while len(self.layers) <= idx:
             self.layers.append(KVCacheLayer(self, len(self.layers)))
-        return self.layers[layer_idx].update(key_states, value_states)
+        layer = self.layers[idx]
+        if not isinstance(layer, kind):
+            if kind is KVCacheLayer or layer.is_initialized:
+                raise ValueError(f"layer {idx} of attnkit.KVCache was used as a "
+                                 f"{type(layer).__name__} and now as a {kind.__name__}")
+            layer = self.layers[idx] = StateLayer(self, idx)
+        return layer
+
+    # --- linear-attention layers of hybrid models (transformers' layer-typed cache API) --
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> Optional[torch.Tensor]:
+        self._layer(layer_idx, StateLayer)
+        return super().get_conv_state(layer_idx, state_idx)
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          **kwargs: Any) -> torch.Tensor:
+        return self._layer(layer_idx, StateLayer).update_conv_state(conv_states, state_idx, **kwargs)
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> Optional[torch.Tensor]:
+        self._layer(layer_idx, StateLayer)
+        return super().get_recurrent_state(layer_idx, state_idx)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs: Any) -> torch.Tensor:
+        return self._layer(layer_idx, StateLayer).update_recurrent_state(recurrent_states, state_idx, **kwargs)
+
+    def get_linear_cache(self, layer_idx: int) -> Optional[torch.Tensor]:
+        """MiniMax's lightning-attention state (B, H, D, D), or None before the first step."""
+        return self.get_recurrent_state(layer_idx)
+
+    def set_linear_cache(self, layer_idx: int, linear_cache: torch.Tensor) -> None:
+        layer = self._layer(layer_idx, StateLayer)
+        layer.update_recurrent_state(linear_cache)
+        layer.has_previous_state[0] = True
 
     def budget_for(self, layer: KVCacheLayer) -> int:
         """Tokens per head this layer keeps (or attends to, for query-aware policies)."""
@@ -121,15 +178,19 @@ class KVCache(Cache):
         return self.layers[layer].kept_positions()
 
     def nbytes(self) -> int:
-        """Bytes held now: keys, values, slot positions and policy state of every layer."""
+        """Bytes held now: keys, values, slot positions and policy state of every softmax
+        layer, and the conv / recurrent states of every linear-attention layer."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def full_nbytes(self) -> int:
         """Bytes the keys and values of every token seen would take in the model's own
-        full cache (a layer with its own sliding window holds only its window there too)."""
+        full cache (a layer with its own sliding window holds only its window there too;
+        a linear-attention layer holds its states in either)."""
         total = 0
         for layer in self.layers:
-            if layer.is_initialized:
+            if isinstance(layer, StateLayer):
+                total += layer.nbytes()  # a linear layer's states: the same in any cache
+            elif layer.is_initialized:
                 b, h, d_k, d_v, size = layer.kv_dims
                 tokens = layer.seen if layer.window is None else min(layer.seen, layer.window - 1)
                 total += b * h * tokens * (d_k + d_v) * size
@@ -155,6 +216,28 @@ class KVCache(Cache):
         }
 
 
+def _required_cache_class(model: Any) -> Optional[type]:
+    """The cache class a model's forward insists on (MiniMax's ``MiniMaxCache``), or None."""
+    for module in model.modules():
+        if type(module).__name__ == "MiniMaxLightningAttention":
+            return getattr(importlib.import_module(type(module).__module__), "MiniMaxCache", None)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _with_base(cls: type, required: type) -> type:
+    """``cls`` that is also a ``required`` (for its model's isinstance check), behaving as
+    ``cls`` throughout: ``required``'s own list of linear states is never used, the
+    linear layers' states live in ``StateLayer``s (``get_linear_cache`` / ``set_linear_cache``)."""
+    return type(f"{cls.__name__}As{required.__name__}", (cls, required), {
+        "__doc__": f"attnkit.{cls.__name__} accepted where {required.__name__} is required.",
+        "__len__": Cache.__len__,
+        "batch_repeat_interleave": Cache.batch_repeat_interleave,
+        "batch_select_indices": Cache.batch_select_indices,
+        "crop": Cache.crop,
+    })
+
+
 @contextmanager
 def generate_with_cache(model: Any, policy: str, budget: Optional[int] = None, ratio: Optional[float] = None,
                         **config: Any) -> Iterator[Any]:
@@ -170,7 +253,7 @@ def generate_with_cache(model: Any, policy: str, budget: Optional[int] = None, r
 
     def generate(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = KVCache(policy=policy, budget=budget, ratio=ratio, **config)
+            kwargs["past_key_values"] = KVCache.for_model(model, policy=policy, budget=budget, ratio=ratio, **config)
         inner = previous if previous is not None else type(model).generate.__get__(model)
         return inner(*args, **kwargs)
 

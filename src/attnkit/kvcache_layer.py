@@ -147,13 +147,16 @@ class KVCacheLayer(CacheLayerMixin):
     # --- attention, called by attnkit's attention function ------------------------
 
     def attention(self, q: torch.Tensor, mask: Optional[torch.Tensor], scale: Optional[float],
-                  default: Callable[[], torch.Tensor]) -> torch.Tensor:
+                  default: Callable[[], torch.Tensor],
+                  expanded: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Attention of q: (B, Hq, T, D) over this layer's slots -> (B, Hq, T, D).
 
         ``default`` computes it the ordinary way (transformers' mask, prefill method);
         it is used while the storage is plain (nothing compressed, all heads alike) and
         the policy needs nothing special from the step.
         """
+        if expanded is not None:
+            return self._latent_attention(q, mask, scale, default, *expanded)
         self._awaiting_attention = False
         policy = self.cache.policy
         t = q.shape[2]
@@ -177,6 +180,51 @@ class KVCacheLayer(CacheLayerMixin):
             self.store.observe(self.view(), q, torch.arange(self.seen - t, self.seen, device=q.device))
             self.keys = self.values = None  # drop the dequantized read-out
         return out
+
+    def _latent_attention(self, q: torch.Tensor, mask: Optional[torch.Tensor], scale: Optional[float],
+                          default: Callable[[], torch.Tensor], keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """MLA (Kimi-Linear): the layer holds latents (B, 1, L, r), (B, 1, L, r_rope), which
+        the model expands after the cache into keys (B, H, L, Dk) and values (B, H, L, Dv).
+        Attention and the policy's choice run on those (every head sees the same slots);
+        a slot is kept where most heads keep it (top ``budget`` by votes, later first on
+        ties) and the latents are compressed at once: the expanded K/V are never kept."""
+        policy = self.cache.policy
+        if policy.accumulates() or policy.selects() or self.store is not None:
+            raise ValueError(f"attnkit.KVCache policy {policy.name!r} on an MLA layer (compressed latents, "
+                             "Kimi-Linear): only policies that choose the tokens from the observed queries "
+                             "(snapkv, pyramidkv, streaming, ...) run there")
+        self._awaiting_attention = False
+        t = q.shape[2]
+        self.scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+        self._mark_padding(mask, t)
+        latents = self.keys, self.values, self.positions
+        self.keys, self.values = keys, values
+        self.positions = latents[2].expand(-1, keys.shape[1], -1)
+        keep = None
+        try:
+            out = default() if self.plain else self._attend(q, mask, False)
+            self._observe(q, t)
+            self._schedule(t)
+            if self.pending:
+                self.pending = False
+                keep = self._choose()
+        finally:
+            self.keys, self.values, self.positions = latents
+        if keep is not None:
+            self._apply_keep(self._vote(keep))
+        return out
+
+    def _vote(self, keep: torch.Tensor) -> torch.Tensor:
+        """(B, H, L) per-head choice -> (B, 1, L): each row's budget of slots most heads keep."""
+        valid = self.positions >= 0
+        length = keep.shape[-1]
+        score = keep.sum(dim=1, keepdim=True) * (length + 1) + torch.arange(length, device=keep.device)
+        score = score.masked_fill(~valid, -1)
+        k = min(int(self.budget_rows.max()), length)
+        top = score.topk(k, dim=-1)
+        chosen = torch.arange(k, device=keep.device) < self.budget_rows.view(-1, 1, 1)
+        out = torch.zeros_like(valid).scatter(-1, top.indices, chosen & (top.values >= 0))
+        return out & valid
 
     def _keep_window(self) -> None:
         """Drop the slots no later query can see: keep the last ``window - 1`` (plain,
@@ -275,8 +323,20 @@ class KVCacheLayer(CacheLayerMixin):
 
     def compress(self) -> None:
         """Keep each head's budget of slots, chosen by the policy."""
+        keep = self._choose()
+        if keep is not None:
+            self._apply_keep(keep)
+
+    def _apply_keep(self, keep: torch.Tensor) -> None:
+        self._gather(keep)
+        self.plain = False
+        self.since = 0
+        self.compressions += 1
+
+    def _choose(self) -> Optional[torch.Tensor]:
+        """(B, Hkv, L) the slots the policy keeps, or None when nothing is to be evicted."""
         if self.keys is None or self.keys.shape[2] == 0:
-            return
+            return None
         policy = self.cache.policy
         valid = self.positions >= 0
         counts = valid.sum(dim=-1)  # (B, Hkv)
@@ -284,13 +344,10 @@ class KVCacheLayer(CacheLayerMixin):
             self.budget_rows = self.cache.row_budgets(counts.max(dim=1).values, self)
         budget = self.budget_rows
         if bool((counts <= budget[:, None]).all()):
-            return  # nothing to evict: the cache stays exact
+            return None  # nothing to evict: the cache stays exact
         view = self.view()
         view.budget = int(budget.max())
-        self._gather(policy.keep(view, budget))
-        self.plain = False
-        self.since = 0
-        self.compressions += 1
+        return policy.keep(view, budget)
 
     def _gather(self, keep: torch.Tensor) -> None:
         """Keep the ``keep`` slots (B, Hkv, L), in position order, padded to the largest head."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import api
-from .cache_tag import cache_layer_of
+from .cache_tag import cache_layer_of, latent_layer_of
 from .kernels import attention_with_lse
 from .kernels.backends import as_block_pattern
 from .methods.base import PatternMethod
@@ -133,6 +133,9 @@ def attnkit_attention(
         cache_layer.window = None if call.cross else call.window  # a window layer holds only its window
         if cache_layer.rope_theta is None:
             cache_layer.rope_theta = rope_theta(module)  # for policies that rotate queries (expected_attention)
+    elif not call.cross and (latent := latent_layer_of(module, key)) is not None:
+        # MLA (Kimi-Linear): the cache holds latents; these keys and values were expanded from them
+        return latent.attention(query, attention_mask, scaling, compute, expanded=(key, value)).transpose(1, 2).contiguous(), None
     out = compute() if cache_layer is None else cache_layer.attention(query, attention_mask, scaling, compute)
     return out.transpose(1, 2).contiguous(), None
 

@@ -295,11 +295,10 @@ def patch(
         from .kvcache import KVCache
 
         KVCache(policy=cache, **cache_kw)  # a bad policy or field fails before anything changes
-        if hybrid.hybrid_layers(model):
-            raise ValueError(
-                f"cache={cache!r}: {type(model).__name__} has linear-attention layers, whose recurrent and "
-                f"convolution states attnkit's KV-cache policies do not hold yet; patch it without cache= "
-                f"(transformers' own hybrid cache keeps working, with attnkit's kernels)")
+        reason = hybrid.cache_unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"cache={cache!r}: {reason}; patch it without cache= "
+                             f"(transformers' own cache keeps working, with attnkit's kernels)")
     saved = _install(model, _plan_from_args(prefill, layers, method_config, dense_layers, backend))
     try:
         if cache is None:
