@@ -1,0 +1,11 @@
+"""Context parallelism over a ``torch.distributed`` process group (gloo on CPU, NCCL on
+GPU): sharding layouts, ring attention and Ulysses. A layer around the methods: no
+method knows about process groups. See docs/distributed.md.
+"""
+
+from .ring import ring_attention
+from .sharding import LAYOUTS, check_same_length, padded_len, positions, shard, unshard
+from .ulysses import ulysses_attention
+
+__all__ = ["LAYOUTS", "check_same_length", "padded_len", "positions", "ring_attention", "shard", "ulysses_attention",
+           "unshard"]
