@@ -158,3 +158,37 @@ def results(tmp_path_factory):
 def test_context_parallel_matches_one_process(results, world, check):
     for rank, res in enumerate(results[world]):
         assert res[check] == "ok", f"rank {rank} of {world}:\n{res[check]}"
+
+
+def _dying_worker(rank, world, port, path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=10))
+    if rank == 1:
+        os._exit(0)  # dies without a word
+    q = torch.randn(1, 2, 8, 4)
+    start = time.monotonic()
+    try:
+        akd.ring_attention(q, q, q, causal=True)
+        msg = "no error"
+    except Exception as e:  # noqa: BLE001
+        msg = f"{type(e).__name__}: {e}"
+    Path(path).write_text(json.dumps({"error": msg, "seconds": time.monotonic() - start}))
+
+
+def test_a_dead_rank_is_an_error_not_a_hang(tmp_path):
+    path = tmp_path / "dead.json"
+    mp.spawn(_dying_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    res = json.loads(path.read_text())
+    assert res["error"] != "no error" and res["seconds"] < 30, res
+
+
+def test_torchrun_example_runs():
+    """The docs' torchrun example (docs/distributed.md) at 2 ranks, small sizes."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "examples" / "context_parallel.py"), "--length", "67"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    errors = [float(line.split(": ")[1]) for line in res.stdout.splitlines() if "max error" in line]
+    assert len(errors) == 2 and max(errors) < TOL, res.stdout
