@@ -6,8 +6,8 @@ with its lse, ``kernels.exact.attention_with_lse``, under a mask built from the 
 positions of both shards: causality, the padding past ``total_len`` and, for a static
 sparse method, its ``mask_mod``), while that shard is already being passed on to rank
 r + 1 (``batch_isend_irecv``). The R partial results merge with ``merge_partials``.
-A step whose mask is empty is skipped (zigzag causal: the chunk pairs fully in the
-future); a static pattern that no rank needs past step S stops the ring there and
+A step whose mask is empty is skipped; within a step, zigzag attends per pair of
+chunks (2 x 2) and skips the pairs fully masked (under causal, the future); a static pattern that no rank needs past step S stops the ring there and
 saves (R - 1 - S) shard transfers per rank (``return_stats``).
 
 Backward runs the ring again (an ``autograd.Function``): each step recomputes the
@@ -57,6 +57,7 @@ class _Geometry:
 
     def __init__(self, world, n_local, total_len, layout, causal, mask_mod, device):
         self.world, self.causal, self.mask_mod, self.total = world, causal, mask_mod, total_len
+        self.chunks = 1 if layout == "contiguous" else 2
         self.pos = [positions(r, world, total_len, layout).to(device) for r in range(world)]
         assert self.pos[0].numel() == n_local
 
@@ -76,8 +77,38 @@ class _Geometry:
         return m is None or bool(m.any())
 
 
-def _partial(q, k, v, scale, mask):
+def _block(q, k, v, scale, mask):
+    """Exact attention of a block under its mask (None: every pair allowed); a causal
+    lower-triangular mask runs as the kernel's own causal rule (no mask built)."""
+    if mask is not None and mask.shape[0] == mask.shape[1] and torch.equal(mask, torch.ones_like(mask).tril()):
+        return attention_with_lse(q, k, v, scale, causal=True)
     return attention_with_lse(q, k, v, scale, causal=False, mask=mask)
+
+
+def _partial(q, k, v, scale, mask, chunks: int):
+    """(out, lse) of the local queries over a visiting shard, per pair of layout chunks
+    (zigzag: 2 x 2), skipping the pairs the mask never allows (the future, under causal)."""
+    if mask is None or chunks == 1:
+        return _block(q, k, v, scale, mask)
+    n = q.shape[2] // chunks
+    outs, lses = [], []
+    for i in range(chunks):
+        rows = slice(i * n, (i + 1) * n)
+        parts = []
+        for j in range(chunks):
+            cols = slice(j * n, (j + 1) * n)
+            m = mask[rows, cols]
+            if bool(m.any()):
+                parts.append(_block(q[:, :, rows], k[:, :, cols], v[:, :, cols], scale, None if bool(m.all()) else m))
+        if parts:
+            o, lse = merge_partials(parts)
+        else:  # no key for these rows in this shard
+            o = q.new_zeros(*q.shape[:2], n, v.shape[-1])
+            lse = torch.full(q.shape[:2] + (n,), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64
+                             else torch.float32, device=q.device)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -90,7 +121,7 @@ class _RingAttention(torch.autograd.Function):
                 reqs, nxt = _shift(cur, group, rank, world)
             owner = (rank - s) % world
             if geo.needed(rank, owner):
-                parts.append(_partial(q, cur[0], cur[1], scale, geo.mask(rank, owner)))
+                parts.append(_partial(q, cur[0], cur[1], scale, geo.mask(rank, owner), geo.chunks))
             if s < steps - 1:
                 _wait(reqs)
                 cur = nxt
@@ -117,7 +148,7 @@ class _RingAttention(torch.autograd.Function):
             if geo.needed(rank, owner):
                 with torch.enable_grad():
                     qd, kd, vd = (t.detach().requires_grad_() for t in (q, cur[0], cur[1]))
-                    o_i, lse_i = _partial(qd, kd, vd, scale, geo.mask(rank, owner))
+                    o_i, lse_i = _partial(qd, kd, vd, scale, geo.mask(rank, owner), geo.chunks)
                     w = torch.where(torch.isneginf(lse_i) | torch.isneginf(lse), 0.0,
                                     torch.exp(lse_i.to(acc) - lse.to(acc)))
                     g_out = w.unsqueeze(-1) * d_out
