@@ -45,7 +45,7 @@ def _checks():
     for name, _ in STATIC:
         for layout in ("zigzag", "contiguous"):
             out.append(f"ring-{name}-{layout}")
-    out += ["roundtrip", "length-mismatch"]
+    out += ["ring-lse", "roundtrip", "length-mismatch"]
     return out
 
 
@@ -91,6 +91,15 @@ def _run_check(name, rank, world):
             idx = akd.positions(rank, world, 37, layout)
             assert torch.equal(s[:, :, idx < 37], x[:, :, idx[idx < 37]])
             assert torch.equal(akd.unshard(s, layout=layout, total_len=37), x)
+        return
+    if name == "ring-lse":  # the merged lse is the single-process one
+        q, k, v, _ = _inputs(130, 4, 2, 5)
+        _, ref = ak.attention(q, k, v, causal=True, return_lse=True)
+        for layout in akd.LAYOUTS:
+            out, lse = akd.ring_attention(*(akd.shard(t, layout=layout) for t in (q, k, v)), layout=layout,
+                                          total_len=130, return_lse=True)
+            err = (akd.unshard(lse, layout=layout, total_len=130) - ref).abs().max().item()
+            assert err < TOL, f"{layout}: lse off by {err:.2e}"
         return
     if name == "length-mismatch":
         x = torch.zeros(1, 1, 40 + (rank == world - 1), 4)
