@@ -45,7 +45,7 @@ def _checks():
     for name, _ in STATIC:
         for layout in ("zigzag", "contiguous"):
             out.append(f"ring-{name}-{layout}")
-    out += ["ring-lse", "roundtrip", "length-mismatch"]
+    out += ["ring-lse", "ring-tiny", "roundtrip", "length-mismatch"]
     return out
 
 
@@ -91,6 +91,12 @@ def _run_check(name, rank, world):
             idx = akd.positions(rank, world, 37, layout)
             assert torch.equal(s[:, :, idx < 37], x[:, :, idx[idx < 37]])
             assert torch.equal(akd.unshard(s, layout=layout, total_len=37), x)
+        return
+    if name == "ring-tiny":  # 3 positions: whole shards of padding, rows without a key
+        for layout in akd.LAYOUTS:
+            for method, config in (("full", {}), ("sliding_window", {"window": 1})):
+                _compare(lambda q, k, v, t: akd.ring_attention(q, k, v, method=method, layout=layout, total_len=t,
+                                                               **config), layout, 3, 2, 1, True, 7, method, **config)
         return
     if name == "ring-lse":  # the merged lse is the single-process one
         q, k, v, _ = _inputs(130, 4, 2, 5)

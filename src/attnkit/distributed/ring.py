@@ -77,6 +77,13 @@ class _Geometry:
         return m is None or bool(m.any())
 
 
+def _empty(q, v):
+    """(out 0, lse -inf) of rows without a key."""
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q.new_zeros(*q.shape[:3], v.shape[-1]),
+            torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device))
+
+
 def _block(q, k, v, scale, mask):
     """Exact attention of a block under its mask (None: every pair allowed); a causal
     lower-triangular mask runs as the kernel's own causal rule (no mask built)."""
@@ -100,12 +107,7 @@ def _partial(q, k, v, scale, mask, chunks: int):
             m = mask[rows, cols]
             if bool(m.any()):
                 parts.append(_block(q[:, :, rows], k[:, :, cols], v[:, :, cols], scale, None if bool(m.all()) else m))
-        if parts:
-            o, lse = merge_partials(parts)
-        else:  # no key for these rows in this shard
-            o = q.new_zeros(*q.shape[:2], n, v.shape[-1])
-            lse = torch.full(q.shape[:2] + (n,), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64
-                             else torch.float32, device=q.device)
+        o, lse = merge_partials(parts) if parts else _empty(q[:, :, rows], v)  # no key for these rows here
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
@@ -125,6 +127,8 @@ class _RingAttention(torch.autograd.Function):
             if s < steps - 1:
                 _wait(reqs)
                 cur = nxt
+        if not parts:  # every query of this rank is padding no key may serve
+            parts.append(_empty(q, v))
         out, lse = merge_partials(parts)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.geo, ctx.steps, ctx.scale = group, geo, steps, scale
