@@ -45,7 +45,7 @@ def _checks():
     for name, _ in STATIC:
         for layout in ("zigzag", "contiguous"):
             out.append(f"ring-{name}-{layout}")
-    out += ["ring-lse", "ring-tiny", "roundtrip", "length-mismatch"]
+    out += ["ulysses-sliding_window", "ring-lse", "ring-tiny", "roundtrip", "length-mismatch"]
     return out
 
 
@@ -91,6 +91,10 @@ def _run_check(name, rank, world):
             idx = akd.positions(rank, world, 37, layout)
             assert torch.equal(s[:, :, idx < 37], x[:, :, idx[idx < 37]])
             assert torch.equal(akd.unshard(s, layout=layout, total_len=37), x)
+        return
+    if name == "ulysses-sliding_window":  # any method runs locally over the whole sequence
+        _compare(lambda q, k, v, t: akd.ulysses_attention(q, k, v, method="sliding_window", window=20, total_len=t),
+                 "contiguous", 130, 9, 3, True, 11, "sliding_window", window=20)
         return
     if name == "ring-tiny":  # 3 positions: whole shards of padding, rows without a key
         for layout in akd.LAYOUTS:
