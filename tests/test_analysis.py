@@ -1,0 +1,191 @@
+"""attnkit.analysis: sampled-row head scores against scores of the full dense attention
+(eager, output_attentions, computed here independently), a constructed sink head, JSON
+round trip, peak memory at a length where N x N would be large, the CLI dry run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkit import analysis
+from attnkit.analysis import HeadProfile, profile
+
+ROOT = Path(__file__).parent.parent
+
+
+def tiny(seed: int = 0, layers: int = 2, positions: int = 512, attention_bias: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+                         initializer_range=0.1, attention_dropout=0.0, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, attention_bias=attention_bias)
+    return LlamaForCausalLM(config).eval()
+
+
+def dense_attentions(model, ids):
+    """(L, Hq, N, N) float64 attention probabilities from eager attention."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    model.config.output_attentions = True
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_attentions=True, use_cache=False)
+    finally:
+        model.set_attn_implementation(before)
+    return torch.stack([a[0] for a in out.attentions]).double()
+
+
+def dense_scores(a: torch.Tensor, sink_tokens: int, window: int, alpha: float):
+    """The profile's scores from full (L, H, N, N) attention, written naively."""
+    L, H, N, _ = a.shape
+    i = torch.arange(N)[:, None]
+    j = torch.arange(N)[None, :]
+    sink = a[..., :sink_tokens].sum(-1).mean(-1)
+    stream = (a * ((j < sink_tokens) | (j > i - window))).sum(-1).mean(-1)
+    ent_rows = -(a * torch.log(a.clamp_min(1e-300))).sum(-1)  # (L, H, N)
+    entropy = ent_rows.mean(-1)
+    length = torch.arange(1, N + 1).double()
+    entropy_norm = (ent_rows[..., 1:] / torch.log(length[1:])).mean(-1)
+    hidden = []
+    for l in range(L):
+        per_layer = []
+        for h in range(H):
+            found = []
+            for col in range(sink_tokens, N):
+                rows = torch.arange(col, N)
+                ratio = (a[l, h, rows, col] * (rows + 1)).mean()
+                if ratio > alpha:
+                    found.append((col, float(a[l, h, rows, col].mean())))
+            per_layer.append(sorted(found, key=lambda x: -x[1]))
+        hidden.append(per_layer)
+    return {"sink": sink, "streaming": stream, "entropy": entropy, "entropy_norm": entropy_norm, "hidden": hidden}
+
+
+@pytest.mark.parametrize("n", [37, 130])
+def test_sampled_scores_equal_dense(n):
+    model = tiny()
+    ids = torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(n))
+    prof = profile(model, ids, sample_rows=n, sink_tokens=4, window=8, alpha=2.0, max_hidden=1000, chunk=16)
+    want = dense_scores(dense_attentions(model, ids), 4, 8, 2.0)
+    for name in ("sink", "streaming", "entropy", "entropy_norm"):
+        torch.testing.assert_close(getattr(prof, name), want[name], atol=1e-6, rtol=0, msg=name)
+    assert prof.meta["rows"] == n
+    for l in range(prof.layers):
+        for h in range(prof.heads):
+            got = prof.hidden_sinks[l][h]
+            assert [p for p, _ in got] == [p for p, _ in want["hidden"][l][h]]
+            assert [m for _, m in got] == pytest.approx([m for _, m in want["hidden"][l][h]], abs=1e-6)
+    assert prof.pattern_recall.shape == (2, 4, 3)
+    assert ((prof.pattern_recall >= 0) & (prof.pattern_recall <= 1 + 1e-9)).all()
+
+
+def test_sampled_rows_are_last_plus_uniform():
+    rows = analysis.sample_rows(1000, 100)
+    assert len(rows) == 100 and rows[-25:].tolist() == list(range(975, 1000)) and rows[0] == 0
+    assert analysis.sample_rows(50, 100).tolist() == list(range(50))
+
+
+def test_head_attending_to_token_0_has_sink_score_one():
+    """Layer 0, KV head 0: keys are made to depend on the first token only, huge there: its
+    two query heads put (almost) all mass on position 0."""
+    from attnkit.analysis.scores import head_scores
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 200, 16)
+    k = torch.randn(1, 2, 200, 16) * 0.01
+    q[:, :2] = q[:, :2].abs() + 1.0
+    k[0, 0, 0] = 40.0
+    s = head_scores(q, k, sample_rows_=64, sink_tokens=1, window=4)
+    assert s["sink"][:2].min() > 0.999
+    assert s["sink"][2:].max() < 0.5
+    assert s["streaming"][:2].min() > 0.999
+    assert s["entropy_norm"][:2].max() < 0.01
+    assert s["pattern"][:2].tolist() == [0, 0]  # A-shape holds a sink
+
+
+def test_model_head_patched_to_sink_on_token_0():
+    """A model patched so that in layer 0 the key of token 5 (placed at position 0) is huge
+    along the slowest RoPE pair and query heads 0, 1 have a bias along it: they attend to
+    position 0 only (sink ~1); heads 2, 3 (the other KV head) are untouched."""
+    model = tiny(attention_bias=True)
+    attn = model.model.layers[0].self_attn
+    d = attn.head_dim  # 16; rotate_half pairs dim j with j + d/2, the slowest is j = d/2 - 1
+    slow = d // 2 - 1
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0.0
+        emb[5] = 0.0
+        emb[5, 0] = 1.0  # after RMSNorm: 8 along hidden dim 0, nothing else
+        attn.k_proj.weight[slow] = 0.0
+        attn.k_proj.weight[slow, 0] = 20.0  # KV head 0: key of token 5 = 160 along the slow pair
+        for h in (0, 1):
+            attn.q_proj.weight[h * d + slow] = 0.0
+            attn.q_proj.bias[h * d + slow] = 1.0  # score of position 0: 160 x 0.25 = 40
+    ids = torch.randint(6, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+    ids[0, 0] = 5
+    prof = profile(model, ids, sample_rows=64, sink_tokens=1, window=4)
+    assert prof.sink[0, :2].min() > 0.99, prof.sink
+    assert prof.sink[0, 2:].max() < 0.5
+    assert prof.top("sink", 2) == [(0, h, pytest.approx(prof.sink[0, h].item())) for h in
+                                   sorted((0, 1), key=lambda h: -prof.sink[0, h].item())]
+    assert prof.pattern[0, :2].tolist() == [0, 0]
+
+
+def test_json_round_trip(tmp_path):
+    model = tiny()
+    ids = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(0))
+    prof = profile(model, ids, sample_rows=32)
+    prof.retrieval[0, 1] = 0.5
+    path = tmp_path / "p.json"
+    prof.to_json(path)
+    back = HeadProfile.from_json(path)
+    for name in analysis.SCORES:
+        torch.testing.assert_close(back.score(name), prof.score(name), equal_nan=True)
+    torch.testing.assert_close(back.pattern_recall, prof.pattern_recall)
+    assert back.pattern.tolist() == prof.pattern.tolist()
+    assert back.hidden_sinks == prof.hidden_sinks and back.meta == prof.meta
+    assert back.top("retrieval", 3) == [(0, 1, 0.5)]
+    assert prof.top("sink", 2)[0][2] == prof.sink.max().item()
+    assert prof.top("entropy", 1)[0][2] == prof.entropy.min().item()
+    data = json.loads(path.read_text())
+    data["version"] = 99
+    with pytest.raises(ValueError, match="version 99"):
+        HeadProfile.from_json(json.dumps(data))
+    with pytest.raises(ValueError, match="schema"):
+        HeadProfile.from_json('{"a": 1}')
+    with pytest.raises(ValueError, match="unknown score"):
+        prof.top("nope")
+
+
+MEMORY_SCRIPT = r"""
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_analysis import tiny
+from attnkit.analysis import profile
+n = int(sys.argv[2])
+model = tiny(layers=1, positions=n)
+ids = torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(0))
+profile(model, ids[:, :256], sample_rows=64)  # warm up (imports, allocator)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+prof = profile(model, ids, sample_rows=64)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(after - before, prof.meta["rows"])
+"""
+
+
+def test_peak_memory_far_below_n_squared():
+    n = 8192
+    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(Path(__file__).parent), str(n)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    growth, rows = map(int, res.stdout.split())
+    assert rows == 64
+    assert growth < n * n * 4 / 4, f"peak RSS grew by {growth / 2**20:.0f} MiB (N x N float32 = {n * n * 4 / 2**20:.0f} MiB)"
