@@ -189,3 +189,37 @@ def test_peak_memory_far_below_n_squared():
     growth, rows = map(int, res.stdout.split())
     assert rows == 64
     assert growth < n * n * 4 / 4, f"peak RSS grew by {growth / 2**20:.0f} MiB (N x N float32 = {n * n * 4 / 2**20:.0f} MiB)"
+
+
+def test_copy_paste_scores_by_hand():
+    from attnkit.analysis.retrieval import copy_paste_scores
+
+    input_ids = torch.tensor([9, 9, 7, 8, 6, 9])  # needle = positions 2..5 (tokens 7, 8, 6)
+    generated = torch.tensor([7, 8, 6])
+    top = torch.zeros(3, 1, 3, dtype=torch.long)
+    top[:, 0, 0] = torch.tensor([2, 3, 4])  # head 0 copies all three
+    top[:, 0, 1] = torch.tensor([2, 2, 0])  # head 1 copies token 7 once (counted once)
+    top[:, 0, 2] = torch.tensor([3, 4, 5])  # head 2 looks one ahead: tokens differ, and 5 is outside
+    got = copy_paste_scores(top, generated, input_ids, (2, 5))
+    assert got.tolist() == [[1.0, 1 / 3, 0.0]]
+    with pytest.raises(ValueError, match="span"):
+        copy_paste_scores(top, generated, input_ids, (4, 9))
+
+
+def test_trace_generation_mechanics():
+    """Tiny random model: one argmax per (generated token, layer, head), inside the visible
+    keys; the greedy tokens equal plain generate's."""
+    from attnkit.analysis.retrieval import copy_paste_scores, trace_generation
+
+    model = tiny()
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    generated, top = trace_generation(model, ids, 6)
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                               do_sample=False, pad_token_id=0)[0, 40:]
+    assert generated.tolist() == plain.tolist()
+    assert top.shape == (len(generated), 2, 4)
+    visible = torch.arange(len(generated))[:, None, None] + 40
+    assert ((top >= 0) & (top < visible)).all()
+    scores = copy_paste_scores(top, generated, ids[0], (10, 20))
+    assert scores.shape == (2, 4) and ((scores >= 0) & (scores <= 1)).all()
