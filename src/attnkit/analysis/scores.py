@@ -9,9 +9,12 @@ memory is O(Hq x chunk x N). Definitions (docs/analysis.md):
   log(row length), 0 = one key, 1 = uniform (rows of length 1 are left out);
 - ``streaming``: mass inside the first ``sink_tokens`` keys plus the last ``window`` keys
   (the StreamingLLM / DuoAttention streaming-head pattern);
-- hidden sinks (ACT, arXiv 2406.15765): a key at position j >= ``sink_tokens`` whose mean
-  attention score over the sampled rows that see it exceeds ``alpha`` / (row length),
-  i.e. ``alpha`` times uniform attention; each is reported with its mean mass;
+- hidden sinks (ACT, arXiv 2406.15765): a key at position j >= ``sink_tokens`` whose
+  attention score, relative to uniform attention (score x row length), averaged over the
+  sampled rows that see it from outside their local ``window`` (rows i >= j + window; at
+  least an eighth of the sampled rows), exceeds ``alpha``: ACT's a > alpha / N, with the
+  local diagonal left out so recent tokens do not pass for sinks; each is reported with
+  its mean score over those rows (``hidden_sink_mass``: their share of all the mass);
 - pattern recall (MInference, arXiv 2407.02490): the mass each of A-shape,
   vertical-slash and block-sparse recovers with the same number of keys per row
   (``budget`` x N); the class is the best (ties within ``tie`` go to the cheaper
@@ -52,7 +55,8 @@ def _probs(q64: torch.Tensor, k64: torch.Tensor, rows: torch.Tensor, scale: floa
 
 
 def _budget_keys(budget: float, n: int) -> int:
-    return max(BLOCK, int(math.ceil(budget * n)))
+    """Keys per row of every pattern: ``budget`` x n rounded to whole 64-key blocks (>= 1 block)."""
+    return BLOCK * max(1, round(budget * n / BLOCK))
 
 
 def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *, sample_rows_: int = 256,
@@ -100,9 +104,10 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *,
         ent_norm += (e[:, many] / torch.log(length[many])).sum(-1)
         norm_rows += int(many.sum())
         seen = kpos[None, :] <= pos[:, None]  # (R, Nk)
-        col_mass += p.sum(1)
-        col_ratio += (p * length[None, :, None]).sum(1)
-        col_rows += seen.sum(0)
+        far = kpos[None, :] <= pos[:, None] - window  # ACT's columns: rows outside the local window
+        col_mass += (p * far).sum(1)
+        col_ratio += (p * far * length[None, :, None]).sum(1)
+        col_rows += far.sum(0)
         # diagonal (offset) masses for vertical-slash
         offset = (pos[:, None] - kpos[None, :]).clamp_min(0).expand(hq, -1, -1)
         diag_mass.scatter_add_(1, offset.flatten(1), (p * seen).flatten(1))
@@ -131,12 +136,13 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *,
         vs += (p * (col_sel[:, None, :] | on_diag)).sum((1, 2))
     recall = torch.stack([a_shape, vs, block], dim=-1) / nr
     pattern = _pick(recall, tie)
-    # hidden sinks (ACT): mean score over the rows that see the key > alpha x uniform
+    # hidden sinks (ACT): mean score over the rows that see the key from outside their local
+    # window > alpha x uniform, on keys seen so by at least an eighth of the sampled rows
     ratio = col_ratio / col_rows.clamp_min(1)
     mean_mass = col_mass / col_rows.clamp_min(1)
     hidden, hidden_mass = [], z(hq)
     for h in range(hq):
-        idx = torch.nonzero((ratio[h] > alpha) & (kpos >= sink_tokens) & (col_rows > 0)).flatten()
+        idx = torch.nonzero((ratio[h] > alpha) & (kpos >= sink_tokens) & (col_rows >= max(1, nr // 8))).flatten()
         hidden_mass[h] = col_mass[h, idx].sum() / nr
         order = mean_mass[h, idx].argsort(descending=True)[:max_hidden]
         hidden.append([[int(idx[i]), float(mean_mass[h, idx[i]])] for i in order])
