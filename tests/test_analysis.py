@@ -228,3 +228,38 @@ def test_trace_generation_mechanics():
     assert ((top >= 0) & (top < visible)).all()
     scores = copy_paste_scores(top, generated, ids[0], (10, 20))
     assert scores.shape == (2, 4) and ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_cli_dry_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnkit.cli import app
+
+    out = tmp_path / "a"
+    res = CliRunner().invoke(app, ["analyze", "--model", "smollm2-135m", "--length", "1k", "--out", str(out),
+                                   "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "model: smollm2-135m (30 layers)" in res.output
+    assert "length: 1024 tokens" in res.output
+    assert f"would write: {out / 'profile.json'}" in res.output
+    assert not out.exists()
+    bad = CliRunner().invoke(app, ["analyze", "--length", "1k", "--budget", "2", "--dry-run"])
+    assert bad.exit_code == 2 and "budget" in bad.output
+
+
+def test_figures_and_page(tmp_path):
+    """PNG heatmaps (kaleido or the stdlib raster) and the HTML page of a tiny profile."""
+    from attnkit.analysis.figures import heat_kinds, raster_png, write_page, write_png
+
+    model = tiny()
+    prof = profile(model, torch.randint(3, 128, (1, 70), generator=torch.Generator().manual_seed(0)), sample_rows=16)
+    assert "retrieval" not in heat_kinds(prof) and "pattern" in heat_kinds(prof)
+    pngs = {k: write_png(prof, k, tmp_path / f"{k}.png") for k in heat_kinds(prof)}
+    for k in pngs:
+        assert (tmp_path / f"{k}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    raster_png(torch.tensor([[0.0, float("nan")], [1.0, 0.5]]), tmp_path / "r.png", cell=3)
+    data = (tmp_path / "r.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") == 6
+    write_page(prof, tmp_path / "a.html", {k: f"{k}.png ({v})" for k, v in pngs.items()})
+    page = (tmp_path / "a.html").read_text()
+    assert "Plotly.newPlot" in page and "MInference pattern class" in page
