@@ -88,8 +88,31 @@ def test_sampled_scores_equal_dense(n):
             assert [p for p, _ in got] == [x[0] for x in want["hidden"][l][h]]
             assert [m for _, m in got] == pytest.approx([x[1] for x in want["hidden"][l][h]], abs=1e-6)
     assert sum(len(x) for layer in want["hidden"] for x in layer) > 0  # the comparison is not vacuous
+    # A-shape and block-sparse recall at the default budget: 64 keys per row (one block)
+    a = dense_attentions(model, ids)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    a_shape = (a * ((j < 8) | (j > i - 56))).sum(-1).mean(-1)
+    blocks = torch.nn.functional.pad(a, (0, -n % 64)).unflatten(-1, (-1, 64)).sum(-1)
+    torch.testing.assert_close(prof.pattern_recall[..., 0], a_shape, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prof.pattern_recall[..., 2], blocks.max(-1).values.mean(-1), atol=1e-6, rtol=0)
     assert prof.pattern_recall.shape == (2, 4, 3)
     assert ((prof.pattern_recall >= 0) & (prof.pattern_recall <= 1 + 1e-9)).all()
+
+
+def test_sampled_rows_equal_dense_on_those_rows():
+    """With fewer rows than N, the scores are the dense scores of the sampled rows."""
+    model = tiny()
+    n = 150
+    ids = torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(7))
+    prof = profile(model, ids, sample_rows=20, sink_tokens=2, window=16)
+    rows = analysis.sample_rows(n, 20)
+    a = dense_attentions(model, ids)[:, :, rows]
+    j = torch.arange(n)[None, :]
+    torch.testing.assert_close(prof.sink, a[..., :2].sum(-1).mean(-1), atol=1e-6, rtol=0)
+    local = (j < 2) | (j > rows[:, None] - 16)
+    torch.testing.assert_close(prof.streaming, (a * local).sum(-1).mean(-1), atol=1e-6, rtol=0)
+    ent = -(a * torch.log(a.clamp_min(1e-300))).sum(-1).mean(-1)
+    torch.testing.assert_close(prof.entropy, ent, atol=1e-6, rtol=0)
 
 
 def test_sampled_rows_are_last_plus_uniform():

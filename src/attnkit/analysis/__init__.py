@@ -8,14 +8,8 @@ MInference pattern class and retrieval score of a model on given inputs (docs/an
 from __future__ import annotations
 
 from .profile import SCORES, HeadProfile, profile
+from .retrieval import copy_paste_scores, retrieval_scores, trace_generation
 from .scores import PATTERNS, head_scores, sample_rows
 
-__all__ = ["PATTERNS", "SCORES", "HeadProfile", "head_scores", "profile", "retrieval_scores", "sample_rows"]
-
-
-def __getattr__(name: str):
-    if name in ("retrieval_scores", "copy_paste_scores"):
-        from . import retrieval
-
-        return getattr(retrieval, name)
-    raise AttributeError(f"module 'attnkit.analysis' has no attribute {name!r}")
+__all__ = ["PATTERNS", "SCORES", "HeadProfile", "copy_paste_scores", "head_scores", "profile", "retrieval_scores",
+           "sample_rows", "trace_generation"]
