@@ -286,3 +286,22 @@ def test_figures_and_page(tmp_path):
     write_page(prof, tmp_path / "a.html", {k: f"{k}.png ({v})" for k, v in pngs.items()})
     page = (tmp_path / "a.html").read_text()
     assert "Plotly.newPlot" in page and "MInference pattern class" in page
+
+
+def test_sliding_window_layers_use_their_mask():
+    """A Mistral with a 16-token sliding window: the scores follow the layer's own mask."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, sliding_window=16,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    n = 60
+    ids = torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(2))
+    prof = profile(model, ids, sample_rows=n, sink_tokens=4, window=8)
+    a = dense_attentions(model, ids)
+    assert a[0, 0, -1, : n - 16].abs().max() == 0  # eager applies the window
+    want = dense_scores(a, 4, 8, 5.0)
+    for name in ("sink", "streaming", "entropy"):
+        torch.testing.assert_close(getattr(prof, name), want[name], atol=1e-6, rtol=0, msg=name)

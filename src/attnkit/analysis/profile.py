@@ -157,7 +157,10 @@ def profile(model: Any, inputs: Any, *, sample_rows: int = 256, sink_tokens: int
     def scoring(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         idx = getattr(module, "layer_idx", len(found))
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        found[idx] = head_scores(query, key, scale, **settings)
+        allowed = None
+        if attention_mask is not None:  # padding is refused above: a sliding window or a model's own mask
+            allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1e30
+        found[idx] = head_scores(query, key, scale, mask=allowed, **settings)
         if progress is not None:
             progress(idx)
         out, _ = attention_with_lse(query, key, value, scale, causal=attention_mask is None, mask=attention_mask)

@@ -44,13 +44,17 @@ def sample_rows(n: int, sample_rows: int) -> torch.Tensor:
     return torch.unique(torch.cat([spread, torch.arange(n - last, n)]))
 
 
-def _probs(q64: torch.Tensor, k64: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, Hq, len(rows), Nk) float64 causal softmax of the given query rows (bottom-right aligned)."""
+def _probs(q64: torch.Tensor, k64: torch.Tensor, rows: torch.Tensor, scale: float,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Hq, len(rows), Nk) float64 causal softmax of the given query rows (bottom-right
+    aligned), also restricted to ``mask`` (bool, broadcastable to (B, Hq, Nq, Nk)) if given."""
     nq, nk = q64.shape[2], k64.shape[2]
     group = q64.shape[1] // k64.shape[1]
     qr = q64[:, :, rows].unflatten(1, (k64.shape[1], group))  # (B, Hkv, G, R, D)
     s = torch.einsum("bhgrd,bhkd->bhgrk", qr, k64).flatten(1, 2) * scale
     visible = torch.arange(nk)[None, :] <= rows[:, None] + (nk - nq)
+    if mask is not None:
+        visible = visible & mask[..., rows, :]
     return torch.softmax(s.masked_fill(~visible, -math.inf), dim=-1)
 
 
@@ -61,11 +65,13 @@ def _budget_keys(budget: float, n: int) -> int:
 
 def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *, sample_rows_: int = 256,
                 sink_tokens: int = 4, window: int = 64, alpha: float = 5.0, budget: float = 0.1,
-                tie: float = 1e-3, max_hidden: int = 8, chunk: int = 64) -> dict[str, Any]:
+                tie: float = 1e-3, max_hidden: int = 8, chunk: int = 64,
+                mask: torch.Tensor | None = None) -> dict[str, Any]:
     """Scores of every query head of one layer.
 
     q: (B, Hq, N, D); k: (B, Hkv, N_kv, D) with RoPE applied (causal, queries are the last
-    N positions). Returns a dict of (Hq,) float64 tensors ``sink``, ``entropy``,
+    N positions). mask: None, or bool (True = may attend) broadcastable to (B, Hq, N, N_kv),
+    e.g. a sliding-window layer's mask (the scores' windows stay as defined). Returns a dict of (Hq,) float64 tensors ``sink``, ``entropy``,
     ``entropy_norm``, ``streaming``, ``hidden_sink_mass``; ``pattern_recall`` (Hq, 3)
     in ``PATTERNS`` order; ``pattern`` (Hq,) long; ``hidden_sinks``: per head a list of
     [position, mean mass] (at most ``max_hidden``, largest mass first); ``rows``.
@@ -91,7 +97,7 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *,
     for r0 in range(0, nr, chunk):
         r = rows[r0:r0 + chunk]
         pos = r + off  # key-space positions of the rows
-        pb = _probs(q64, k64, r, scale)  # (B, Hq, R, Nk)
+        pb = _probs(q64, k64, r, scale, mask)  # (B, Hq, R, Nk)
         p = pb.mean(0)  # linear scores: the batch mean; entropy: the mean of per-element entropies
         length = (pos + 1).double()  # visible keys per row
         first = kpos[None, :] < sink_tokens
@@ -130,7 +136,7 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *,
     for r0 in range(0, nr, chunk):
         r = rows[r0:r0 + chunk]
         pos = r + off
-        p = _probs(q64, k64, r, scale).mean(0)
+        p = _probs(q64, k64, r, scale, mask).mean(0)
         offset = (pos[:, None] - kpos[None, :]).clamp_min(0)
         on_diag = torch.gather(diag_sel, 1, offset.flatten()[None].expand(hq, -1)).view(hq, len(r), nk)
         vs += (p * (col_sel[:, None, :] | on_diag)).sum((1, 2))
