@@ -305,3 +305,14 @@ def test_sliding_window_layers_use_their_mask():
     want = dense_scores(a, 4, 8, 5.0)
     for name in ("sink", "streaming", "entropy"):
         torch.testing.assert_close(getattr(prof, name), want[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_coarse_maps_equal_pooled_dense_attention():
+    model = tiny()
+    n = 64
+    ids = torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(4))
+    prof = profile(model, ids, sample_rows=n, map_bins=8)
+    a = dense_attentions(model, ids)  # (L, H, N, N)
+    pooled = a.unflatten(-1, (8, 8)).sum(-1).unflatten(-2, (8, 8)).mean(-2)
+    torch.testing.assert_close(prof.maps, pooled, atol=1e-6, rtol=0)
+    assert HeadProfile.from_json(prof.to_json()).maps is None

@@ -37,6 +37,8 @@ class HeadProfile:
     ``streaming``, ``retrieval`` (NaN where not measured); ``pattern_recall`` (L, Hq, 3) in
     ``PATTERNS`` order; ``pattern`` (L, Hq) long index into ``PATTERNS``;
     ``hidden_sinks[l][h]``: list of [position, mean mass]. ``meta``: settings, model, length.
+    ``maps``: (L, Hq, bins, bins) coarse attention maps when profiled with ``map_bins`` > 0
+    (rows: query-position bins, columns: key-position bins; left out of the JSON).
     """
 
     sink: torch.Tensor
@@ -49,6 +51,7 @@ class HeadProfile:
     hidden_sinks: list[list[list[list[float]]]]
     retrieval: Optional[torch.Tensor] = None
     meta: dict[str, Any] = field(default_factory=dict)
+    maps: Optional[torch.Tensor] = None  # (L, Hq, bins, bins) coarse attention maps; not in the JSON
 
     def __post_init__(self) -> None:
         if self.retrieval is None:
@@ -125,7 +128,7 @@ def _nan_list(t: torch.Tensor) -> list:
 
 
 def profile(model: Any, inputs: Any, *, sample_rows: int = 256, sink_tokens: int = 4, window: int = 64,
-            alpha: float = 5.0, budget: float = 0.1, max_hidden: int = 8, chunk: int = 64,
+            alpha: float = 5.0, budget: float = 0.1, max_hidden: int = 8, chunk: int = 64, map_bins: int = 0,
             progress: Optional[Callable[[int], None]] = None) -> HeadProfile:
     """Score every (layer, head) of ``model`` on ``inputs`` (one forward, no generation).
 
@@ -136,7 +139,8 @@ def profile(model: Any, inputs: Any, *, sample_rows: int = 256, sink_tokens: int
     last rows, the rest evenly spaced). ``sink_tokens``, ``window``: the sink and the
     local window of the sink and streaming scores. ``alpha``: ACT's hidden-sink threshold
     (a key with more than ``alpha`` x uniform attention). ``budget``: keys per row of the
-    pattern-class comparison, as a share of N (at least 64). ``progress(layer)`` is
+    pattern-class comparison, as a share of N (at least 64). ``map_bins`` > 0: also keep a
+    coarse (bins x bins) attention map of every head in ``maps``. ``progress(layer)`` is
     called after each layer. Scores: ``analysis.scores`` and docs/analysis.md.
     """
     from transformers import AttentionInterface
@@ -152,7 +156,7 @@ def profile(model: Any, inputs: Any, *, sample_rows: int = 256, sink_tokens: int
                          f"{sink_tokens}, {window}")
     found: dict[int, dict[str, Any]] = {}
     settings = dict(sample_rows_=sample_rows, sink_tokens=sink_tokens, window=window, alpha=alpha, budget=budget,
-                    max_hidden=max_hidden, chunk=chunk)
+                    max_hidden=max_hidden, chunk=chunk, map_bins=map_bins)
 
     def scoring(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         idx = getattr(module, "layer_idx", len(found))
@@ -185,4 +189,5 @@ def profile(model: Any, inputs: Any, *, sample_rows: int = 256, sink_tokens: int
     return HeadProfile(sink=stack("sink"), hidden_sink_mass=stack("hidden_sink_mass"), entropy=stack("entropy"),
                        entropy_norm=stack("entropy_norm"), streaming=stack("streaming"),
                        pattern_recall=stack("pattern_recall"), pattern=stack("pattern"),
-                       hidden_sinks=[found[i]["hidden_sinks"] for i in layers], meta=meta)
+                       hidden_sinks=[found[i]["hidden_sinks"] for i in layers], meta=meta,
+                       maps=stack("map") if map_bins and layers else None)

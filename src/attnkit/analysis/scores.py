@@ -66,12 +66,14 @@ def _budget_keys(budget: float, n: int) -> int:
 def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *, sample_rows_: int = 256,
                 sink_tokens: int = 4, window: int = 64, alpha: float = 5.0, budget: float = 0.1,
                 tie: float = 1e-3, max_hidden: int = 8, chunk: int = 64,
-                mask: torch.Tensor | None = None) -> dict[str, Any]:
+                mask: torch.Tensor | None = None, map_bins: int = 0) -> dict[str, Any]:
     """Scores of every query head of one layer.
 
     q: (B, Hq, N, D); k: (B, Hkv, N_kv, D) with RoPE applied (causal, queries are the last
     N positions). mask: None, or bool (True = may attend) broadcastable to (B, Hq, N, N_kv),
-    e.g. a sliding-window layer's mask (the scores' windows stay as defined). Returns a dict of (Hq,) float64 tensors ``sink``, ``entropy``,
+    e.g. a sliding-window layer's mask (the scores' windows stay as defined). ``map_bins`` > 0
+    also returns ``map`` (Hq, bins, bins): a coarse attention map, the mass of each key bin
+    averaged over the sampled rows of each row bin (NaN where a row bin has no sampled row). Returns a dict of (Hq,) float64 tensors ``sink``, ``entropy``,
     ``entropy_norm``, ``streaming``, ``hidden_sink_mass``; ``pattern_recall`` (Hq, 3)
     in ``PATTERNS`` order; ``pattern`` (Hq,) long; ``hidden_sinks``: per head a list of
     [position, mean mass] (at most ``max_hidden``, largest mass first); ``rows``.
@@ -94,6 +96,9 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *,
     a_sink = max(1, min(BLOCK, keys // 8))
     kpos = torch.arange(nk)
     nblocks = (nk + BLOCK - 1) // BLOCK
+    if map_bins:
+        amap, map_rows = z(hq, map_bins, map_bins), z(map_bins)
+        kbin = kpos * map_bins // nk
     for r0 in range(0, nr, chunk):
         r = rows[r0:r0 + chunk]
         pos = r + off  # key-space positions of the rows
@@ -125,6 +130,11 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *,
         blocks = torch.nn.functional.pad(p, (0, pad)).unflatten(-1, (nblocks, BLOCK)).sum(-1)
         top = min(nblocks, max(1, keys // BLOCK))
         block += blocks.topk(top, dim=-1).values.sum((1, 2))
+        if map_bins:
+            rbin = pos * map_bins // nk
+            binned = z(hq, len(r), map_bins).index_add_(2, kbin, p)
+            amap.index_add_(1, rbin, binned)
+            map_rows.index_add_(0, rbin, torch.ones(len(r), dtype=torch.float64))
     # vertical-slash: the best columns and diagonals over the sampled rows, half the keys each
     n_vert = max(1, keys // 2)
     n_slash = max(1, keys - n_vert)
@@ -154,7 +164,8 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *,
         hidden.append([[int(idx[i]), float(mean_mass[h, idx[i]])] for i in order])
     return {"sink": sink / nr, "entropy": ent / nr, "entropy_norm": ent_norm / max(norm_rows, 1),
             "streaming": stream / nr, "hidden_sink_mass": hidden_mass, "hidden_sinks": hidden,
-            "pattern_recall": recall, "pattern": pattern, "rows": nr}
+            "pattern_recall": recall, "pattern": pattern, "rows": nr,
+            **({"map": amap / map_rows[None, :, None]} if map_bins else {})}
 
 
 def _pick(recall: torch.Tensor, tie: float) -> torch.Tensor:
