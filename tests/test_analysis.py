@@ -274,8 +274,11 @@ def test_figures_and_page(tmp_path):
     """PNG heatmaps (kaleido or the stdlib raster) and the HTML page of a tiny profile."""
     from attnkit.analysis.figures import heat_kinds, raster_png, write_page, write_png
 
+    from attnkit.analysis.figures import chosen_heads, write_map_png
+
     model = tiny()
-    prof = profile(model, torch.randint(3, 128, (1, 70), generator=torch.Generator().manual_seed(0)), sample_rows=16)
+    prof = profile(model, torch.randint(3, 128, (1, 70), generator=torch.Generator().manual_seed(0)), sample_rows=16,
+                   map_bins=8)
     assert "retrieval" not in heat_kinds(prof) and "pattern" in heat_kinds(prof)
     pngs = {k: write_png(prof, k, tmp_path / f"{k}.png") for k in heat_kinds(prof)}
     for k in pngs:
@@ -283,9 +286,13 @@ def test_figures_and_page(tmp_path):
     raster_png(torch.tensor([[0.0, float("nan")], [1.0, 0.5]]), tmp_path / "r.png", cell=3)
     data = (tmp_path / "r.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") == 6
-    write_page(prof, tmp_path / "a.html", {k: f"{k}.png ({v})" for k, v in pngs.items()})
+    picks = chosen_heads(prof)
+    assert picks and len({(l, h) for _, l, h in picks}) == len(picks)
+    maps = [(why, l, h, write_map_png(prof, l, h, why, tmp_path / f"m{l}{h}.png")) for why, l, h in picks]
+    assert all((tmp_path / f"m{l}{h}.png").read_bytes()[:4] == b"\x89PNG" for _, l, h, _ in maps)
+    write_page(prof, tmp_path / "a.html", {k: f"{k}.png ({v})" for k, v in pngs.items()}, maps=maps)
     page = (tmp_path / "a.html").read_text()
-    assert "Plotly.newPlot" in page and "MInference pattern class" in page
+    assert "Plotly.newPlot" in page and "MInference pattern class" in page and "Attention maps of chosen heads" in page
 
 
 def test_sliding_window_layers_use_their_mask():

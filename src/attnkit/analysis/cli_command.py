@@ -12,7 +12,8 @@ ANALYZE_HELP = """Profile every attention head of a model on real text: sinks, h
 streaming-ness, MInference pattern class and (with a needle) retrieval score.
 
 Writes OUT/profile.json (attnkit.analysis.HeadProfile.from_json reads it), one layer x head
-heatmap per score as OUT/heatmap-SCORE.png, and OUT/analyze.html (docs/analysis.md).
+heatmap per score as OUT/heatmap-SCORE.png, coarse attention maps of a few chosen heads
+as OUT/map-LAYER-HEAD.png, and OUT/analyze.html (docs/analysis.md).
 
 Example: attnkit analyze --model smollm2-135m --length 1k --out runs/analyze
 
@@ -51,6 +52,8 @@ def add_command(app: typer.Typer) -> None:
                                        help="also measure retrieval scores (greedy needle answers)"),
         depths: str = typer.Option("0.1,0.5,0.9", "--depths", help="needle depths of the retrieval score"),
         new_tokens: int = typer.Option(24, "--new-tokens", min=1, help="tokens generated per needle prompt"),
+        map_bins: int = typer.Option(64, "--map-bins", min=0, help="bins of the attention maps of chosen heads "
+                                                                     "(0: no maps)"),
         threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)"),
         dry_run: bool = typer.Option(False, "--dry-run", help="validate and print what would be measured and "
                                                               "written; load nothing"),
@@ -63,11 +66,12 @@ def add_command(app: typer.Typer) -> None:
         if not 0 < budget <= 1:
             raise typer.BadParameter(f"budget must be in (0, 1], got {budget}", param_hint="--budget")
         files = [out / "profile.json", out / "analyze.html", out / "heatmap-SCORE.png"]
+        files += [out / "map-LAYER-HEAD.png"] if map_bins else []
         if dry_run:
             _plan(model, n, ds if retrieval else [], haystack, sample_rows, files)
             return
         _run(model, n, out, haystack, sample_rows, sink_tokens, window, alpha, budget, ds if retrieval else [],
-             new_tokens, threads)
+             new_tokens, threads, map_bins)
 
 
 def _plan(model: str, n: int, depths: list[float], haystack: str, sample_rows: int, files: list[Path]) -> None:
@@ -86,7 +90,7 @@ def _plan(model: str, n: int, depths: list[float], haystack: str, sample_rows: i
 
 
 def _run(model: str, n: int, out: Path, haystack: str, sample_rows: int, sink_tokens: int, window: int,
-         alpha: float, budget: float, depths: list[float], new_tokens: int, threads: int) -> None:
+         alpha: float, budget: float, depths: list[float], new_tokens: int, threads: int, map_bins: int) -> None:
     import time
 
     import torch
@@ -96,7 +100,7 @@ def _run(model: str, n: int, out: Path, haystack: str, sample_rows: int, sink_to
     from .. import models
     from ..bench import haystack as hay
     from . import profile as profile_fn
-    from .figures import heat_kinds, write_page, write_png
+    from .figures import chosen_heads, heat_kinds, write_map_png, write_page, write_png
     from .retrieval import retrieval_scores
 
     console = Console(stderr=True)
@@ -109,7 +113,7 @@ def _run(model: str, n: int, out: Path, haystack: str, sample_rows: int, sink_to
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("profiling layers", total=layers + len(depths))
         prof = profile_fn(lm.model, torch.tensor([ids]), sample_rows=sample_rows, sink_tokens=sink_tokens,
-                          window=window, alpha=alpha, budget=budget,
+                          window=window, alpha=alpha, budget=budget, map_bins=min(map_bins, n),
                           progress=lambda i: bar.update(task, advance=1, description=f"layer {i}"))
         records: list[dict] = []
         if depths:
@@ -124,10 +128,15 @@ def _run(model: str, n: int, out: Path, haystack: str, sample_rows: int, sink_to
     prof.to_json(out / "profile.json")
     pngs = {kind: f"heatmap-{kind}.png ({write_png(prof, kind, out / f'heatmap-{kind}.png')})"
             for kind in heat_kinds(prof)}
-    raster = any(v.endswith("(raster)") for v in pngs.values())
+    maps = []
+    if prof.maps is not None:
+        for why, l, h in chosen_heads(prof):
+            name = f"map-L{l}-H{h}.png"
+            maps.append((why, l, h, f"{name} ({write_map_png(prof, l, h, why, out / name)})"))
+    raster = any(v.endswith("(raster)") for v in [*pngs.values(), *(m[3] for m in maps)])
     note = ("The PNG files are plain rasters (kaleido found no Chrome): one cell per head, layers top to bottom, "
             "viridis from the score's min to max; the plots below are the labelled versions." if raster else "")
-    write_page(prof, out / "analyze.html", pngs, note)
+    write_page(prof, out / "analyze.html", pngs, note, maps)
     summary = {"out": str(out), "layers": prof.layers, "heads": prof.heads, "tokens": n,
                "top_sink": prof.top("sink", 3), "top_streaming": prof.top("streaming", 3),
                "patterns": {name: int((prof.pattern == i).sum()) for i, name in enumerate(("a_shape", "vertical_slash",
@@ -137,5 +146,6 @@ def _run(model: str, n: int, out: Path, haystack: str, sample_rows: int, sink_to
         summary["top_retrieval"] = prof.top("retrieval", 3)
         summary["needle_found"] = sum(r["found"] for r in records)
     console.print(f"wrote {out / 'profile.json'}, {out / 'analyze.html'} and {len(pngs)} PNG heatmaps"
-                  + (" (plain rasters: no Chrome for kaleido)" if raster else ""), highlight=False)
+                  + f", {len(maps)} attention maps" + (" (plain rasters: no Chrome for kaleido)" if raster else ""),
+                  highlight=False)
     typer.echo(json.dumps({"analyze": summary}))

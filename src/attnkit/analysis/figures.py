@@ -1,4 +1,5 @@
-"""Figures of a HeadProfile: one (layer x head) heatmap per score as PNG, and an HTML page.
+"""Figures of a HeadProfile: one (layer x head) heatmap per score as PNG, coarse attention
+maps of chosen heads, and an HTML page.
 
 PNG: plotly + kaleido when kaleido finds a Chrome/Chromium (labelled axes and colour
 bar); otherwise a plain raster written with the standard library (one cell per head,
@@ -91,7 +92,8 @@ def _colour(t: float) -> tuple[int, int, int]:
     return tuple(round(x + (y - x) * f) for x, y in zip(a, b))  # type: ignore[return-value]
 
 
-def write_page(prof: HeadProfile, path: Path, pngs: dict[str, str], note: str = "") -> None:
+def write_page(prof: HeadProfile, path: Path, pngs: dict[str, str], note: str = "",
+               maps: list[tuple[str, int, int, str]] = ()) -> None:
     """A self-contained HTML page: settings, top heads per score, every heatmap (interactive)."""
     from ..bench.report.page import Report, Table
 
@@ -113,4 +115,66 @@ def write_page(prof: HeadProfile, path: Path, pngs: dict[str, str], note: str = 
         rep.h2(TITLES[kind])
         rep.p(f"PNG: {pngs.get(kind, '-')}")
         rep.fig(heatmap_figure(prof, kind))
+    if maps and prof.maps is not None:
+        rep.h2("Attention maps of chosen heads")
+        rep.p("Mass of each key bin averaged over the sampled query rows of each row bin (log10); "
+              "rows without a sampled query are blank.")
+        for why, l, h, png in maps:
+            rep.p(f"layer {l} head {h}: {why}; PNG: {png}")
+            rep.fig(map_figure(prof, l, h, why))
     Path(path).write_text(rep.html(), encoding="utf-8")
+
+
+def chosen_heads(prof: HeadProfile) -> list[tuple[str, int, int]]:
+    """Heads worth a look: the top of sink, hidden sinks, streaming, retrieval, the most
+    uniform head, and the clearest head of each pattern class: [(why, layer, head)], no repeats."""
+    picks: list[tuple[str, int, int]] = []
+    for kind, why in (("sink", "top sink"), ("hidden_sink_mass", "top hidden sinks"), ("streaming", "top streaming"),
+                      ("retrieval", "top retrieval")):
+        picks += [(why, l, h) for l, h, _ in prof.top(kind, 1)]
+    flat = prof.entropy_norm.flatten()
+    if flat.numel():
+        i = int(torch.nan_to_num(flat, nan=-1.0).argmax())
+        picks.append(("most uniform", i // prof.heads, i % prof.heads))
+    for c, name in enumerate(PATTERNS):
+        own = torch.where(prof.pattern == c, prof.pattern_recall[..., c], torch.full_like(prof.sink, -1.0))
+        if bool((prof.pattern == c).any()):
+            i = int(own.flatten().argmax())
+            picks.append((f"clearest {name}", i // prof.heads, i % prof.heads))
+    seen, out = set(), []
+    for why, l, h in picks:
+        if (l, h) not in seen:
+            seen.add((l, h))
+            out.append((why, l, h))
+    return out
+
+
+def log_map(prof: HeadProfile, layer: int, head: int) -> torch.Tensor:
+    """log10 of a head's coarse attention map (floor 1e-6)."""
+    assert prof.maps is not None
+    return torch.log10(prof.maps[layer, head].clamp_min(1e-6))
+
+
+def map_figure(prof: HeadProfile, layer: int, head: int, why: str) -> Any:
+    import plotly.graph_objects as go
+
+    z = log_map(prof, layer, head)
+    bins = z.shape[0]
+    n = prof.meta.get("tokens", bins)
+    ticks = [round((i + 0.5) * n / bins) for i in range(bins)]
+    fig = go.Figure(go.Heatmap(z=[[None if v != v else v for v in row] for row in z.tolist()], x=ticks, y=ticks,
+                               colorscale="Viridis", colorbar={"title": "log10 mass"},
+                               hovertemplate="query ~%{y}, keys ~%{x}: 10^%{z:.2f}<extra></extra>"))
+    fig.update_layout(title=f"layer {layer} head {head} ({why}): attention map, {bins} x {bins} bins",
+                      xaxis_title="key position", yaxis_title="query position", yaxis={"autorange": "reversed"},
+                      height=480, width=560)
+    return fig
+
+
+def write_map_png(prof: HeadProfile, layer: int, head: int, why: str, path: Path) -> str:
+    try:
+        map_figure(prof, layer, head, why).write_image(str(path), format="png")
+        return "kaleido"
+    except Exception:
+        raster_png(log_map(prof, layer, head), path, cell=max(2, 512 // log_map(prof, layer, head).shape[0]))
+        return "raster"
