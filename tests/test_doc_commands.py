@@ -125,6 +125,10 @@ def check_plan(argv: list[str], output: str) -> None:
             assert line_of(output, "lengths:") == f"lengths: {lengths}"
     elif command == "report":
         assert f"would write: {argv[2]}/report.md" in output
+    elif command == "analyze":
+        assert f"would write: {option(argv, '--out')}/profile.json" in output
+        if option(argv, "--model"):
+            assert line_of(output, "model:").startswith(f"model: {option(argv, '--model')}")
 
 
 def produced_earlier(output: str, earlier: list[list[str]]) -> bool:

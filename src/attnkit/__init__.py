@@ -37,7 +37,7 @@ def __getattr__(name: str):
         from . import patching
 
         return getattr(patching, name)
-    if name in ("models", "bench"):
+    if name in ("models", "bench", "analysis"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -1,4 +1,5 @@
-"""The ``attnkit`` command line: list, info, speed, calibrate-sea (+ bench, report from attnkit.bench)."""
+"""The ``attnkit`` command line: list, info, speed, calibrate-sea (+ bench, report from attnkit.bench; analyze
+from attnkit.analysis)."""
 
 from __future__ import annotations
 
@@ -360,6 +361,10 @@ except ImportError:  # pragma: no cover - during development
     add_commands = None
 if add_commands is not None:
     add_commands(app)
+
+from .analysis.cli_command import add_command as _add_analyze  # noqa: E402
+
+_add_analyze(app)
 
 
 if __name__ == "__main__":
