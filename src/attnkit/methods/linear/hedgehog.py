@@ -27,13 +27,13 @@ normalisation. State: ``LinearState`` (S (B, Hkv, 2M, Dv), z (B, Hkv, 2M)).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 
 from ...registry import register
+from ..calibration_file import load_layers, save_layers
 from .base import LinearConfig, LinearMethod, run_normalized
 from .state import LinearState, state_dtype
 
@@ -115,36 +115,14 @@ def distill(q: torch.Tensor, k: torch.Tensor, steps: int = 200, lr: float = 0.01
 
 def save_maps(path: str, layers: dict[int, dict[str, torch.Tensor]], **meta: Any) -> None:
     """Write distilled maps ({layer: distill's dict}) for ``hedgehog(maps=PATH, layer=i)``."""
-    clean = {int(i): {name: m[name].float().cpu() for name in MAP_KEYS} for i, m in layers.items()}
-    torch.save({"method": "hedgehog", "version": MAPS_VERSION, "layers": clean, "meta": meta}, path)
-    _LOADED.pop(os.path.abspath(path), None)
-
-
-_LOADED: dict[str, tuple[float, dict]] = {}
+    save_layers(path, "hedgehog", MAPS_VERSION, layers, MAP_KEYS, **meta)
 
 
 def load_maps(path: str) -> dict:
     """Read a file written by ``save_maps`` (cached per path and modification time)."""
-    full = os.path.abspath(path)
-    if not os.path.isfile(full):
-        raise ValueError(f"hedgehog maps file {path!r} does not exist: write one with "
-                         "attnkit.methods.linear.hedgehog.distill + save_maps")
-    mtime = os.path.getmtime(full)
-    if full in _LOADED and _LOADED[full][0] == mtime:
-        return _LOADED[full][1]
-    try:
-        data = torch.load(full, map_location="cpu", weights_only=True)
-    except Exception as exc:  # not a torch file
-        raise ValueError(f"hedgehog maps file {path!r} could not be read as a torch file: {exc}") from exc
-    if not isinstance(data, dict) or data.get("method") != "hedgehog" or not isinstance(data.get("layers"), dict):
-        raise ValueError(f"file {path!r} is not a hedgehog maps file (written by save_maps)")
-    if data.get("version") != MAPS_VERSION:
-        raise ValueError(f"hedgehog maps file {path!r} has version {data.get('version')!r}; this attnkit reads "
-                         f"version {MAPS_VERSION}")
-    for i, entry in data["layers"].items():
-        _check_maps(entry, f"hedgehog maps file {path!r} layer {i}")
-    _LOADED[full] = (mtime, data)
-    return data
+    return load_layers(path, "hedgehog", MAPS_VERSION, noun="hedgehog maps file",
+                       missing_hint="write one with attnkit.methods.linear.hedgehog.distill + save_maps",
+                       what="a hedgehog maps file (written by save_maps)", check_entry=_check_maps)
 
 
 def _check_maps(maps: Any, where: str) -> None:

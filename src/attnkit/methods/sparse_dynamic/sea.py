@@ -42,7 +42,6 @@ chunk 8, features 64, sink 64, local 256.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from ... import validate
 from ...kernels.pattern import cdiv
 from ...registry import register
+from ..calibration_file import load_layers, save_layers
 from .key_slots import KeySlotMethod
 
 ESTIMATOR_VERSION = 1
@@ -258,36 +258,19 @@ def _fit_layer(cap: dict[str, Any], features: int, steps: int, rows: int, lr: fl
 
 def save_estimator(path: str, layers: dict[int, dict[str, torch.Tensor]], **meta: Any) -> None:
     """Write a trained estimator (from ``calibrate``) for ``sea(estimator=PATH, layer=i)``."""
-    clean = {int(i): {"wq": e["wq"].float().cpu(), "wk": e["wk"].float().cpu()} for i, e in layers.items()}
-    torch.save({"method": "sea", "version": ESTIMATOR_VERSION, "layers": clean, "meta": meta}, path)
-    _LOADED.pop(os.path.abspath(path), None)
+    save_layers(path, "sea", ESTIMATOR_VERSION, layers, ("wq", "wk"), **meta)
 
 
-_LOADED: dict[str, tuple[float, dict]] = {}
+def _check_estimator_entry(entry: dict, where: str) -> None:
+    wq, wk = entry.get("wq"), entry.get("wk")
+    if not (isinstance(wq, torch.Tensor) and isinstance(wk, torch.Tensor) and wq.dim() == 3 and wk.dim() == 3
+            and wq.shape[1:] == wk.shape[1:] and wq.shape[0] % wk.shape[0] == 0):
+        raise ValueError(f"{where}: need wq (Hq, M, D) and wk (Hkv, M, D)")
 
 
 def load_estimator(path: str) -> dict:
     """Read a file written by ``save_estimator`` (cached per path and modification time)."""
-    full = os.path.abspath(path)
-    if not os.path.isfile(full):
-        raise ValueError(f"estimator file {path!r} does not exist: run `attnkit calibrate-sea --out {path}` first "
-                         "(or attnkit.methods.sparse_dynamic.sea.calibrate + save_estimator)")
-    mtime = os.path.getmtime(full)
-    if full in _LOADED and _LOADED[full][0] == mtime:
-        return _LOADED[full][1]
-    try:
-        data = torch.load(full, map_location="cpu", weights_only=True)
-    except Exception as exc:  # not a torch file
-        raise ValueError(f"estimator file {path!r} could not be read as a torch file: {exc}") from exc
-    if not isinstance(data, dict) or data.get("method") != "sea" or not isinstance(data.get("layers"), dict):
-        raise ValueError(f"estimator file {path!r} is not a SEA estimator (written by save_estimator)")
-    if data.get("version") != ESTIMATOR_VERSION:
-        raise ValueError(f"estimator file {path!r} has version {data.get('version')!r}; this attnkit reads "
-                         f"version {ESTIMATOR_VERSION}")
-    for i, entry in data["layers"].items():
-        wq, wk = entry.get("wq"), entry.get("wk")
-        if not (isinstance(wq, torch.Tensor) and isinstance(wk, torch.Tensor) and wq.dim() == 3 and wk.dim() == 3
-                and wq.shape[1:] == wk.shape[1:] and wq.shape[0] % wk.shape[0] == 0):
-            raise ValueError(f"estimator file {path!r} layer {i}: need wq (Hq, M, D) and wk (Hkv, M, D)")
-    _LOADED[full] = (mtime, data)
-    return data
+    return load_layers(path, "sea", ESTIMATOR_VERSION, noun="estimator file",
+                       missing_hint=f"run `attnkit calibrate-sea --out {path}` first "
+                                    "(or attnkit.methods.sparse_dynamic.sea.calibrate + save_estimator)",
+                       what="a SEA estimator (written by save_estimator)", check_entry=_check_estimator_entry)
