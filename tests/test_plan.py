@@ -114,8 +114,24 @@ def test_apply_plan_to_tiny_llama_and_unpatch():
         out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         cache = out.past_key_values
         assert type(cache).__name__ == "KVCache" and cache.policy.name == "duo"
+        kept = (cache.kept_positions(1)[0] >= 0).sum(-1).tolist()  # layer 1: KV0 retrieval, KV1 not
+        assert kept[0] >= 96 and kept[1] == 32
+        assert (cache.kept_positions(0)[0] >= 0).sum(-1).tolist() == [32, 32]
     finally:
         ak.unpatch(model)
     assert not hasattr(model, "attnkit_plan") and "generate" not in model.__dict__
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, before, atol=1e-6)
+
+
+def test_docs_example_runs(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "analysis.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", doc.split("## Plans")[1], re.S)[0]
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "plan.json").exists()
