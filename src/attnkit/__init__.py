@@ -37,6 +37,10 @@ def __getattr__(name: str):
         from . import patching
 
         return getattr(patching, name)
+    if name in ("plan", "Plan"):
+        from . import head_plan
+
+        return getattr(head_plan, name)
     if name in ("models", "bench", "analysis"):
         import importlib
 

@@ -325,11 +325,32 @@ def apply(model: torch.nn.Module, plan: PlanLike) -> torch.nn.Module:
     None (exact). A ``"backend"`` key in the config dict (``("moba", {"topk": 3,
     "backend": "dense"})``, or ``LayerMethod(name, config, backend)``) forces that
     layer's kernel backend, one of ``attnkit.kernels.BACKENDS`` (default ``"auto"``).
+    An ``attnkit.Plan`` (``attnkit.plan(profile)``) is also accepted: its per-layer
+    prefill methods become the layer plan, ``model.attnkit_plan`` holds it (roles per KV
+    head), and with a budget ``model.generate`` gets the plan's per-head cache
+    (``Plan.cache_args``: ``duo`` with its retrieval heads) until ``unpatch``.
     Applying again replaces the plan; ``unpatch`` returns to the model as it was before
     the first ``apply``.
     """
     previous = getattr(model, _SAVED_ATTR, None)
+    from .head_plan import Plan
+
+    head_plan = None
+    if isinstance(plan, Plan):
+        head_plan = plan
+        head_plan.check_model(model)
+        plan = head_plan.layer_plan()
     saved = _install(model, plan)
+    if head_plan is not None:
+        # per (layer, KV head) roles, visible on the model; the per-head cache through generate
+        _set(saved, model, "attnkit_plan", head_plan)
+        cache_args = head_plan.cache_args()
+        if cache_args is not None:
+            from .kvcache import generate_with_cache
+
+            block = generate_with_cache(model, **cache_args)
+            block.__enter__()
+            saved.after.append(lambda: block.__exit__(None, None, None))
     if previous is not None:
         # Undo to the state before the first apply: the originals are in `previous`.
         saved = _Saved(previous.implementation, previous.attrs, previous.after + saved.after)
