@@ -9,7 +9,8 @@ compared). A win is a lower error. The win rate of a setting is wins / layers co
 ``median ratio`` is the median over layers of its error / the baseline's.
 
 Held out: with rows of two or more models, each method's setting with the best win rate
-on the *tuning* model (the first model measured; ties: lower median ratio) is reported on
+on the *tuning* model (the first model measured; ties: lower median ratio; only settings
+compared on at least half as many layers as the method's best-covered one) is reported on
 the other models next to the method's default (the setting labelled by the bare method
 name). A setting tuned on one model that still wins on the other generalises.
 """
@@ -23,6 +24,8 @@ from ..store import Row
 from .aggregate import fmt, group
 from .fidelity import BASELINE, baseline_error_at, dense
 from .page import Report, Table
+
+MIN_SHARE = 0.5  # a tuned choice must be compared on at least this share of the layers its method's best-covered setting was
 
 
 def layer_verdicts(rows: list[Row]) -> list[dict[str, Any]]:
@@ -83,7 +86,10 @@ def held_out(rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for method, rs in sorted(group([x for x in rates if x["model"] == tune], lambda x: x["method"]).items()):
         pooled = {label: _pooled(rates, tune, label) for label in dict.fromkeys(x["label"] for x in rs)}
-        tuned = max(pooled, key=lambda label: (pooled[label]["rate"], -(pooled[label]["median_ratio"] or 0.0)))
+        most = max(p["layers"] for p in pooled.values())
+        # a setting compared on few layers (its density mostly outside the baseline's) is not a choice
+        eligible = [label for label, p in pooled.items() if p["layers"] >= MIN_SHARE * most]
+        tuned = max(eligible, key=lambda label: (pooled[label]["rate"], -(pooled[label]["median_ratio"] or 0.0)))
         for other in others:
             for role, label in (("default", method), ("tuned", tuned)):
                 on_tune, on_other = pooled.get(label) or _pooled(rates, tune, label), _pooled(rates, other, label)
@@ -94,7 +100,7 @@ def held_out(rows: list[Row]) -> list[dict[str, Any]]:
 
 def _rate_text(p: Optional[dict[str, Any]]) -> str:
     if p is None:
-        return "not measured"
+        return "not compared (dense, or its density outside the baseline's)"
     return f"{p['wins']}/{p['layers']} ({100 * p['rate']:.0f}%), median ratio {fmt(p['median_ratio'])}"
 
 
