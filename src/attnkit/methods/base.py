@@ -79,12 +79,7 @@ class Method(Configurable):
         if return_state:
             raise ValueError(f"return_state=True: method {self.name!r} is not a linear method and has no recurrent "
                              f"state; the linear family (attnkit list --family linear) has one")
-        validate.check_qkv(q, k, v, check_finite=check_finite)
-        validate.check_scale(scale)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-        validate.check_causal_lengths(q.shape[2], k.shape[2], causal)
-        self._check_supported(causal, q.shape[1] != k.shape[1])
+        self._check_call(q, k, v, causal, scale, check_finite)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         start = time.perf_counter()
         out, lse, stats = self.forward(q, k, v, causal, scale, backend, return_stats, return_lse)
@@ -94,6 +89,17 @@ class Method(Configurable):
             stats.seconds = time.perf_counter() - start
         result = (out,) + ((lse,) if return_lse else ()) + ((stats,) if return_stats else ())
         return result[0] if len(result) == 1 else result
+
+    def _check_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Any, scale: Optional[float],
+                    check_finite: bool) -> None:
+        """The checks every call makes: q/k/v shapes, dtypes and values, scale, causal flag and
+        lengths, and what the method supports."""
+        validate.check_qkv(q, k, v, check_finite=check_finite)
+        validate.check_scale(scale)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        validate.check_causal_lengths(q.shape[2], k.shape[2], causal)
+        self._check_supported(causal, q.shape[1] != k.shape[1])
 
     def _check_supported(self, causal: bool, gqa: bool) -> None:
         flag = "causal" if causal else "non_causal"

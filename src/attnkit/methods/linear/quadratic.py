@@ -12,7 +12,6 @@ from typing import Optional
 
 import torch
 
-from ... import validate
 from ..base import AttentionStats, Method
 
 
@@ -30,12 +29,7 @@ class QuadraticMethod(Method):
         if return_state:
             raise ValueError(f"return_state=True: method {self.name!r} has no recurrent state (it attends over all its "
                              f"keys at every call); pass earlier tokens as keys (Nq < Nk) instead")
-        validate.check_qkv(q, k, v, check_finite=check_finite)
-        validate.check_scale(scale)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-        validate.check_causal_lengths(q.shape[2], k.shape[2], causal)
-        self._check_supported(causal, q.shape[1] != k.shape[1])
+        self._check_call(q, k, v, causal, scale, check_finite)
         if backend != "auto":
             raise ValueError(f"method {self.name!r} runs its own kernel, not a pattern: backend must be 'auto', "
                              f"got {backend!r}")
