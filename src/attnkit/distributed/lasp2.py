@@ -1,0 +1,275 @@
+"""LASP-2: context parallelism for linear attention by one all-gather of the states.
+
+Paper: Sun, Lan, Zhong, Qu, Cheng, "LASP-2: Rethinking Sequence Parallelism for Linear
+Attention and Its Hybrid", arXiv:2502.07563 (2025).
+
+Each rank holds a contiguous shard of q, k, v (``shard(x, group, "contiguous")``) and
+the per-call inputs of the method (g, beta) sharded the same way. Rank r:
+
+1. computes its shard's *local transition*: the state its tokens write from a zero
+   initial state (plus, for a decayed or delta-rule method, how the shard maps an
+   incoming state: S_end = A_r S_0 + B_r);
+2. ONE all-gather of these transitions over the group (their size does not depend on
+   the sequence length: H x Dk x Dv floats per rank and batch row, + H x Dk x Dk for
+   the methods with A_r);
+3. prefix-combines the transitions of ranks 0..r-1 into its initial state
+   (S_r = A_{r-1} S_{r-1} + B_{r-1}; a plain sum for the methods without decay);
+   non-causal: the sum of every other rank's state (an all-reduce done as the same
+   all-gather);
+4. runs the method on its shard with ``initial_state`` = that prefix.
+
+Every stateful linear method runs through ``ak.attention`` (its own ``initial_state`` /
+``return_state``), so the result is the single-process one. The transition kinds:
+
+- ``KVState`` methods (retnet, lightning, gla, delta, gated_delta, kda): the final state
+  is affine in the initial one, S_end = A S_0 + B (A diagonal for the gated methods, a
+  full Dk x Dk matrix for the delta rule). A and B come from ONE local pass: the value
+  columns of the recurrence evolve independently, so running the method on
+  v' = [v, 0_{Dk}] from S_0' = [0, I_{Dk}] gives S_end' = [B, A].
+- ``LinearState`` (linear, based, hedgehog) and ``CosformerState``: no decay, A = I: the
+  states add (cosformer's local pass starts at its global position, ``seen``).
+- ``PerformerState``: the states add at a common scale (the larger offset).
+
+Deviations from the paper: its algorithm computes the output as the intra-shard part
+plus Q times the gathered prefix (one pass); here step 4 runs the method again from the
+prefix state (two passes over the shard) so that any method works unchanged through its
+own API. For the delta rule (not covered by the paper, whose methods are additive) the
+affine map A_r is gathered, not a sequential send/recv of the state along the ranks:
+the ranks stay parallel at the price of Dk more value columns in step 1 and Dk x Dk more
+floats per head in the gather. The zigzag layout is refused: a linear method's work per
+token is the same everywhere (nothing to balance) and the prefix needs shards in
+sequence order. Gradients are exact: the all-gather is an ``autograd.Function`` whose
+backward all-reduces the gradient of the gathered transitions and keeps the own slice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..methods.linear.state import CosformerState, KVState, LinearState, PerformerState, state_dtype
+from .sharding import check_same_length, padded_len
+
+_NEG = -1e30  # the offset of an empty performer state: exp(_NEG - x) = 0, and max() ignores it
+
+
+class _AllGather(torch.autograd.Function):
+    """(L,) on each rank -> (R, L), every rank's packet; backward: all-reduce of the
+    gradient (every rank's use of packet j), then rank j keeps row j. ``anchors`` (unused
+    in forward, zero gradient) make the output require grad on a rank whose own packet
+    does not (a shard of padding only), so every rank takes part in the backward's
+    collective, and give that rank's inputs a zero gradient rather than None."""
+
+    @staticmethod
+    def forward(ctx, packet, group, *anchors):
+        parts = [torch.empty_like(packet) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, packet.contiguous(), group=group)
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        ctx.anchors = [(a.shape, a.dtype, a.device) for a in anchors]
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        zeros = [torch.zeros(s, dtype=d, device=dev) if need else None
+                 for (s, d, dev), need in zip(ctx.anchors, ctx.needs_input_grad[2:])]
+        return (grad[ctx.rank], None, *zeros)
+
+
+# --- transition kinds: local pass, empty transition, combine, state -------------------
+
+
+class _Additive:
+    """LinearState (linear, based, hedgehog): S and z add."""
+
+    names = ("S", "z")
+
+    def config(self, config: dict, total_len: int) -> dict:
+        return config
+
+    def start(self, m, q, k, v, pos: int):
+        """The initial state of the local pass (None: zero)."""
+        return None
+
+    def local(self, run, m, q, k, v, pos: int) -> dict:
+        _, st = run(q, k, v, self.start(m, q, k, v, pos))
+        return {n: getattr(st, n) for n in self.names if getattr(st, n) is not None}
+
+    def empty(self, m, q, k, v) -> dict:
+        shapes = m.state_shapes(q, k, v)
+        dt = state_dtype(q.dtype)
+        return {n: torch.zeros(shapes[n], dtype=dt, device=q.device) for n in self.names if shapes.get(n)}
+
+    def combine(self, prev: dict, cur: dict) -> dict:
+        """The transition of prev's tokens followed by cur's."""
+        return {n: prev[n] + cur[n] for n in cur}
+
+    def state(self, t: dict, pos: int):
+        return LinearState(S=t["S"], z=t.get("z"))
+
+
+class _Cosformer(_Additive):
+    """CosformerState: additive; M fixed to the whole length, local pass at its position."""
+
+    names = ("S_cos", "S_sin", "z_cos", "z_sin")
+
+    def config(self, config, total_len):
+        return config if config.get("max_len", 0) else {**config, "max_len": total_len}
+
+    def start(self, m, q, k, v, pos):
+        e = self.empty(m, q, k, v)
+        return CosformerState(**e, seen=pos)
+
+    def state(self, t, pos):
+        return CosformerState(**t, seen=pos)
+
+
+class _Performer(_Additive):
+    """PerformerState: S, z stored at scale exp(-offset); add at the larger offset."""
+
+    names = ("S", "z", "offset")
+
+    def empty(self, m, q, k, v):
+        e = super().empty(m, q, k, v)
+        return {**e, "offset": torch.full_like(e["offset"], _NEG)}
+
+    def combine(self, prev, cur):
+        off = torch.maximum(prev["offset"], cur["offset"])
+        a, b = (prev["offset"] - off).exp(), (cur["offset"] - off).exp()
+        return {"S": a[..., None, None] * prev["S"] + b[..., None, None] * cur["S"],
+                "z": a[..., None] * prev["z"] + b[..., None] * cur["z"], "offset": off}
+
+    def state(self, t, pos):
+        return PerformerState(**t)
+
+
+class _Affine(_Additive):
+    """KVState (gated and delta-rule methods): S_end = A S_0 + B, from one probe pass."""
+
+    names = ("A", "B")
+
+    def local(self, run, m, q, k, v, pos):
+        dk, dv = k.shape[-1], v.shape[-1]
+        b, h = v.shape[0], m.state_shapes(q, k, v)["S"][1]
+        dt = state_dtype(q.dtype)
+        eye = torch.eye(dk, dtype=dt, device=q.device).expand(b, h, dk, dk)
+        s0 = torch.cat([torch.zeros(b, h, dk, dv, dtype=dt, device=q.device), eye], dim=-1)
+        _, st = run(q, k, F.pad(v, (0, dk)), KVState(S=s0))
+        return {"A": st.S[..., dv:], "B": st.S[..., :dv]}
+
+    def empty(self, m, q, k, v):
+        b, h, dk, dv = m.state_shapes(q, k, v)["S"]
+        dt = state_dtype(q.dtype)
+        eye = torch.eye(dk, dtype=dt, device=q.device).expand(b, h, dk, dk).contiguous()
+        return {"A": eye, "B": torch.zeros(b, h, dk, dv, dtype=dt, device=q.device)}
+
+    def combine(self, prev, cur):
+        return {"A": cur["A"] @ prev["A"], "B": cur["A"] @ prev["B"] + cur["B"]}
+
+    def state(self, t, pos):
+        return KVState(S=t["B"])  # the state from S = 0 at position 0
+
+
+def _kind(m) -> _Additive:
+    """The transition kind of a configured method, by its state class."""
+    kinds = {KVState: _Affine, LinearState: _Additive, PerformerState: _Performer, CosformerState: _Cosformer}
+    state_cls = getattr(m, "State", None)
+    if state_cls not in kinds or "initial_state" not in getattr(m, "inputs", ()):
+        raise ValueError(f"lasp2 runs the linear methods with a recurrent state (initial_state / return_state); "
+                         f"{m.name!r} has none (use ring_attention or ulysses_attention)")
+    return kinds[state_cls]()
+
+
+# --- packing: one flat tensor per rank for the one all-gather -------------------------
+
+
+def _pack(t: dict) -> torch.Tensor:
+    return torch.cat([t[n].reshape(-1) for n in sorted(t)])
+
+
+def _unpack(flat: torch.Tensor, like: dict) -> dict:
+    out, i = {}, 0
+    for n in sorted(like):
+        size = like[n].numel()
+        out[n] = flat[i:i + size].view(like[n].shape)
+        i += size
+    return out
+
+
+def _split(m, config_and_inputs: dict) -> tuple[dict, dict]:
+    """(config, per-call inputs) of the keyword arguments; initial/return state refused."""
+    for bad in ("initial_state", "return_state", "return_lse"):
+        if bad in config_and_inputs:
+            raise ValueError(f"lasp2 does not take {bad!r}: the initial state of each shard is the prefix "
+                             f"of the ranks before it")
+    inputs = {n: t for n, t in config_and_inputs.items() if n in m.inputs}
+    return {n: c for n, c in config_and_inputs.items() if n not in inputs}, inputs
+
+
+def lasp2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group=None,
+    method: str = "linear",
+    causal: bool = True,
+    layout: str = "contiguous",
+    total_len: Optional[int] = None,
+    scale: Optional[float] = None,
+    **config_and_inputs: Any,
+) -> torch.Tensor:
+    """Context-parallel linear attention (LASP-2) of this rank's contiguous shard.
+
+    q: (B, Hq, n, Dk); k: (B, Hkv, n, Dk); v: (B, Hkv, n, Dv) (delta-rule methods: q, k
+    Hk heads, v Hv = m Hk): this rank's ``shard(x, group, "contiguous")``, the same n on
+    every rank. total_len: the true length before ``shard`` padded it (default R * n).
+    method: a linear method with a state (linear, retnet, lightning, gla, delta,
+    gated_delta, kda, performer, cosformer, based, hedgehog); config fields and the
+    method's per-call inputs (g (B, H, n[, Dk]), beta (B, H, n): this rank's shards) as
+    keyword arguments. Returns out (B, Hq, n, Dv), this rank's shard (padded rows zero).
+    Differentiable in q, k, v and the inputs (exact).
+    """
+    from ..api import attention, get
+
+    if layout != "contiguous":
+        raise ValueError(f"lasp2 uses the contiguous layout (got {layout!r}): linear attention costs the same per "
+                         "token everywhere, so zigzag balances nothing, and the state prefix needs shards in order")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = q.shape[2]
+    total_len = world * n if total_len is None else total_len
+    check_same_length(total_len, group)
+    if padded_len(total_len, world, "contiguous") != world * n:
+        raise ValueError(f"a shard of {n} positions does not fit total_len={total_len} at {world} ranks (contiguous)")
+    config, inputs = _split(get(method), config_and_inputs)
+    kind = _kind(get(method))
+    config = kind.config(config, total_len)
+    mm = get(method, **config)
+    real = max(0, min(n, total_len - rank * n))  # this shard's positions before the padding
+    pos = rank * n
+    cut = [t[:, :, :real] for t in (q, k, v)]
+    cut_inputs = {name: t[:, :, :real] for name, t in inputs.items()}
+
+    def run(qq, kk, vv, state):
+        return attention(qq, kk, vv, method=method, causal=causal, scale=scale, initial_state=state,
+                         return_state=True, **cut_inputs, **config)
+
+    empty = kind.empty(mm, q, k, v)
+    mine = kind.local(run, mm, *cut, pos) if real else empty
+    anchors = (q,) if real else (q, k, v, *inputs.values())
+    gathered = _AllGather.apply(_pack(mine), group, *anchors)
+    parts = [_unpack(gathered[j], empty) for j in range(world)]
+    prefix = None
+    for j in (range(rank) if causal else (j for j in range(world) if j != rank)):
+        prefix = parts[j] if prefix is None else kind.combine(prefix, parts[j])
+    if real:
+        start = kind.state(prefix, pos) if prefix is not None else kind.start(mm, *cut, pos)
+        out = run(*cut, start)[0]
+    else:
+        out = q.new_zeros(q.shape[0], max(q.shape[1], v.shape[1]), n, v.shape[-1])
+    out = F.pad(out, (0, 0, 0, n - out.shape[2]))
+    # every rank's output depends on the gather, so every rank runs its backward collective
+    return out + (0.0 * gathered.sum()).to(out.dtype)
