@@ -33,7 +33,7 @@ DELTA = ("delta", "gated_delta", "kda")
 
 CHECKS = ([f"causal-{m}" for m in CAUSAL] + [f"noncausal-{m}" for m in NONCAUSAL]
           + ["tiny-gla", "tiny-performer-noncausal", "tiny-cosformer", "linear-unnormalized",
-             "zigzag-refused", "not-linear-refused", "length-mismatch"])
+             "zigzag-refused", "not-linear-refused", "length-mismatch", "missing-beta"])
 
 
 def _inputs(method, n, seed):
@@ -83,6 +83,10 @@ def _refusals(name, rank, world):
     elif name == "not-linear-refused":
         with pytest.raises(ValueError, match="recurrent state"):
             akd.lasp2(q, q, q, method="sliding_window", window=4)
+    elif name == "missing-beta":  # 5 positions: at 4 ranks the last shard is padding, it raises too
+        qs = akd.shard(torch.randn(1, 2, 5, 4), layout="contiguous")
+        with pytest.raises(ValueError, match="needs beta"):
+            akd.lasp2(qs, qs, qs, method="delta", total_len=5)
     else:  # one rank called with another total length: an error on every rank, no hang
         with pytest.raises(ValueError, match="different total lengths"):
             akd.lasp2(q, q, q, total_len=8 * world - (rank == world - 1))
@@ -90,7 +94,7 @@ def _refusals(name, rank, world):
 
 def _run_check(name, rank, world):
     seed = sum(map(ord, name))
-    if name.endswith("-refused") or name == "length-mismatch":
+    if name.endswith("-refused") or name in ("length-mismatch", "missing-beta"):
         _refusals(name, rank, world)
     elif name.startswith("tiny-"):  # 5 positions: at 4 ranks the last holds only padding
         method = name.split("-")[1]

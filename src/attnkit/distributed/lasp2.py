@@ -244,21 +244,24 @@ def lasp2(
     check_same_length(total_len, group)
     if padded_len(total_len, world, "contiguous") != world * n:
         raise ValueError(f"a shard of {n} positions does not fit total_len={total_len} at {world} ranks (contiguous)")
-    config, inputs = _split(get(method), config_and_inputs)
     kind = _kind(get(method))
+    config, inputs = _split(get(method), config_and_inputs)
     config = kind.config(config, total_len)
-    mm = get(method, **config)
+    m = get(method, **config)
     real = max(0, min(n, total_len - rank * n))  # this shard's positions before the padding
     pos = rank * n
-    cut = [t[:, :, :real] for t in (q, k, v)]
-    cut_inputs = {name: t[:, :, :real] for name, t in inputs.items()}
 
-    def run(qq, kk, vv, state):
-        return attention(qq, kk, vv, method=method, causal=causal, scale=scale, initial_state=state,
-                         return_state=True, **cut_inputs, **config)
+    def run(qq, kk, vv, state, length=real):
+        return attention(qq[:, :, :length], kk[:, :, :length], vv[:, :, :length], method=method, causal=causal,
+                         scale=scale, initial_state=state, return_state=True,
+                         **{name: t[:, :, :length] for name, t in inputs.items()}, **config)
 
-    empty = kind.empty(mm, q, k, v)
-    mine = kind.local(run, mm, *cut, pos) if real else empty
+    empty = kind.empty(m, q, k, v)
+    if real:
+        mine = kind.local(run, m, q, k, v, pos)
+    else:  # a shard of padding only: the method's checks still run here, before the gather
+        run(q, k, v, None, length=1)
+        mine = empty
     anchors = (q,) if real else (q, k, v, *inputs.values())
     gathered = _AllGather.apply(_pack(mine), group, *anchors)
     parts = [_unpack(gathered[j], empty) for j in range(world)]
@@ -266,8 +269,8 @@ def lasp2(
     for j in (range(rank) if causal else (j for j in range(world) if j != rank)):
         prefix = parts[j] if prefix is None else kind.combine(prefix, parts[j])
     if real:
-        start = kind.state(prefix, pos) if prefix is not None else kind.start(mm, *cut, pos)
-        out = run(*cut, start)[0]
+        start = kind.state(prefix, pos) if prefix is not None else kind.start(m, q, k, v, pos)
+        out = run(q, k, v, start)[0]
     else:
         out = q.new_zeros(q.shape[0], max(q.shape[1], v.shape[1]), n, v.shape[-1])
     out = F.pad(out, (0, 0, 0, n - out.shape[2]))
