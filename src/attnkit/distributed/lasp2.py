@@ -16,7 +16,12 @@ the per-call inputs of the method (g, beta) sharded the same way. Rank r:
    (S_r = A_{r-1} S_{r-1} + B_{r-1}; a plain sum for the methods without decay);
    non-causal: the sum of every other rank's state (an all-reduce done as the same
    all-gather);
-4. runs the method on its shard with ``initial_state`` = that prefix.
+4. its output: for the affine kinds below, from the local pass itself (the state's read
+   is linear in the prefix S: o_t = o_t(0) + r_t S, r_t the probe columns' output); for
+   the others, the method run again on its shard with ``initial_state`` = the prefix.
+   Rank 0 (causal) needs no prefix: its local pass is its output, and the last rank's
+   transition is read by no one, so it runs only the output pass: every rank runs the
+   method once at 2 ranks, ranks 1..R-2 twice at more (additive kinds).
 
 Every stateful linear method runs through ``ak.attention`` (its own ``initial_state`` /
 ``return_state``), so the result is the single-process one. The transition kinds:
@@ -31,14 +36,17 @@ Every stateful linear method runs through ``ak.attention`` (its own ``initial_st
 - ``PerformerState``: the states add at a common scale (the larger offset).
 
 Deviations from the paper: its algorithm computes the output as the intra-shard part
-plus Q times the gathered prefix (one pass); here step 4 runs the method again from the
-prefix state (two passes over the shard) so that any method works unchanged through its
-own API. For the delta rule (not covered by the paper, whose methods are additive) the
-affine map A_r is gathered, not a sequential send/recv of the state along the ranks:
-the ranks stay parallel at the price of Dk more value columns in step 1 and Dk x Dk more
-floats per head in the gather. The zigzag layout is refused: a linear method's work per
-token is the same everywhere (nothing to balance) and the prefix needs shards in
-sequence order. Gradients are exact: the all-gather is an ``autograd.Function`` whose
+plus Q times the gathered prefix, one pass; that holds here for the affine kinds (the
+probe columns are the Q-side read), while the additive kinds (normalised feature maps,
+whose output is a ratio the method's API returns already divided) run the method again
+from the prefix, so that any method works unchanged through its own API. For the delta
+rule (not covered by the paper, whose methods are additive) the affine map A_r is
+gathered, not a sequential send/recv of the state along the ranks: the ranks stay
+parallel (a sequential pass would serialise R shard passes) at the price of Dk more
+value columns in the local pass and Dk x Dk more floats per head in the gather (as the
+Kimi Linear report notes, summing the local states is not enough for the delta rule).
+The zigzag layout is refused: a linear method's work per token is the same everywhere
+(nothing to balance) and the prefix needs shards in sequence order. Gradients are exact: the all-gather is an ``autograd.Function`` whose
 backward all-reduces the gradient of the gathered transitions and keeps the own slice.
 """
 
@@ -87,6 +95,7 @@ class _Additive:
     """LinearState (linear, based, hedgehog): S and z add."""
 
     names = ("S", "z")
+    one_pass = False  # True: the local pass gives the output for any prefix
 
     def config(self, config: dict, total_len: int) -> dict:
         return config
@@ -95,9 +104,16 @@ class _Additive:
         """The initial state of the local pass (None: zero)."""
         return None
 
-    def local(self, run, m, q, k, v, pos: int) -> dict:
-        _, st = run(q, k, v, self.start(m, q, k, v, pos))
-        return {n: getattr(st, n) for n in self.names if getattr(st, n) is not None}
+    def local(self, run, m, q, k, v, pos: int) -> tuple[dict, torch.Tensor]:
+        """(this shard's transition, its output from a zero prefix (B, Ho, n', Dv))."""
+        out, st = run(q, k, v, self.start(m, q, k, v, pos))
+        return {n: getattr(st, n) for n in self.names if getattr(st, n) is not None}, out
+
+    def output(self, run, m, q, k, v, pos: int, local_out, prefix: Optional[dict]) -> torch.Tensor:
+        """The shard's output from the prefix transition (None: nothing before it)."""
+        if prefix is None and local_out is not None:
+            return local_out  # the local pass started where this shard starts
+        return run(q, k, v, self.start(m, q, k, v, pos) if prefix is None else self.state(prefix, pos))[0]
 
     def empty(self, m, q, k, v) -> dict:
         shapes = m.state_shapes(q, k, v)
@@ -148,9 +164,11 @@ class _Performer(_Additive):
 
 
 class _Affine(_Additive):
-    """KVState (gated and delta-rule methods): S_end = A S_0 + B, from one probe pass."""
+    """KVState (gated and delta-rule methods): S_end = A S_0 + B, from one probe pass,
+    whose probe columns also give the output's read of the prefix: o = o_0 + (q^T A_t) S."""
 
     names = ("A", "B")
+    one_pass = True
 
     def local(self, run, m, q, k, v, pos):
         dk, dv = k.shape[-1], v.shape[-1]
@@ -158,8 +176,17 @@ class _Affine(_Additive):
         dt = state_dtype(q.dtype)
         eye = torch.eye(dk, dtype=dt, device=q.device).expand(b, h, dk, dk)
         s0 = torch.cat([torch.zeros(b, h, dk, dv, dtype=dt, device=q.device), eye], dim=-1)
-        _, st = run(q, k, F.pad(v, (0, dk)), KVState(S=s0))
-        return {"A": st.S[..., dv:], "B": st.S[..., :dv]}
+        out, st = run(q, k, F.pad(v, (0, dk)), KVState(S=s0))
+        return {"A": st.S[..., dv:], "B": st.S[..., :dv]}, out
+
+    def output(self, run, m, q, k, v, pos, local_out, prefix):
+        """o_t = o_t(S = 0) + (probe output)_t S_prefix: the state's read is linear in S."""
+        dv = v.shape[-1]
+        out, read = local_out[..., :dv], local_out[..., dv:]
+        if prefix is None:
+            return out
+        s = prefix["B"].repeat_interleave(out.shape[1] // prefix["B"].shape[1], dim=1)  # GQA: query head -> state
+        return (out + read.to(s.dtype) @ s).to(out.dtype)
 
     def empty(self, m, q, k, v):
         b, h, dk, dv = m.state_shapes(q, k, v)["S"]
@@ -220,8 +247,9 @@ def lasp2(
     layout: str = "contiguous",
     total_len: Optional[int] = None,
     scale: Optional[float] = None,
+    return_stats: bool = False,
     **config_and_inputs: Any,
-) -> torch.Tensor:
+):
     """Context-parallel linear attention (LASP-2) of this rank's contiguous shard.
 
     q: (B, Hq, n, Dk); k: (B, Hkv, n, Dk); v: (B, Hkv, n, Dv) (delta-rule methods: q, k
@@ -230,7 +258,9 @@ def lasp2(
     method: a linear method with a state (linear, retnet, lightning, gla, delta,
     gated_delta, kda, performer, cosformer, based, hedgehog); config fields and the
     method's per-call inputs (g (B, H, n[, Dk]), beta (B, H, n): this rank's shards) as
-    keyword arguments. Returns out (B, Hq, n, Dv), this rank's shard (padded rows zero).
+    keyword arguments. Returns out (B, Hq, n, Dv), this rank's shard (padded rows zero),
+    then, when ``return_stats``, a dict: ``state_bytes`` (this rank's packet in the
+    gather) and ``bytes_sent`` ((R - 1) x state_bytes, a ring all-gather; forward).
     Differentiable in q, k, v and the inputs (exact).
     """
     from ..api import attention, get
@@ -257,22 +287,25 @@ def lasp2(
                          **{name: t[:, :, :length] for name, t in inputs.items()}, **config)
 
     empty = kind.empty(m, q, k, v)
-    if real:
-        mine = kind.local(run, m, q, k, v, pos)
-    else:  # a shard of padding only: the method's checks still run here, before the gather
+    # under causal no rank reads the last rank's transition: it runs the method once, from its prefix
+    local = real and (kind.one_pass or not causal or rank < world - 1)
+    mine, local_out = kind.local(run, m, q, k, v, pos) if local else (empty, None)
+    if not local:  # the method's checks run here too, before the gather (an error on every rank, no hang)
         run(q, k, v, None, length=1)
-        mine = empty
-    anchors = (q,) if real else (q, k, v, *inputs.values())
+    anchors = (q,) if local else (q, k, v, *inputs.values())
     gathered = _AllGather.apply(_pack(mine), group, *anchors)
     parts = [_unpack(gathered[j], empty) for j in range(world)]
     prefix = None
     for j in (range(rank) if causal else (j for j in range(world) if j != rank)):
         prefix = parts[j] if prefix is None else kind.combine(prefix, parts[j])
     if real:
-        start = kind.state(prefix, pos) if prefix is not None else kind.start(m, q, k, v, pos)
-        out = run(q, k, v, start)[0]
+        out = kind.output(run, m, q, k, v, pos, local_out, prefix)
     else:
         out = q.new_zeros(q.shape[0], max(q.shape[1], v.shape[1]), n, v.shape[-1])
     out = F.pad(out, (0, 0, 0, n - out.shape[2]))
     # every rank's output depends on the gather, so every rank runs its backward collective
-    return out + (0.0 * gathered.sum()).to(out.dtype)
+    out = out + (0.0 * gathered.sum()).to(out.dtype)
+    if not return_stats:
+        return out
+    state_bytes = gathered.shape[1] * gathered.element_size()
+    return out, {"state_bytes": state_bytes, "bytes_sent": (world - 1) * state_bytes}
