@@ -120,3 +120,14 @@ def results(tmp_path_factory):
 def test_lasp2_matches_one_process(results, world, check):
     for rank, res in enumerate(results[world]):
         assert res[check] == "ok", f"rank {rank} of {world}:\n{res[check]}"
+
+
+def test_lasp2_example_runs():
+    """The docs' torchrun example (docs/distributed.md, LASP-2) at 2 ranks, small sizes."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "examples" / "lasp2.py"), "--length", "67"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    errors = [float(line.split("max error: ")[1].split()[0]) for line in res.stdout.splitlines() if "max error" in line]
+    assert len(errors) == 3 and max(errors) < TOL, res.stdout

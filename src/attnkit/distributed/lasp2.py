@@ -43,8 +43,7 @@ from the prefix, so that any method works unchanged through its own API. For the
 rule (not covered by the paper, whose methods are additive) the affine map A_r is
 gathered, not a sequential send/recv of the state along the ranks: the ranks stay
 parallel (a sequential pass would serialise R shard passes) at the price of Dk more
-value columns in the local pass and Dk x Dk more floats per head in the gather (as the
-Kimi Linear report notes, summing the local states is not enough for the delta rule).
+value columns in the local pass and Dk x Dk more floats per head in the gather.
 The zigzag layout is refused: a linear method's work per token is the same everywhere
 (nothing to balance) and the prefix needs shards in sequence order. Gradients are exact: the all-gather is an ``autograd.Function`` whose
 backward all-reduces the gradient of the gathered transitions and keeps the own slice.
