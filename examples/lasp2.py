@@ -45,21 +45,21 @@ def main() -> None:
         sharded = {name: akd.shard(t, layout="contiguous") for name, t in mine.items()}
         out, stats = akd.lasp2(*shards, method=method, total_len=n, return_stats=True, **sharded)
         full = akd.unshard(out, layout="contiguous", total_len=n)
-        times = []
+        times, one = [], []  # interleaved: lasp2 on every rank, then one process on rank 0
         for _ in range(args.time):
             dist.barrier()
             start = time.perf_counter()
             akd.lasp2(*shards, method=method, total_len=n, **sharded)
             times.append(time.perf_counter() - start)
+            dist.barrier()
+            if dist.get_rank() == 0:
+                start = time.perf_counter()
+                ak.attention(q, k, v, method=method, causal=True, **mine)
+                one.append(time.perf_counter() - start)
         if dist.get_rank() == 0:
             err = (full - ak.attention(q, k, v, method=method, causal=True, **mine)).abs().max().item()
             print(f"{method}: ranks {world}  n {n}  max error: {err:.2e}  bytes sent per rank: {stats['bytes_sent']}")
             if times:
-                one = []  # the single-process call, timed here too (the other ranks wait)
-                for _ in range(args.time):
-                    start = time.perf_counter()
-                    ak.attention(q, k, v, method=method, causal=True, **mine)
-                    one.append(time.perf_counter() - start)
                 row = {"method": method, "ranks": world, "length": n, "heads": args.heads, "dim": args.dim,
                        "median_s": statistics.median(times), "one_process_s": statistics.median(one),
                        "bytes_sent": stats["bytes_sent"]}
