@@ -175,7 +175,8 @@ class _Affine(_Additive):
         dt = state_dtype(q.dtype)
         eye = torch.eye(dk, dtype=dt, device=q.device).expand(b, h, dk, dk)
         s0 = torch.cat([torch.zeros(b, h, dk, dv, dtype=dt, device=q.device), eye], dim=-1)
-        out, st = run(q, k, F.pad(v, (0, dk)), KVState(S=s0))
+        # in the compute dtype (the method's own), so the read r_t is not rounded to fp16 / bf16
+        out, st = run(q.to(dt), k.to(dt), F.pad(v.to(dt), (0, dk)), KVState(S=s0))
         return {"A": st.S[..., dv:], "B": st.S[..., :dv]}, out
 
     def output(self, run, m, q, k, v, pos, local_out, prefix):
@@ -185,7 +186,7 @@ class _Affine(_Additive):
         if prefix is None:
             return out
         s = prefix["B"].repeat_interleave(out.shape[1] // prefix["B"].shape[1], dim=1)  # GQA: query head -> state
-        return (out + read.to(s.dtype) @ s).to(out.dtype)
+        return out + read @ s.to(read.dtype)
 
     def empty(self, m, q, k, v):
         b, h, dk, dv = m.state_shapes(q, k, v)["S"]
@@ -301,7 +302,7 @@ def lasp2(
         out = kind.output(run, m, q, k, v, pos, local_out, prefix)
     else:
         out = q.new_zeros(q.shape[0], max(q.shape[1], v.shape[1]), n, v.shape[-1])
-    out = F.pad(out, (0, 0, 0, n - out.shape[2]))
+    out = F.pad(out.to(q.dtype), (0, 0, 0, n - out.shape[2]))
     # every rank's output depends on the gather, so every rank runs its backward collective
     out = out + (0.0 * gathered.sum()).to(out.dtype)
     if not return_stats:
