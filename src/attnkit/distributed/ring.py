@@ -104,7 +104,7 @@ def _partial(q, k, v, scale, mask, chunks: int):
         parts = []
         for j in range(chunks):
             cols = slice(j * n, (j + 1) * n)
-            m = mask[rows, cols]
+            m = mask[..., rows, cols]  # (Nq, Nk), or (B, H, Nq, Nk) for a per-head pattern
             if bool(m.any()):
                 parts.append(_block(q[:, :, rows], k[:, :, cols], v[:, :, cols], scale, None if bool(m.all()) else m))
         o, lse = merge_partials(parts) if parts else _empty(q[:, :, rows], v)  # no key for these rows here
@@ -192,6 +192,23 @@ def _mask_mod(method: str, causal: bool, total_len: int, config: dict):
     return m.mask_mod(causal, kv_len=total_len)
 
 
+def run_ring(q, k, v, group, causal: bool, layout: str, scale: float, total_len: int, mask_mod,
+             every_step: bool = False):
+    """The ring on checked shards under ``mask_mod(b, h, q_pos, k_pos)`` of global positions
+    (None: causality and padding only; it may return (Nq, Nk) or, for a per-head pattern,
+    (B, Hq, Nq, Nk)). Returns out, lse and the stats dict of ``ring_attention``."""
+    world = dist.get_world_size(group)
+    geo = _Geometry(world, q.shape[2], total_len, layout, causal, mask_mod, q.device)
+    # the ring stops after the last step any rank needs (the same on every rank)
+    steps = world if every_step else 1 + max(
+        (s for r in range(world) for s in range(world) if geo.needed(r, (r - s) % world)), default=0)
+    out, lse = _RingAttention.apply(q, k, v, group, geo, steps, scale)
+    shard_bytes = k.numel() * k.element_size() + v.numel() * v.element_size()
+    stats = {"steps": steps, "transfers": steps - 1, "transfers_skipped": world - steps,
+             "bytes_sent": (steps - 1) * shard_bytes, "bytes_saved": (world - steps) * shard_bytes}
+    return out, lse, stats
+
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -227,16 +244,10 @@ def ring_attention(
     if k.shape[2] != n or v.shape[2] != n:
         raise ValueError(f"q, k, v shards must have the same length, got {n}, {k.shape[2]}, {v.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    geo = _Geometry(world, n, total_len, layout, causal, _mask_mod(method, causal, total_len, config), q.device)
-    # the ring stops after the last step any rank needs (the same on every rank)
-    steps = world if method == "full" else 1 + max(
-        (s for r in range(world) for s in range(world) if geo.needed(r, (r - s) % world)), default=0)
-    out, lse = _RingAttention.apply(q, k, v, group, geo, steps, scale)
-    shard_bytes = k.numel() * k.element_size() + v.numel() * v.element_size()
-    stats = {"steps": steps, "transfers": steps - 1, "transfers_skipped": world - steps,
-             "bytes_sent": (steps - 1) * shard_bytes, "bytes_saved": (world - steps) * shard_bytes}
+    mask_mod = _mask_mod(method, causal, total_len, config)
+    out, lse, stats = run_ring(q, k, v, group, causal, layout, scale, total_len, mask_mod, every_step=method == "full")
     if method != "full":
-        log.debug("ring_attention %s: %d of %d steps, %d bytes saved per rank", method, steps, world,
+        log.debug("ring_attention %s: %d of %d steps, %d bytes saved per rank", method, stats["steps"], world,
                   stats["bytes_saved"])
     res = (out,) + ((lse,) if return_lse else ()) + ((stats,) if return_stats else ())
     return res[0] if len(res) == 1 else res
