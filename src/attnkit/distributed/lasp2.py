@@ -45,8 +45,9 @@ gathered, not a sequential send/recv of the state along the ranks: the ranks sta
 parallel (a sequential pass would serialise R shard passes) at the price of Dk more
 value columns in the local pass and Dk x Dk more floats per head in the gather.
 The zigzag layout is refused: a linear method's work per token is the same everywhere
-(nothing to balance) and the prefix needs shards in sequence order. Gradients are exact: the all-gather is an ``autograd.Function`` whose
-backward all-reduces the gradient of the gathered transitions and keeps the own slice.
+(nothing to balance) and the prefix needs shards in sequence order. Gradients are exact:
+the all-gather is an ``autograd.Function`` whose backward all-reduces the gradient of
+the gathered transitions and keeps the own slice.
 """
 
 from __future__ import annotations
