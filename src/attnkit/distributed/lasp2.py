@@ -16,9 +16,9 @@ the per-call inputs of the method (g, beta) sharded the same way. Rank r:
    (S_r = A_{r-1} S_{r-1} + B_{r-1}; a plain sum for the methods without decay);
    non-causal: the sum of every other rank's state (an all-reduce done as the same
    all-gather);
-4. its output: for the affine kinds below, from the local pass itself (the state's read
-   is linear in the prefix S: o_t = o_t(0) + r_t S, r_t the probe columns' output); for
-   the others, the method run again on its shard with ``initial_state`` = the prefix.
+4. its output: for the gated and delta-rule kinds below, from the local pass itself
+   (the state's read is linear in the prefix S: o_t = o_t(0) + r_t S); for the additive
+   kinds, the method run again on its shard with ``initial_state`` = the prefix.
    Rank 0 (causal) needs no prefix: its local pass is its output, and the last rank's
    transition is read by no one, so it runs only the output pass: every rank runs the
    method once at 2 ranks, ranks 1..R-2 twice at more (additive kinds).
@@ -26,21 +26,25 @@ the per-call inputs of the method (g, beta) sharded the same way. Rank r:
 Every stateful linear method runs through ``ak.attention`` (its own ``initial_state`` /
 ``return_state``), so the result is the single-process one. The transition kinds:
 
-- ``KVState`` methods (retnet, lightning, gla, delta, gated_delta, kda): the final state
-  is affine in the initial one, S_end = A S_0 + B (A diagonal for the gated methods, a
-  full Dk x Dk matrix for the delta rule). A and B come from ONE local pass: the value
-  columns of the recurrence evolve independently, so running the method on
-  v' = [v, 0_{Dk}] from S_0' = [0, I_{Dk}] gives S_end' = [B, A].
+- gated ``KVState`` methods (retnet, lightning, gla: the method's ``log_decay``):
+  S_end = diag(exp(b)) S_0 + B, b the shard's summed log-decay, and the read of the
+  prefix is the decayed query, r_t = scale q_t exp(b_t) (the paper's form): one plain
+  pass of the method, a (Dk,) decay per head gathered with B.
+- delta-rule ``KVState`` methods (delta, gated_delta, kda): the final state is affine in
+  the initial one, S_end = A S_0 + B with A a full Dk x Dk matrix. A and B come from ONE
+  local pass: the value columns of the recurrence evolve independently, so running the
+  method on v' = [v, 0_{Dk}] from S_0' = [0, I_{Dk}] gives S_end' = [B, A], and the
+  extra output columns are the read r_t of the prefix.
 - ``LinearState`` (linear, based, hedgehog) and ``CosformerState``: no decay, A = I: the
   states add (cosformer's local pass starts at its global position, ``seen``).
 - ``PerformerState``: the states add at a common scale (the larger offset).
 
 Deviations from the paper: its algorithm computes the output as the intra-shard part
-plus Q times the gathered prefix, one pass; that holds here for the affine kinds (the
-probe columns are the Q-side read), while the additive kinds (normalised feature maps,
+plus Q times the gathered prefix, one pass; that holds here for the gated and delta-rule
+kinds (for the delta rule the probe columns are the Q-side read), while the additive kinds (normalised feature maps,
 whose output is a ratio the method's API returns already divided) run the method again
 from the prefix, so that any method works unchanged through its own API. For the delta
-rule (not covered by the paper, whose methods are additive) the affine map A_r is
+rule (not covered by the paper, whose methods are additive or gated) the affine map A_r is
 gathered, not a sequential send/recv of the state along the ranks: the ranks stay
 parallel (a sequential pass would serialise R shard passes) at the price of Dk more
 value columns in the local pass and Dk x Dk more floats per head in the gather.
@@ -58,6 +62,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..methods.linear.base import LinearMethod
 from ..methods.linear.state import CosformerState, KVState, LinearState, PerformerState, state_dtype
 from .sharding import check_same_length, padded_len
 
@@ -92,31 +97,36 @@ class _AllGather(torch.autograd.Function):
 
 
 class _Additive:
-    """LinearState (linear, based, hedgehog): S and z add."""
+    """LinearState (linear, based, hedgehog): S and z add. A kind is built per call with
+    the configured method, the effective scale and this shard's per-call inputs."""
 
     names = ("S", "z")
     one_pass = False  # True: the local pass gives the output for any prefix
 
-    def config(self, config: dict, total_len: int) -> dict:
+    def __init__(self, m, scale: float, inputs: dict):
+        self.m, self.scale, self.inputs = m, scale, inputs
+
+    @staticmethod
+    def config(config: dict, total_len: int) -> dict:
         return config
 
-    def start(self, m, q, k, v, pos: int):
+    def start(self, q, k, v, pos: int):
         """The initial state of the local pass (None: zero)."""
         return None
 
-    def local(self, run, m, q, k, v, pos: int) -> tuple[dict, torch.Tensor]:
+    def local(self, run, q, k, v, pos: int) -> tuple[dict, torch.Tensor]:
         """(this shard's transition, its output from a zero prefix (B, Ho, n', Dv))."""
-        out, st = run(q, k, v, self.start(m, q, k, v, pos))
+        out, st = run(q, k, v, self.start(q, k, v, pos))
         return {n: getattr(st, n) for n in self.names if getattr(st, n) is not None}, out
 
-    def output(self, run, m, q, k, v, pos: int, local_out, prefix: Optional[dict]) -> torch.Tensor:
+    def output(self, run, q, k, v, pos: int, local_out, prefix: Optional[dict]) -> torch.Tensor:
         """The shard's output from the prefix transition (None: nothing before it)."""
         if prefix is None and local_out is not None:
             return local_out  # the local pass started where this shard starts
-        return run(q, k, v, self.start(m, q, k, v, pos) if prefix is None else self.state(prefix, pos))[0]
+        return run(q, k, v, self.start(q, k, v, pos) if prefix is None else self.state(prefix, pos))[0]
 
-    def empty(self, m, q, k, v) -> dict:
-        shapes = m.state_shapes(q, k, v)
+    def empty(self, q, k, v) -> dict:
+        shapes = self.m.state_shapes(q, k, v)
         dt = state_dtype(q.dtype)
         return {n: torch.zeros(shapes[n], dtype=dt, device=q.device) for n in self.names if shapes.get(n)}
 
@@ -133,12 +143,12 @@ class _Cosformer(_Additive):
 
     names = ("S_cos", "S_sin", "z_cos", "z_sin")
 
-    def config(self, config, total_len):
+    @staticmethod
+    def config(config, total_len):
         return config if config.get("max_len", 0) else {**config, "max_len": total_len}
 
-    def start(self, m, q, k, v, pos):
-        e = self.empty(m, q, k, v)
-        return CosformerState(**e, seen=pos)
+    def start(self, q, k, v, pos):
+        return CosformerState(**self.empty(q, k, v), seen=pos)
 
     def state(self, t, pos):
         return CosformerState(**t, seen=pos)
@@ -149,8 +159,8 @@ class _Performer(_Additive):
 
     names = ("S", "z", "offset")
 
-    def empty(self, m, q, k, v):
-        e = super().empty(m, q, k, v)
+    def empty(self, q, k, v):
+        e = super().empty(q, k, v)
         return {**e, "offset": torch.full_like(e["offset"], _NEG)}
 
     def combine(self, prev, cur):
@@ -164,15 +174,15 @@ class _Performer(_Additive):
 
 
 class _Affine(_Additive):
-    """KVState (gated and delta-rule methods): S_end = A S_0 + B, from one probe pass,
-    whose probe columns also give the output's read of the prefix: o = o_0 + (q^T A_t) S."""
+    """KVState, delta rule (delta, gated_delta, kda) or any affine recurrence:
+    S_end = A S_0 + B, from one probe pass, whose probe columns also give the output's read of the prefix: o = o_0 + r_t S."""
 
     names = ("A", "B")
     one_pass = True
 
-    def local(self, run, m, q, k, v, pos):
+    def local(self, run, q, k, v, pos):
         dk, dv = k.shape[-1], v.shape[-1]
-        b, h = v.shape[0], m.state_shapes(q, k, v)["S"][1]
+        b, h = v.shape[0], self.m.state_shapes(q, k, v)["S"][1]
         dt = state_dtype(q.dtype)
         eye = torch.eye(dk, dtype=dt, device=q.device).expand(b, h, dk, dk)
         s0 = torch.cat([torch.zeros(b, h, dk, dv, dtype=dt, device=q.device), eye], dim=-1)
@@ -180,7 +190,7 @@ class _Affine(_Additive):
         out, st = run(q.to(dt), k.to(dt), F.pad(v.to(dt), (0, dk)), KVState(S=s0))
         return {"A": st.S[..., dv:], "B": st.S[..., :dv]}, out
 
-    def output(self, run, m, q, k, v, pos, local_out, prefix):
+    def output(self, run, q, k, v, pos, local_out, prefix):
         """o_t = o_t(S = 0) + (probe output)_t S_prefix: the state's read is linear in S."""
         dv = v.shape[-1]
         out, read = local_out[..., :dv], local_out[..., dv:]
@@ -189,8 +199,8 @@ class _Affine(_Additive):
         s = prefix["B"].repeat_interleave(out.shape[1] // prefix["B"].shape[1], dim=1)  # GQA: query head -> state
         return out + read @ s.to(read.dtype)
 
-    def empty(self, m, q, k, v):
-        b, h, dk, dv = m.state_shapes(q, k, v)["S"]
+    def empty(self, q, k, v):
+        b, h, dk, dv = self.m.state_shapes(q, k, v)["S"]
         dt = state_dtype(q.dtype)
         eye = torch.eye(dk, dtype=dt, device=q.device).expand(b, h, dk, dk).contiguous()
         return {"A": eye, "B": torch.zeros(b, h, dk, dv, dtype=dt, device=q.device)}
@@ -202,14 +212,52 @@ class _Affine(_Additive):
         return KVState(S=t["B"])  # the state from S = 0 at position 0
 
 
-def _kind(m) -> _Additive:
-    """The transition kind of a configured method, by its state class."""
+class _Gated(_Affine):
+    """KVState, gated (retnet, lightning, gla: ``log_decay``): A = diag(exp(sum g)), and
+    the read of the prefix is the decayed query, o_t = o_t(0) + scale (q_t * exp(b_t)) S,
+    b_t = g_1 + ... + g_t within the shard (the paper's form). One pass, no probe."""
+
+    names = ("a", "B")
+
+    def _decay(self, k):
+        """(B, H, n, Dk | 1) the cumulative log-decay within the shard."""
+        g = self.m.log_decay(k, self.inputs).to(state_dtype(k.dtype))
+        return (g if g.dim() == 4 else g.unsqueeze(-1)).cumsum(2)
+
+    def local(self, run, q, k, v, pos):
+        out, st = run(q, k, v, None)
+        b = self._decay(k)
+        return {"a": b[:, :, -1].exp().expand(*b.shape[:2], k.shape[-1]), "B": st.S}, out
+
+    def output(self, run, q, k, v, pos, local_out, prefix):
+        if prefix is None:
+            return local_out
+        s = prefix["B"]
+        grp = q.shape[1] // s.shape[1]  # GQA: query head i reads state head i // grp
+        qd = q.to(s.dtype) * self._decay(k).exp().repeat_interleave(grp, dim=1)
+        return local_out + self.scale * (qd @ s.repeat_interleave(grp, dim=1)).to(local_out.dtype)
+
+    def empty(self, q, k, v):
+        b, h, dk, dv = self.m.state_shapes(q, k, v)["S"]
+        dt = state_dtype(q.dtype)
+        return {"a": torch.ones(b, h, dk, dtype=dt, device=q.device),
+                "B": torch.zeros(b, h, dk, dv, dtype=dt, device=q.device)}
+
+    def combine(self, prev, cur):
+        return {"a": cur["a"] * prev["a"], "B": cur["a"][..., None] * prev["B"] + cur["B"]}
+
+
+def _kind(m) -> type:
+    """The transition kind of a configured method: by its state class (and, for KVState,
+    whether it is a plain gated recurrence, ``log_decay``)."""
     kinds = {KVState: _Affine, LinearState: _Additive, PerformerState: _Performer, CosformerState: _Cosformer}
     state_cls = getattr(m, "State", None)
     if state_cls not in kinds or "initial_state" not in getattr(m, "inputs", ()):
         raise ValueError(f"lasp2 runs the linear methods with a recurrent state (initial_state / return_state); "
                          f"{m.name!r} has none (use ring_attention or ulysses_attention)")
-    return kinds[state_cls]()
+    if state_cls is KVState and type(m).log_decay is not LinearMethod.log_decay:
+        return _Gated  # retnet, lightning, gla; any other KVState method (the delta rule): the probe
+    return kinds[state_cls]
 
 
 # --- packing: one flat tensor per rank for the one all-gather -------------------------
@@ -275,24 +323,27 @@ def lasp2(
     check_same_length(total_len, group)
     if padded_len(total_len, world, "contiguous") != world * n:
         raise ValueError(f"a shard of {n} positions does not fit total_len={total_len} at {world} ranks (contiguous)")
-    kind = _kind(get(method))
+    kind_cls = _kind(get(method))
     config, inputs = _split(get(method), config_and_inputs)
-    config = kind.config(config, total_len)
+    config = kind_cls.config(config, total_len)
     m = get(method, **config)
     real = max(0, min(n, total_len - rank * n))  # this shard's positions before the padding
     pos = rank * n
+    cut = [t[:, :, :real] for t in (q, k, v)]
+    eff_scale = scale if scale is not None else 1.0 if m.unit_scale else q.shape[-1] ** -0.5
+    kind = kind_cls(m, eff_scale, {name: t[:, :, :real] for name, t in inputs.items()})
 
-    def run(qq, kk, vv, state, length=real):
-        return attention(qq[:, :, :length], kk[:, :, :length], vv[:, :, :length], method=method, causal=causal,
-                         scale=scale, initial_state=state, return_state=True,
-                         **{name: t[:, :, :length] for name, t in inputs.items()}, **config)
+    def run(qq, kk, vv, state, length=None):
+        ins = kind.inputs if length is None else {name: t[:, :, :length] for name, t in inputs.items()}
+        return attention(qq, kk, vv, method=method, causal=causal, scale=scale, initial_state=state,
+                         return_state=True, **ins, **config)
 
-    empty = kind.empty(m, q, k, v)
+    empty = kind.empty(*cut)
     # under causal no rank reads the last rank's transition: it runs the method once, from its prefix
     local = real and (kind.one_pass or not causal or rank < world - 1)
-    mine, local_out = kind.local(run, m, q, k, v, pos) if local else (empty, None)
+    mine, local_out = kind.local(run, *cut, pos) if local else (empty, None)
     if not local:  # the method's checks run here too, before the gather (an error on every rank, no hang)
-        run(q, k, v, None, length=1)
+        run(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, length=1)
     anchors = (q,) if local else (q, k, v, *inputs.values())
     gathered = _AllGather.apply(_pack(mine), group, *anchors)
     parts = [_unpack(gathered[j], empty) for j in range(world)]
@@ -300,7 +351,7 @@ def lasp2(
     for j in (range(rank) if causal else (j for j in range(world) if j != rank)):
         prefix = parts[j] if prefix is None else kind.combine(prefix, parts[j])
     if real:
-        out = kind.output(run, m, q, k, v, pos, local_out, prefix)
+        out = kind.output(run, *cut, pos, local_out, prefix)
     else:
         out = q.new_zeros(q.shape[0], max(q.shape[1], v.shape[1]), n, v.shape[-1])
     out = F.pad(out.to(q.dtype), (0, 0, 0, n - out.shape[2]))

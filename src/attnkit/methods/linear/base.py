@@ -87,6 +87,13 @@ class LinearMethod(Method):
         """(out (B, Hq, N, Dv) in the compute dtype, final state). Inputs are checked."""
         raise NotImplementedError
 
+    def log_decay(self, k: torch.Tensor, inputs: dict) -> Optional[torch.Tensor]:
+        """The log-space decay g this call's gated recurrence runs with ((B, H, N) or
+        (B, H, N, Dk), H the state heads; k: (B, H, N, Dk)), or None when the method is
+        not a plain gated recurrence (S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T).
+        Context parallelism (LASP-2) carries a state across shards with it."""
+        return None
+
     def run_decay(self, q, k, v, causal, scale, form, g, inputs) -> tuple[torch.Tensor, KVState]:
         """The shared kernel on the method's decay ``g`` (None, (B, H, N) or (B, H, N, Dk))."""
         dtype = state_dtype(q.dtype)

@@ -48,5 +48,8 @@ class GLA(LinearMethod):
         b, h, n, dk = k.shape
         validate.check_log_decay(inputs["g"], b, h, n, dk, q)
 
+    def log_decay(self, k, inputs):
+        return inputs["g"]
+
     def run(self, q, k, v, causal, scale, form, inputs):
-        return self.run_decay(q, k, v, causal, scale, form, inputs["g"], inputs)
+        return self.run_decay(q, k, v, causal, scale, form, self.log_decay(k, inputs), inputs)

@@ -55,7 +55,9 @@ class Lightning(LinearMethod):
         if not self.config.decay_scale >= 0:
             raise ValueError(f"decay_scale of method 'lightning' must be >= 0, got {self.config.decay_scale!r}")
 
-    def run(self, q, k, v, causal, scale, form, inputs):
+    def log_decay(self, k, inputs):
         b, h, n = k.shape[:3]
-        g = -self.config.decay_scale * lightning_slopes(h, k.device)
-        return self.run_decay(q, k, v, causal, scale, form, g[None, :, None].expand(b, h, n), inputs)
+        return (-self.config.decay_scale * lightning_slopes(h, k.device))[None, :, None].expand(b, h, n)
+
+    def run(self, q, k, v, causal, scale, form, inputs):
+        return self.run_decay(q, k, v, causal, scale, form, self.log_decay(k, inputs), inputs)

@@ -44,7 +44,9 @@ class RetNet(LinearMethod):
     class Config(LinearConfig):
         pass
 
-    def run(self, q, k, v, causal, scale, form, inputs):
+    def log_decay(self, k, inputs):
         b, h, n = k.shape[:3]
-        g = retnet_log_decay(h, torch.float64, k.device)[None, :, None].expand(b, h, n)
-        return self.run_decay(q, k, v, causal, scale, form, g, inputs)
+        return retnet_log_decay(h, torch.float64, k.device)[None, :, None].expand(b, h, n)
+
+    def run(self, q, k, v, causal, scale, form, inputs):
+        return self.run_decay(q, k, v, causal, scale, form, self.log_decay(k, inputs), inputs)
