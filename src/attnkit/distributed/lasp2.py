@@ -196,8 +196,8 @@ class _Affine(_Additive):
         out, read = local_out[..., :dv], local_out[..., dv:]
         if prefix is None:
             return out
-        s = prefix["B"].repeat_interleave(out.shape[1] // prefix["B"].shape[1], dim=1)  # GQA: query head -> state
-        return out + read @ s.to(read.dtype)
+        grp = out.shape[1] // prefix["B"].shape[1]  # GQA: query head i reads state head i // grp
+        return out + read @ prefix["B"].repeat_interleave(grp, dim=1).to(read.dtype)
 
     def empty(self, q, k, v):
         b, h, dk, dv = self.m.state_shapes(q, k, v)["S"]
