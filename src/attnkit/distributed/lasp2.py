@@ -175,7 +175,8 @@ class _Performer(_Additive):
 
 class _Affine(_Additive):
     """KVState, delta rule (delta, gated_delta, kda) or any affine recurrence:
-    S_end = A S_0 + B, from one probe pass, whose probe columns also give the output's read of the prefix: o = o_0 + r_t S."""
+    S_end = A S_0 + B, from one probe pass, whose probe columns also give the output's
+    read of the prefix: o = o_0 + r_t S."""
 
     names = ("A", "B")
     one_pass = True
