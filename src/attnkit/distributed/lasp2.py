@@ -277,6 +277,16 @@ def _unpack(flat: torch.Tensor, like: dict) -> dict:
     return out
 
 
+def _prefix(kind, parts: list[dict], rank: int, causal: bool) -> Optional[dict]:
+    """The transition before this rank's shard: ranks 0..rank-1 in order (causal), or
+    every other rank (non-causal: the states add); None when there is none."""
+    before = parts[:rank] if causal else parts[:rank] + parts[rank + 1:]
+    prefix = None
+    for t in before:
+        prefix = t if prefix is None else kind.combine(prefix, t)
+    return prefix
+
+
 def _split(m, config_and_inputs: dict) -> tuple[dict, dict]:
     """(config, per-call inputs) of the keyword arguments; initial/return state refused."""
     for bad in ("initial_state", "return_state", "return_lse"):
@@ -324,8 +334,9 @@ def lasp2(
     check_same_length(total_len, group)
     if padded_len(total_len, world, "contiguous") != world * n:
         raise ValueError(f"a shard of {n} positions does not fit total_len={total_len} at {world} ranks (contiguous)")
-    kind_cls = _kind(get(method))
-    config, inputs = _split(get(method), config_and_inputs)
+    default = get(method)
+    kind_cls = _kind(default)
+    config, inputs = _split(default, config_and_inputs)
     config = kind_cls.config(config, total_len)
     m = get(method, **config)
     real = max(0, min(n, total_len - rank * n))  # this shard's positions before the padding
@@ -347,10 +358,7 @@ def lasp2(
         run(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, length=1)
     anchors = (q,) if local else (q, k, v, *inputs.values())
     gathered = _AllGather.apply(_pack(mine), group, *anchors)
-    parts = [_unpack(gathered[j], empty) for j in range(world)]
-    prefix = None
-    for j in (range(rank) if causal else (j for j in range(world) if j != rank)):
-        prefix = parts[j] if prefix is None else kind.combine(prefix, parts[j])
+    prefix = _prefix(kind, [_unpack(gathered[j], empty) for j in range(world)], rank, causal)
     if real:
         out = kind.output(run, *cut, pos, local_out, prefix)
     else:
