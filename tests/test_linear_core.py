@@ -165,10 +165,11 @@ def test_non_contiguous_inputs(name):
 def test_strong_gates_stay_finite_and_exact():
     """log-decays of -30 per token: exp of a positive cumulative sum would overflow."""
     q, k, v = make(b=1, n=96, seed=4)
-    g = -30.0 * torch.rand(1, 2, 96, 8, dtype=torch.float64)
-    expected, _, _ = linear_recurrence(q, k, v, g=g, scale=8 ** -0.5)
-    out = ak.attention(q.float(), k.float(), v.float(), method="gla", causal=True, g=g.float(), form="chunk")
-    assert torch.isfinite(out).all() and _max_err(out, expected) < 1e-5
+    for seed in range(8):  # seeded: fp32 error over 40 seeds is 2e-6 .. 1.5e-5 (relative to max |o|)
+        g = -30.0 * torch.rand(1, 2, 96, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        expected, _, _ = linear_recurrence(q, k, v, g=g, scale=8 ** -0.5)
+        out = ak.attention(q.float(), k.float(), v.float(), method="gla", causal=True, g=g.float(), form="chunk")
+        assert torch.isfinite(out).all() and _max_err(out, expected) < 5e-5, seed
 
 
 @pytest.mark.parametrize("name", LINEAR)
