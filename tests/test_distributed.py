@@ -12,17 +12,17 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from spawn_helpers import free_port, serve_checks, spawn_checks
 
 import attnkit as ak
 from attnkit import distributed as akd
@@ -50,12 +50,6 @@ def _checks():
 
 
 CHECKS = _checks()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(n, hq, hkv, seed, d=16):
@@ -145,31 +139,12 @@ def _run_check(name, rank, world):
 
 
 def _worker(rank, world, port, path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        for name in CHECKS:
-            try:
-                _run_check(name, rank, world)
-                results[name] = "ok"
-            except Exception:  # noqa: BLE001  (recorded, reported by the test of that check)
-                results[name] = traceback.format_exc()
-        dist.barrier()
-    finally:
-        Path(f"{path}.{rank}").write_text(json.dumps(results))
-        dist.destroy_process_group()
+    serve_checks(rank, world, port, path, CHECKS, _run_check)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = {}
-    for world in (2, 4):
-        path = str(tmp_path_factory.mktemp("cp") / "res")
-        mp.spawn(_worker, args=(world, _free_port(), path), nprocs=world, join=True)
-        out[world] = [json.loads(Path(f"{path}.{r}").read_text()) for r in range(world)]
-    return out
+    return {world: spawn_checks(_worker, world, tmp_path_factory.mktemp(f"cp-{world}")) for world in (2, 4)}
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -197,7 +172,7 @@ def _dying_worker(rank, world, port, path):
 
 def test_a_dead_rank_is_an_error_not_a_hang(tmp_path):
     path = tmp_path / "dead.json"
-    mp.spawn(_dying_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    mp.spawn(_dying_worker, args=(2, free_port(), str(path)), nprocs=2, join=True)
     res = json.loads(path.read_text())
     assert res["error"] != "no error" and res["seconds"] < 30, res
 
