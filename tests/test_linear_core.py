@@ -381,3 +381,23 @@ def test_patch_refuses_a_linear_method_for_softmax_layers():
 
     with pytest.raises(ValueError, match="not a drop-in for a softmax attention layer"):
         patching._check_method(LayerMethod("gla", {}, "auto"))
+
+
+@pytest.mark.parametrize("decay", ["none", "per_head", "per_channel"])
+def test_chunk_rows_carry_the_state_across_rows(monkeypatch, decay):
+    """The chunked form runs ROW_CHUNKS chunks at a time; with rows of 2 chunks a length
+    of 11 chunks and a bit crosses 6 rows: output, final state and gradients equal the
+    float64 recurrence / one row."""
+    monkeypatch.setattr(chunked, "ROW_CHUNKS", 2)
+    q, k, v = make(b=2, n=11 * 8 + 3, seed=21)
+    g = {"none": None, "per_head": -torch.rand(2, 2, 91, dtype=torch.float64),
+         "per_channel": -torch.rand(2, 2, 91, 8, dtype=torch.float64)}[decay]
+    s0 = torch.randn(2, 2, 8, 6, dtype=torch.float64)
+    expected, s_exp, _ = linear_recurrence(q, k, v, g=g, scale=0.5, initial_state=s0)
+    out, s = chunked.chunk_gla(q, k, v, g, 0.5, s0, chunk_size=8)
+    assert _max_err(out, expected) < TOL and _max_err(s, s_exp) < TOL
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad(chunked.chunk_gla(*leaves, g, 0.5, s0, chunk_size=8)[0].square().sum(), leaves)
+    monkeypatch.setattr(chunked, "ROW_CHUNKS", 1000)
+    ref = torch.autograd.grad(chunked.chunk_gla(*leaves, g, 0.5, s0, chunk_size=8)[0].square().sum(), leaves)
+    assert all(_max_err(a, b) < TOL for a, b in zip(grads, ref))

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FORMS = ("chunk", "recurrent", "parallel")
+ROW_CHUNKS = 16  # chunks per row of the chunked form (16 x 64 tokens: a few MiB of temporaries)
 SPAN = 16.0  # largest decay span (in log space) of a block done in one matmul: exp(16) ~ 9e6
 
 
@@ -156,16 +157,29 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
     if pad:  # zero keys add nothing; zero log-decay keeps the state as it is
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         g = None if g is None else F.pad(g, (0, 0, 0, pad) if g.dim() == 4 else (0, pad))
-    qc = _grouped(q * scale, heads).unflatten(3, (nc, c)).transpose(2, 3)  # (B, H, nc, G, C, Dk)
+    qc = _grouped(q, heads).unflatten(3, (nc, c)).transpose(2, 3)  # (B, H, nc, G, C, Dk)
     kc, vc = k.unflatten(2, (nc, c)), v.unflatten(2, (nc, c))  # (B, H, nc, C, D)
-    if g is None:
+    gc = None if g is None else g.unflatten(2, (nc, c))
+    pieces = []
+    for start in range(0, nc, ROW_CHUNKS):  # a row of chunks at a time: its temporaries stay in cache
+        part = slice(start, start + ROW_CHUNKS)
+        o_row, state = _chunk_row(qc[:, :, part] * scale, kc[:, :, part], vc[:, :, part],
+                                  None if gc is None else gc[:, :, part], g is not None and g.dim() == 4, state)
+        pieces.append(o_row)
+    o = torch.cat(pieces, dim=2).transpose(2, 3).flatten(3, 4)  # (B, H, G, nc*C, Dv)
+    return _ungroup(o)[:, :, :n], state
+
+
+def _chunk_row(qc, kc, vc, gc, per_channel, state):
+    """One row of chunks: the exact intra-chunk part, then the state carried across them.
+    qc: (B, H, m, G, C, Dk) (scaled); kc, vc: (B, H, m, C, D); gc: None, (B, H, m, C) or
+    (B, H, m, C, Dk). Returns (o (B, H, m, G, C, Dv), the state after the row)."""
+    if gc is None:
         o_intra, q_in, k_st, s_decay = _intra_free(qc, kc, vc)
     else:  # a per-head decay is a per-channel one with one channel, broadcast over Dk
-        gc = g.unflatten(2, (nc, c))
-        o_intra, q_in, k_st, s_decay = _intra_decay(qc, kc, vc, gc if g.dim() == 4 else gc.unsqueeze(-1))
+        o_intra, q_in, k_st, s_decay = _intra_decay(qc, kc, vc, gc if per_channel else gc.unsqueeze(-1))
     o_inter, state = _carry(q_in, k_st, vc, s_decay, state)
-    o = (o_intra + o_inter).transpose(2, 3).flatten(3, 4)  # (B, H, G, nc*C, Dv)
-    return _ungroup(o)[:, :, :n], state
+    return o_intra + o_inter, state
 
 
 def _carry(q_in, k_st, vc, s_decay, state):
