@@ -383,15 +383,19 @@ def test_patch_refuses_a_linear_method_for_softmax_layers():
         patching._check_method(LayerMethod("gla", {}, "auto"))
 
 
-@pytest.mark.parametrize("decay", ["none", "per_head", "per_channel"])
+@pytest.mark.parametrize("decay", ["none", "per_head", "per_channel", "constant", "constant_strong"])
 def test_chunk_rows_carry_the_state_across_rows(monkeypatch, decay):
     """The chunked form runs ROW_CHUNKS chunks at a time; with rows of 2 chunks a length
     of 11 chunks and a bit crosses 6 rows: output, final state and gradients equal the
-    float64 recurrence / one row."""
+    float64 recurrence / one row. A decay constant per head takes its own path (one
+    (C, C) decay matrix, the states of a row in one matmul), also where exp underflows."""
     monkeypatch.setattr(chunked, "ROW_CHUNKS", 2)
     q, k, v = make(b=2, n=11 * 8 + 3, seed=21)
+    constant = torch.tensor([[-0.05, -0.7], [-0.3, 0.0]], dtype=torch.float64)
     g = {"none": None, "per_head": -torch.rand(2, 2, 91, dtype=torch.float64),
-         "per_channel": -torch.rand(2, 2, 91, 8, dtype=torch.float64)}[decay]
+         "per_channel": -torch.rand(2, 2, 91, 8, dtype=torch.float64),
+         "constant": constant[..., None].expand(2, 2, 91),
+         "constant_strong": (constant * 400)[..., None].expand(2, 2, 91)}[decay]
     s0 = torch.randn(2, 2, 8, 6, dtype=torch.float64)
     expected, s_exp, _ = linear_recurrence(q, k, v, g=g, scale=0.5, initial_state=s0)
     out, s = chunked.chunk_gla(q, k, v, g, 0.5, s0, chunk_size=8)
@@ -401,3 +405,30 @@ def test_chunk_rows_carry_the_state_across_rows(monkeypatch, decay):
     monkeypatch.setattr(chunked, "ROW_CHUNKS", 1000)
     ref = torch.autograd.grad(chunked.chunk_gla(*leaves, g, 0.5, s0, chunk_size=8)[0].square().sum(), leaves)
     assert all(_max_err(a, b) < TOL for a, b in zip(grads, ref))
+
+
+@pytest.mark.parametrize("n", [64, 91])
+def test_feature_map_and_normaliser_applied_per_row(monkeypatch, n):
+    """``linear`` applies its feature map and the normaliser's division a row of chunks at
+    a time inside the kernel (the ones column is zero on the padding): over several rows,
+    with an initial state, output, state and gradients equal the recurrence / one row."""
+    monkeypatch.setattr(chunked, "ROW_CHUNKS", 2)
+    q, k, v = make(b=2, hq=4, h=2, n=n, seed=23)
+    inputs = {"initial_state": random_state("linear", k, v, {})}
+    expected, S, z = linear_recurrence(q, k, v, **oracle_kwargs("linear", {}, inputs, q, k))
+    out, state = ak.attention(q, k, v, method="linear", causal=True, form="chunk", chunk_size=8, return_state=True,
+                              **inputs)
+    assert _max_err(out, expected) < TOL and _max_err(state.S, S) < TOL and _max_err(state.z, z) < TOL
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def grads():
+        out = ak.attention(*leaves, method="linear", causal=True, form="chunk", chunk_size=8, **inputs)
+        return torch.autograd.grad(out.square().sum(), leaves)
+
+    rows = grads()
+    monkeypatch.setattr(chunked, "ROW_CHUNKS", 1000)
+    assert all(_max_err(a, b) < TOL for a, b in zip(rows, grads()))
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    recurrence, _, _ = linear_recurrence(*ref, **oracle_kwargs("linear", {}, inputs, q, k))
+    expected_grads = torch.autograd.grad(recurrence.square().sum(), ref)
+    assert all(_max_err(a, b) < 1e-9 for a, b in zip(rows, expected_grads))

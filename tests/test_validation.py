@@ -77,6 +77,28 @@ def test_nan_inf_checked_and_switchable(bad):
     assert out.shape == q.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_sees_one_bad_value_in_any_dtype(dtype, bad):
+    from attnkit.validate import _all_finite
+
+    t = torch.randn(3, 50, 7).to(dtype)
+    assert _all_finite(t)
+    t[2, 17, 3] = bad
+    assert not _all_finite(t)
+
+
+def test_finite_check_accepts_values_whose_sum_overflows():
+    """The fast path sums; a sum that overflows from finite values is re-checked exactly."""
+    from attnkit.validate import _all_finite
+
+    big = torch.full((2, 8, 16), 3e38)
+    assert not torch.isfinite(big.sum()) and _all_finite(big)
+    q = torch.full((1, 2, 8, 4), 3e38)
+    out = ak.attention(q, torch.zeros_like(q), torch.ones_like(q), method="full")
+    assert out.shape == q.shape
+
+
 def test_unknown_method_lists_close_matches():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"unknown method 'streamin'. Did you mean 'streaming'.*Valid: .*sliding_window"):

@@ -70,9 +70,14 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, check_finite: b
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN / Inf in ``t``: one reduction pass (NaN propagates through min / max), about
-    20x faster on the CPU than ``torch.isfinite(t).all()``, which materialises a mask."""
-    lo, hi = torch.aminmax(t.detach())
+    """No NaN / Inf in ``t``: for float32 / float64 a sum first (NaN / Inf propagate; about 2x faster
+    than a min / max pass and 10x faster than ``torch.isfinite(t).all()``, which
+    materialises a mask); a sum that overflows from finite values falls back to one
+    aminmax pass (NaN propagates through min / max)."""
+    t = t.detach()
+    if t.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(t.sum())):
+        return True  # (a half-precision sum is slower than aminmax on the CPU)
+    lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 

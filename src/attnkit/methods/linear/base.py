@@ -120,7 +120,6 @@ def run_normalized(form: str, fq: torch.Tensor, fk: torch.Tensor, v: torch.Tenso
     s0: (B, H, F, Dv) or None, z0: (B, H, F) or None; g: None or a per-head log-decay
     (B, H, N) applied to S and z alike (causal). The normaliser z rides along as one more
     value column of ones, so every form carries it with S exactly. Returns (out, S, z)."""
-    v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
     s0 = None if s0 is None else torch.cat([s0, z0.unsqueeze(-1)], dim=-1)
-    out, s = run_form(form, fq, fk, v, g, scale, s0, causal, chunk_size)
-    return out[..., :-1] / (out[..., -1:] + eps), s[..., :-1], s[..., -1]
+    out, s = run_form(form, fq, fk, v, g, scale, s0, causal, chunk_size, eps=eps)
+    return out, s[..., :-1], s[..., -1]

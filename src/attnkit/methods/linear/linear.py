@@ -8,7 +8,8 @@ z_i = sum_{j <= i} phi(k_j) (every j when non-causal), phi = elu(x) + 1 as in th
 Deviations / options: ``feature_map`` also "relu" and "identity"; ``normalize=False`` drops
 the denominator; ``eps`` (the paper writes none) keeps a zero denominator finite; ``scale``
 (default 1, the paper's) multiplies phi(q). The normaliser is computed by the shared
-kernel as one more value column of ones, so every form carries z with S exactly.
+kernel as one more value column of ones, so every form carries z with S exactly; the
+chunked form applies the feature map and the division a row of chunks at a time.
 State: ``LinearState`` (S (B, Hkv, Dk, Dv), z (B, Hkv, Dk), None when not normalised).
 """
 
@@ -27,7 +28,7 @@ from .chunked import run_form
 from .state import LinearState, state_dtype
 
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "elu1": lambda x: F.elu(x) + 1.0,
+    "elu1": lambda x: x.clamp(max=0.0).exp_() + F.relu(x),  # elu(x) + 1 in fewer passes; elu'(0) = 1
     "relu": F.relu,
     "identity": lambda x: x,
 }
@@ -66,15 +67,13 @@ class LinearAttention(LinearMethod):
     def run(self, q, k, v, causal, scale, form, inputs):
         dtype = state_dtype(q.dtype)
         phi = FEATURE_MAPS[self.config.feature_map]
-        q, k, v = phi(q.to(dtype)), phi(k.to(dtype)), v.to(dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         state = inputs.get("initial_state")
-        s0 = None if state is None else state.S
+        chunk = self.config.chunk_size
         if not self.config.normalize:
-            out, s = run_form(form, q, k, v, None, scale, s0, causal, self.config.chunk_size)
+            out, s = run_form(form, q, k, v, None, scale, None if state is None else state.S, causal, chunk, phi)
             return out, LinearState(S=s, z=None)
-        # z rides along as one more value column: S' = [S, z], o' = [numerator, denominator]
-        v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
+        # z rides along as one more value column (S' = [S, z]); the kernel divides
         s0 = None if state is None else torch.cat([state.S, state.z.unsqueeze(-1)], dim=-1)
-        out, s = run_form(form, q, k, v, None, scale, s0, causal, self.config.chunk_size)
-        out = out[..., :-1] / (out[..., -1:] + self.config.eps)
+        out, s = run_form(form, q, k, v, None, scale, s0, causal, chunk, phi, self.config.eps)
         return out, LinearState(S=s[..., :-1], z=s[..., -1])
