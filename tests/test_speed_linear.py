@@ -96,3 +96,20 @@ def test_speed_linear_backward_tiny_run():
     rows = json.loads(res.output.strip().splitlines()[-1])["speed"]
     assert [r["method"] for r in rows] == ["full", "gla", "gated_delta", "kda"]
     assert all(r["extra"]["pass"] == "backward" for r in rows)
+
+
+def test_hybrid_speed_tiny_run(tmp_path):
+    """`attnkit hybrid-speed`: both sides run on each model, the patched side's last
+    logits equal transformers' (timings are not asserted); bad models are refused."""
+    pytest.importorskip("transformers.models.minimax.modeling_minimax")
+    out = tmp_path / "hybrid.json"
+    result = runner.invoke(app, ["hybrid-speed", "--models", "qwen3_next,kimi_linear,minimax", "--lengths", "300",
+                                 "--repeats", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["qwen3_next", "kimi_linear", "minimax"]
+    for r in rows:
+        assert r["length"] == 300 and r["transformers_s"] > 0 and r["attnkit_s"] > 0
+        assert 0 < r["max_logit_diff"] < 1e-4, r  # > 0: the patched side really ran other kernels
+    bad = runner.invoke(app, ["hybrid-speed", "--models", "mamba"])
+    assert bad.exit_code == 2 and "unknown model" in bad.output and "mamba" in bad.output

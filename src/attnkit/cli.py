@@ -212,6 +212,50 @@ def speed(
     typer.echo(json.dumps({"speed": record}))
 
 
+@app.command("hybrid-speed")
+def hybrid_speed(
+    models: str = typer.Option("qwen3_next,kimi_linear,minimax", help="Hybrid model families (random 2-layer models)."),
+    lengths: str = typer.Option("8k", help="Prompt lengths, e.g. 4k,8k."),
+    repeats: int = typer.Option(3, help="Timed prefills per side (median reported), after one warm-up."),
+    out: Optional[str] = typer.Option(None, help="Write the rows as JSON to this file."),
+) -> None:
+    """Whole-model prefill of transformers' hybrid models: transformers' own fallbacks vs ak.patch.
+
+    Random 2-layer models (a linear-attention layer, a softmax layer; hidden 512, MoE of 4
+    experts), the two sides timed in turns on the same prompt, with the max difference of
+    the last logits. Example: attnkit hybrid-speed --lengths 8k --repeats 3
+    """
+    from rich.progress import Progress
+
+    from .bench.hybrid_speed import MODELS, rows_to_json, time_model
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown model(s) {unknown}; allowed: {', '.join(MODELS)}", param_hint="--models")
+    if repeats < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--repeats")
+    ns = _parse_lengths(lengths)
+    rows = []
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("hybrid-speed", total=len(names) * len(ns) * 2 * (repeats + 1))
+        for name in names:
+            for n in ns:
+                rows.append(time_model(name, n, repeats, lambda label: bar.update(task, advance=1, description=label)))
+    table = Table(title="hybrid model prefill (median), fp32, use_cache=False")
+    for col in ("model", "N", "transformers s", "ak.patch s", "speedup", "max logit diff"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.model, str(r.length), f"{r.transformers_s:.3f}", f"{r.attnkit_s:.3f}", f"{r.speedup:.2f}x",
+                      f"{r.max_logit_diff:.1e}")
+    console.print(table)
+    record = rows_to_json(rows)
+    if out:
+        with open(out, "w") as f:
+            json.dump(record, f, indent=2)
+    typer.echo(json.dumps({"hybrid_speed": record}))
+
+
 def _speed_plan(specs: list[str], ns: list[int], **settings: object) -> None:
     """``attnkit speed --dry-run``: build every (method, length) and print the grid, the
     generated inputs of linear methods and the transformers peers."""
