@@ -65,6 +65,7 @@ CONFIGS = {
 OWN_CHECK = {
     "full": "exact kernel: against the unpatched model",
     "hyper": "no fixed pattern: finite differences",
+    "act": "calibrates the distribution (no pattern): gradcheck and patched training in test_act.py",
     "biformer": "non-causal only: refused by a causal LM, trained in an encoder",
 }
 PATTERN_METHODS = [name for name in PREFILL if name not in OWN_CHECK]

@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them all."""
 
-from . import exact, kvcache, linear, sparse_dynamic, sparse_static  # noqa: F401
+from . import act, exact, kvcache, linear, sparse_dynamic, sparse_static  # noqa: F401
