@@ -317,10 +317,11 @@ class KVCacheLayer(CacheLayerMixin):
             return
         qpos = torch.arange(self.seen - t, self.seen, device=q.device)
         if self.obs_q is None or t >= w:
-            self.obs_q, self.obs_pos = q[:, :, -w:].detach().clone(), qpos[-w:]
+            self.obs_q, self.obs_pos = q[:, :, -w:].detach().clone(), qpos[-w:].clone()
         else:
-            self.obs_q = torch.cat([self.obs_q, q], dim=2)[:, :, -w:]
-            self.obs_pos = torch.cat([self.obs_pos, qpos])[-w:]
+            old = max(self.obs_q.shape[2] + t - w, 0)  # drop the oldest first: no storage beyond w queries
+            self.obs_q = torch.cat([self.obs_q[:, :, old:], q], dim=2)
+            self.obs_pos = torch.cat([self.obs_pos[old:], qpos])
 
     def _schedule(self, t: int) -> None:
         when = self.cache.when

@@ -14,8 +14,9 @@ layer:
   slot j of segment s is slot ``j % P`` of page ``table[s, j // P]``;
 - ``length``: (S,) long, slots used per segment (slots ``>= length`` hold ``pos = -1``).
 
-A segment wastes at most ``P - 1`` slots (its last page); the pool grows by at least a
-sixteenth of its size when it runs out of free pages, so appends are amortised O(1)
+A segment wastes at most ``P - 1`` slots (its last page; ``page_size`` picks P from the
+mean head length, about 3% of the tokens on average); the pool grows by at least a
+thirty-second of its size when it runs out of free pages, so appends are amortised O(1)
 per token. Decode attention (``attend``) is a segment softmax over the pool: one batched
 matmul of every page with the queries of its segment, exact log-sum-exp per segment
 (``scatter_reduce`` / ``index_add``), GQA by giving each segment the g query heads of its
@@ -31,8 +32,20 @@ import torch
 
 from .methods.kvcache.base import LayerView, nbytes_of
 
-PAGE = 16  # slots per page
-GROWTH = 16  # the pool grows by at least 1/GROWTH of its pages
+PAGE_RANGE = (4, 64)  # slots per page: a power of two in this range, by the mean head length
+GROWTH = 32  # the pool grows by at least 1/GROWTH of its pages (slack <= ~3%)
+
+
+def page_size(mean_length: float) -> int:
+    """Slots per page for heads of ``mean_length`` tokens on average: the power of two
+    nearest below ``mean_length / 16`` within ``PAGE_RANGE``, so the last pages' unused
+    slots (P / 2 per head on average) stay near 3% of the tokens held, and long heads get
+    large pages (fewer, larger matmuls)."""
+    low, high = PAGE_RANGE
+    p = low
+    while p * 2 <= min(mean_length / 16, high):
+        p *= 2
+    return p
 
 
 class RaggedKV:
@@ -49,13 +62,15 @@ class RaggedKV:
 
     @classmethod
     def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
-                    page: int = PAGE) -> "RaggedKV":
+                    page: Optional[int] = None) -> "RaggedKV":
         """The ``keep`` slots (B, Hkv, L) bool of keys (B, Hkv, L, Dk), values (B, Hkv, L, Dv),
-        positions (B, Hkv, L) long, in slot order, each segment in its own pages (no slack)."""
+        positions (B, Hkv, L) long, in slot order, each segment in its own pages (no slack).
+        ``page``: slots per page; default ``page_size`` of the mean kept length."""
         b, h, length, dk = keys.shape
         dv, s, dev = values.shape[-1], b * h, keys.device
         keep = keep.reshape(s, length)
         counts = keep.sum(dim=-1)
+        page = page or page_size(int(counts.sum()) / max(s, 1))
         npages = (counts + page - 1) // page
         total = int(npages.sum())
         start = torch.cumsum(npages, 0) - npages
