@@ -5,6 +5,9 @@ layout's tokens, and a decode step allocates nothing of the padded (B, Hkv, L, D
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -15,6 +18,9 @@ from attnkit.kvcache_ragged import RaggedKV
 from attnkit.reference import reference_attention
 
 transformers = pytest.importorskip("transformers")
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+from kv_helpers import B, _qkv, _step  # noqa: E402
 
 HQ, HKV, D, PROMPT, NEW = 4, 2, 64, 300, 4
 PLAN = {0: [1, 0], 1: [0, 1]}  # duo roles: one retrieval head per layer
@@ -134,6 +140,25 @@ def test_generation_equals_padded_layout(llama, name):
     padded = _generate(llama, KVCache(layout="padded", **CASES[name]), batch=2, pad=37)
     assert torch.equal(ragged.sequences, padded.sequences)
     torch.testing.assert_close(torch.stack(ragged.logits), torch.stack(padded.logits), rtol=0, atol=1e-5)
+
+
+def test_chunked_prefill_with_padding_equals_padded_layout():
+    """Chunks and decode steps after the layer went ragged (left-padded row): the same kept
+    sets and outputs as the padded layout (SnapKV scores unpooled: pooling runs along the
+    slots, and the padded layout's empty slots sit between kept and new tokens)."""
+    q, k, v = _qkv(n=60, seed=3)
+    mask = torch.ones(B, 1, 60, 60, dtype=torch.bool).tril()
+    mask[1, :, :, :7] = False  # row 1: 7 padding tokens
+    caches = {layout: KVCache("adakv", budget=10, layout=layout, scorer_config={"window": 4, "kernel": 1})
+              for layout in ("auto", "padded")}
+    for a, b in ((0, 30), (30, 45), (45, 46), (46, 47), (47, 53), (53, 54)):
+        outs = {name: _step(cache, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], mask=mask[:, :, a:b, :b])
+                for name, cache in caches.items()}
+        torch.testing.assert_close(outs["auto"], outs["padded"], rtol=0, atol=1e-12)
+    assert caches["auto"].layers[0].ragged is not None
+    assert torch.equal(caches["auto"].kept_positions(0), caches["padded"].kept_positions(0))
+    row = caches["auto"].kept_positions(0)[1]
+    assert not bool(((row >= 0) & (row < 7)).any())  # padding never kept
 
 
 class _Allocations(TorchDispatchMode):
