@@ -142,6 +142,17 @@ def test_generation_equals_padded_layout(llama, name):
     torch.testing.assert_close(torch.stack(ragged.logits), torch.stack(padded.logits), rtol=0, atol=1e-5)
 
 
+def test_beam_search_equals_padded_layout(llama):
+    """Beam search reorders the rows of a ragged layer (through the padded view)."""
+    ids, mask = _prompt(2, pad=37)
+    out = {}
+    for layout in ("auto", "padded"):
+        with ak.patch(llama), torch.no_grad():
+            out[layout] = llama.generate(ids, attention_mask=mask, past_key_values=KVCache(layout=layout, **CASES["duo"]),
+                                         max_new_tokens=NEW, num_beams=3, do_sample=False)
+    assert torch.equal(out["auto"], out["padded"])
+
+
 def test_chunked_prefill_with_padding_equals_padded_layout():
     """Chunks and decode steps after the layer went ragged (left-padded row): the same kept
     sets and outputs as the padded layout (SnapKV scores unpooled: pooling runs along the

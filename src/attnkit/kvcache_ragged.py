@@ -152,10 +152,10 @@ class RaggedKV:
         """(keys (B, Hkv, L, Dk), values (B, Hkv, L, Dv)) padded with zeros: a copy, for
         policies that score keys and for batch reordering, never for decode attention."""
         idx = self.slots()
-        ok = (idx >= 0)[..., None]
+        empty = (idx < 0)[..., None]
         out = []
         for pool in (self.k, self.v):
-            flat = pool.view(-1, pool.shape[-1])[idx.clamp(min=0)] * ok
+            flat = pool.view(-1, pool.shape[-1])[idx.clamp(min=0)].masked_fill(empty, 0)
             out.append(flat.view(self.batch, self.heads, idx.shape[1], -1))
         return out[0], out[1]
 

@@ -32,7 +32,7 @@ Extension points (planned, not implemented):
 - a recurrent state (linear-attention layers): a fourth mode whose store holds a fixed-size
   state (B, H, Dk, Dv) instead of slots; such a layer has no positions to score and is
   never compressed, so only ``Store`` (``append`` folds tokens in, ``load`` gives the state)
-  and the cache's bookkeeping of ``seen`` apply;
+  and the cache's bookkeeping of ``seen`` apply.
 
 Per-head storage (done, ``attnkit.kvcache_ragged``): once a compression leaves heads with
 different numbers of tokens, an evicting policy's layer holds each head's own tokens in a
