@@ -45,6 +45,7 @@ def storage_bytes(cache) -> int:
             tensors = layer.tensors()
         else:
             tensors = [layer.keys, layer.values, layer.positions, layer.obs_q, *layer.state.values()]
+            tensors += layer.ragged.tensors() if layer.ragged is not None else []  # per-head storage
         for t in tensors:
             if t is not None:
                 storage = t.untyped_storage()

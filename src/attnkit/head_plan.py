@@ -14,7 +14,8 @@ streaming -> ``"streaming"`` with ``streaming``'s sink/window, sparse -> ``prefi
 What is per layer and per head today: prefill methods are per layer (attnkit runs one
 method per attention layer). The cache is per head through the ``duo`` policy: retrieval
 heads keep the full cache, every other head (streaming and sparse) keeps ``sink`` first
-tokens + recent ones, ``budget`` in all. A per-head ``cache`` policy such as ``snapkv``
+tokens + recent ones, ``budget`` in all; each head holds only its own tokens in memory
+(ragged storage, ``attnkit.kvcache_ragged``). A per-head ``cache`` policy such as ``snapkv``
 on the sparse heads only is not available yet: ``cache`` is validated and recorded, and
 used as the whole model's policy only when the plan has no retrieval head.
 """

@@ -9,8 +9,10 @@ How it works (see docs/kv-cache.md):
 
 - Storage per layer: keys/values (B, Hkv, L, D) and the original position of every slot
   (B, Hkv, L), ``-1`` for an empty slot. Heads may keep different numbers of tokens
-  (per-head budgets are real): the storage is padded to the largest head, and each head
-  attends only to its own valid slots. Padding tokens of a batch are empty slots.
+  (per-head budgets are real): once they do, the layer holds each (row, KV head)'s own
+  tokens in a ``RaggedKV`` (``attnkit.kvcache_ragged``, paged) and decodes with a segment
+  softmax over it; ``layout="padded"`` keeps the padded layout. Padding tokens of a batch
+  are empty slots.
 - The cache needs attnkit's attention function (``attnkit.patch(model)``): transformers
   builds one mask per batch row for all heads, so only attnkit can attend over per-head
   sets. The attention function finds the cache layer from the key tensor the layer's
@@ -47,6 +49,8 @@ from .registry import policy_class
 
 __all__ = ["KVCache", "KVCacheLayer", "StateLayer", "generate_with_cache"]
 
+LAYOUTS = ("auto", "ragged", "padded")
+
 
 class KVCache(Cache):
     """A ``transformers.Cache`` that keeps a bounded, policy-chosen set of tokens.
@@ -57,11 +61,13 @@ class KVCache(Cache):
     exactly one of them (policies that evict nothing, e.g. query-aware selection, use
     ``budget`` as the tokens attended per step). ``when``: "prefill" (compress after each
     prefill chunk), "decode" (every ``interval`` decode steps) or "both"; default: the
-    policy's. ``config``: the policy's config fields. Needs ``attnkit.patch(model)``.
+    policy's. ``layout``: "auto" (per-head storage once heads keep different numbers of
+    tokens), "ragged" (per-head storage after any compression) or "padded" (every head
+    padded to the largest). ``config``: the policy's config fields. Needs ``attnkit.patch(model)``.
     """
 
     def __init__(self, policy: str = "snapkv", budget: Optional[int] = None, ratio: Optional[float] = None,
-                 when: Optional[str] = None, interval: int = 1, **config: Any) -> None:
+                 when: Optional[str] = None, interval: int = 1, layout: str = "auto", **config: Any) -> None:
         Cache.__init__(self, layers=[])  # not super(): a model's own cache class may follow (for_model)
         cls = policy_class(policy)
         self.policy: CachePolicy = cls(**config)
@@ -82,8 +88,11 @@ class KVCache(Cache):
             raise ValueError(f"when must be one of {WHEN}, got {when!r}")
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int (decode steps), got {interval!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if budget is not None:
             self.policy.check_budget(budget, f"budget={budget}")
+        self.layout = layout
         self.budget, self.ratio, self.when, self.interval = budget, ratio, when, interval
 
     @classmethod
@@ -174,12 +183,14 @@ class KVCache(Cache):
 
     def kept_positions(self, layer: int) -> torch.Tensor:
         """(B, Hkv, kept) LongTensor of the original token positions layer ``layer`` holds,
-        sorted; heads that keep fewer tokens than the largest are padded with -1."""
+        sorted; heads that keep fewer tokens than the largest are padded with -1 (in this
+        view only: ragged storage holds no padding)."""
         return self.layers[layer].kept_positions()
 
     def nbytes(self) -> int:
-        """Bytes held now: keys, values, slot positions and policy state of every softmax
-        layer, and the conv / recurrent states of every linear-attention layer."""
+        """Bytes allocated now (``untyped_storage().nbytes()`` of the distinct tensors held):
+        keys, values, slot positions (ragged pool and page tables) and policy state of every
+        softmax layer, and the conv / recurrent states of every linear-attention layer."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def full_nbytes(self) -> int:
@@ -199,7 +210,7 @@ class KVCache(Cache):
     def stats(self) -> dict[str, Any]:
         """Policy, budget, tokens seen, tokens kept per layer, bytes held vs a full cache."""
         self.compress()
-        kept = [int((layer.positions >= 0).sum(dim=-1).max()) if layer.positions is not None else 0
+        kept = [int(layer.kept_counts().max()) if isinstance(layer, KVCacheLayer) and layer.is_initialized else 0
                 for layer in self.layers]
         held, full = self.nbytes(), self.full_nbytes()
         return {

@@ -2,9 +2,13 @@
 them, and compression to the budget (see ``attnkit.kvcache`` for how the cache works).
 
 Storage per layer: keys/values (B, Hkv, L, D) and the original position of every slot
-(B, Hkv, L), ``-1`` for an empty slot; heads may keep different numbers of tokens (padded
-to the largest head). What the layer asks of its policy is the contract of
-``attnkit.methods.kvcache.base`` (``CachePolicy``, ``Store``).
+(B, Hkv, L), ``-1`` for an empty slot. Once a compression leaves the heads with different
+numbers of tokens (and the policy allows it, ``_ragged_ok``), the layer moves to a
+``RaggedKV`` (``attnkit.kvcache_ragged``): each (row, KV head) holds exactly its own
+tokens, ``keys`` / ``values`` / ``positions`` are then None and ``update`` returns only the
+new tokens (tagged with the layer; attention reads the ragged storage). What the layer
+asks of its policy is the contract of ``attnkit.methods.kvcache.base`` (``CachePolicy``,
+``Store``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .cache_tag import tag_keys
 from .kernels import attention_with_lse
-from .methods.kvcache.base import LayerView, Store
+from .kvcache_ragged import RaggedKV, RaggedView
+from .methods.kvcache.base import LayerView, Store, nbytes_of
 from .methods.kvcache.common import window_probs
 
 
@@ -60,6 +65,8 @@ class KVCacheLayer(CacheLayerMixin):
         # policy, which compresses the layers of full attention, leaves it alone.
         self.window: Optional[int] = None
         self.rope_theta: Optional[float] = None  # set by attnkit's attention from the module's config
+        self.ragged: Optional[RaggedKV] = None  # per-head storage, once heads keep different counts
+        self.latent = False  # an MLA layer (latents): never ragged
 
     # --- transformers' layer API ----------------------------------------------------
 
@@ -83,6 +90,12 @@ class KVCacheLayer(CacheLayerMixin):
         self.flush()
         t = key_states.shape[2]
         b, h = key_states.shape[:2]
+        if self.ragged is not None:
+            self.ragged.append(key_states, value_states, torch.arange(self.seen, self.seen + t, device=self.device))
+            self.seen += t
+            self._last_t = t
+            self._awaiting_attention = True
+            return tag_keys(key_states, self), value_states  # only the new tokens: attention reads self.ragged
         new_pos = torch.arange(self.seen, self.seen + t, device=self.device).view(1, 1, t).expand(b, h, t)
         if self.store is not None:
             self.store.append(key_states, value_states)
@@ -108,8 +121,14 @@ class KVCacheLayer(CacheLayerMixin):
         Only the columns of the new tokens (their padding and causality) are read by
         ``attention`` once the cache is compressed; the held slots use their own validity.
         """
-        held = 0 if self.positions is None else self.positions.shape[2]
+        held = self._held()
         return held + query_length, self.seen - held
+
+    def _held(self) -> int:
+        """Slots per head held (the longest head's, in ragged storage)."""
+        if self.ragged is not None:
+            return self.ragged.max_length()
+        return 0 if self.positions is None else self.positions.shape[2]
 
     def get_max_length(self) -> int:
         return -1
@@ -132,12 +151,14 @@ class KVCacheLayer(CacheLayerMixin):
         raise NotImplementedError("attnkit.KVCache cannot be cropped (compressed tokens cannot be restored)")
 
     def _apply_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.store is not None:
+        if self.ragged is not None:
+            self.ragged = self.ragged.apply_batch(fn)
+        elif self.store is not None:
             self.store.apply_batch(fn)
             self.keys = self.values = None
         else:
             self.keys, self.values = fn(self.keys), fn(self.values)
-        self.positions = fn(self.positions)
+        self.positions = fn(self.positions) if self.positions is not None else None
         self.state = {n: fn(t) for n, t in self.state.items()}
         if self.obs_q is not None:
             self.obs_q = fn(self.obs_q)
@@ -194,6 +215,7 @@ class KVCacheLayer(CacheLayerMixin):
                              "Kimi-Linear): only policies that choose the tokens from the observed queries "
                              "(snapkv, pyramidkv, streaming, ...) run there")
         self._awaiting_attention = False
+        self.latent = True
         t = q.shape[2]
         self.scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
         self._mark_padding(mask, t)
@@ -250,10 +272,15 @@ class KVCacheLayer(CacheLayerMixin):
         seen_by_any = mask[:, 0, :, -t:].any(dim=1)  # (B or 1, T)
         if bool(seen_by_any.all()):
             return
+        if self.ragged is not None:
+            self.ragged.mark_empty(~seen_by_any.expand(self.ragged.batch, t))
+            return
         tail = self.positions[:, :, -t:]
         self.positions[:, :, -t:] = tail.masked_fill(~seen_by_any[:, None, :].expand_as(tail), -1)
 
     def _attend(self, q: torch.Tensor, mask: Optional[torch.Tensor], special: bool) -> torch.Tensor:
+        if self.ragged is not None:  # segment softmax over each head's own tokens (causal by position)
+            return self.ragged.attend(q, self.scale, self.seen - q.shape[2])[0]
         b, hq, t, d = q.shape
         hkv, length = self.keys.shape[1], self.keys.shape[2]
         g = hq // hkv
@@ -290,10 +317,11 @@ class KVCacheLayer(CacheLayerMixin):
             return
         qpos = torch.arange(self.seen - t, self.seen, device=q.device)
         if self.obs_q is None or t >= w:
-            self.obs_q, self.obs_pos = q[:, :, -w:].detach().clone(), qpos[-w:]
+            self.obs_q, self.obs_pos = q[:, :, -w:].detach().clone(), qpos[-w:].clone()
         else:
-            self.obs_q = torch.cat([self.obs_q, q], dim=2)[:, :, -w:]
-            self.obs_pos = torch.cat([self.obs_pos, qpos])[-w:]
+            old = max(self.obs_q.shape[2] + t - w, 0)  # drop the oldest first: no storage beyond w queries
+            self.obs_q = torch.cat([self.obs_q[:, :, old:], q], dim=2)
+            self.obs_pos = torch.cat([self.obs_pos[old:], qpos])
 
     def _schedule(self, t: int) -> None:
         when = self.cache.when
@@ -310,10 +338,14 @@ class KVCacheLayer(CacheLayerMixin):
     # --- compression -----------------------------------------------------------------
 
     def view(self) -> LayerView:
-        return LayerView(keys=self.keys, values=self.values, positions=self.positions, queries=self.obs_q,
-                         query_positions=self.obs_pos, scale=self.scale, layer_idx=self.layer_idx,
-                         num_layers=len(self.cache.layers), seen=self.seen, state=self.state,
-                         phase="prefill" if self._last_t > 1 else "decode", rope_theta=self.rope_theta)
+        """What the policy sees (a ``RaggedView`` in ragged storage: padded positions, keys
+        built only if read)."""
+        common = dict(queries=self.obs_q, query_positions=self.obs_pos, scale=self.scale, layer_idx=self.layer_idx,
+                      num_layers=len(self.cache.layers), seen=self.seen, state=self.state,
+                      phase="prefill" if self._last_t > 1 else "decode", rope_theta=self.rope_theta)
+        if self.ragged is not None:
+            return RaggedView(self.ragged, positions=self.ragged.positions(), **common)
+        return LayerView(keys=self.keys, values=self.values, positions=self.positions, **common)
 
     def flush(self) -> None:
         """Run a scheduled compression now."""
@@ -335,22 +367,39 @@ class KVCacheLayer(CacheLayerMixin):
 
     def _choose(self) -> Optional[torch.Tensor]:
         """(B, Hkv, L) the slots the policy keeps, or None when nothing is to be evicted."""
-        if self.keys is None or self.keys.shape[2] == 0:
+        if self._held() == 0 or self.ragged is None and self.keys is None:
             return None
         policy = self.cache.policy
-        valid = self.positions >= 0
-        counts = valid.sum(dim=-1)  # (B, Hkv)
+        view = self.view()
+        counts = view.valid.sum(dim=-1)  # (B, Hkv)
         if self.budget_rows is None:
             self.budget_rows = self.cache.row_budgets(counts.max(dim=1).values, self)
         budget = self.budget_rows
         if bool((counts <= budget[:, None]).all()):
             return None  # nothing to evict: the cache stays exact
-        view = self.view()
         view.budget = int(budget.max())
         return policy.keep(view, budget)
 
+    def _ragged_ok(self) -> bool:
+        """Ragged storage is used for policies that only evict (their choice needs no
+        per-slot state, no per-step attention rows or selections), on full-attention layers
+        of tokens (not a store's, an MLA layer's latents or a sliding-window layer)."""
+        policy = self.cache.policy
+        return (self.cache.layout != "padded" and self.store is None and self.window is None and not self.latent
+                and not self.state and policy.evicts() and not policy.accumulates() and not policy.selects())
+
     def _gather(self, keep: torch.Tensor) -> None:
-        """Keep the ``keep`` slots (B, Hkv, L), in position order, padded to the largest head."""
+        """Keep the ``keep`` slots (B, Hkv, L), in position order: ragged (each head its own
+        count) when allowed and the counts differ (or ``layout="ragged"``), else padded to
+        the largest head."""
+        if self.ragged is not None:
+            self.ragged.compact(keep)
+            return
+        counts = keep.sum(dim=-1)
+        if self._ragged_ok() and (self.cache.layout == "ragged" or bool((counts != counts.max()).any())):
+            self.ragged = RaggedKV.from_padded(self.keys, self.values, self.positions, keep)
+            self.keys = self.values = self.positions = None
+            return
         length = keep.shape[-1]
         slot = torch.arange(length, device=keep.device).expand_as(keep)
         order = torch.where(keep, slot, slot + length).argsort(dim=-1)
@@ -368,19 +417,27 @@ class KVCacheLayer(CacheLayerMixin):
     def kept_positions(self) -> torch.Tensor:
         """(B, Hkv, kept) long: original positions held, sorted; -1 pads smaller heads."""
         self.flush()
-        pos = self.positions
+        pos = self.ragged.positions() if self.ragged is not None else self.positions
         key = torch.where(pos >= 0, pos, torch.iinfo(torch.long).max)
         out = key.sort(dim=-1).values
         width = int((pos >= 0).sum(dim=-1).max()) if pos.numel() else 0
         out = out[..., :width]
         return out.masked_fill(out == torch.iinfo(torch.long).max, -1)
 
-    def nbytes(self) -> int:
+    def kept_counts(self) -> torch.Tensor:
+        """(B, Hkv) long: tokens each head holds now."""
         self.flush()
-        tensors = [self.positions, *self.state.values()]
-        if self.store is None:
+        if self.ragged is not None:
+            return self.ragged.counts()
+        return (self.positions >= 0).sum(dim=-1)
+
+    def nbytes(self) -> int:
+        """Bytes allocated (distinct storages): keys, values, slot positions (or the ragged
+        pool and its page tables), policy state, observation queries, and the store's."""
+        self.flush()
+        tensors = [self.positions, *self.state.values(), self.obs_q, self.obs_pos]
+        if self.ragged is not None:
+            tensors += self.ragged.tensors()
+        elif self.store is None:
             tensors += [self.keys, self.values]
-        if self.obs_q is not None:
-            tensors.append(self.obs_q)
-        held = sum(x.numel() * x.element_size() for x in tensors if x is not None)
-        return held + (self.store.nbytes() if self.store is not None else 0)
+        return nbytes_of(tensors) + (self.store.nbytes() if self.store is not None else 0)

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import LinearAttentionLayer
 
+from .methods.kvcache.base import nbytes_of
+
 
 class StateLayer(LinearAttentionLayer):
     """Recurrent + convolution states of one linear-attention layer.
@@ -50,7 +52,7 @@ class StateLayer(LinearAttentionLayer):
 
     def nbytes(self) -> int:
         """Bytes of the conv and recurrent states (independent of the tokens seen)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return nbytes_of(self.tensors())
 
     def _apply_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for states in (self.conv_states, self.recurrent_states):

@@ -32,12 +32,12 @@ Extension points (planned, not implemented):
 - a recurrent state (linear-attention layers): a fourth mode whose store holds a fixed-size
   state (B, H, Dk, Dv) instead of slots; such a layer has no positions to score and is
   never compressed, so only ``Store`` (``append`` folds tokens in, ``load`` gives the state)
-  and the cache's bookkeeping of ``seen`` apply;
-- a different number of tokens per KV head held for real: today the slots are padded to
-  the largest head (``-1`` positions). A ragged store (tokens of all heads in one
-  (sum_h L_h, D) tensor plus per-head offsets) would implement ``Store`` with ``load``
-  returning the padded (B, Hkv, L, D) view that ``LayerView`` and attention read, so
-  policies stay unchanged.
+  and the cache's bookkeeping of ``seen`` apply.
+
+Per-head storage (done, ``attnkit.kvcache_ragged``): once a compression leaves heads with
+different numbers of tokens, an evicting policy's layer holds each head's own tokens in a
+paged pool; policies still see a ``LayerView`` with padded positions (B, Hkv, L), and its
+keys/values are built only if the policy reads them.
 """
 
 from __future__ import annotations
@@ -236,5 +236,12 @@ class BudgetBelowAlwaysKept(NotApplicable):
 
 
 def nbytes_of(tensors: Any) -> int:
-    """Bytes held by the tensors of an iterable (None entries skipped)."""
-    return sum(x.numel() * x.element_size() for x in tensors if x is not None)
+    """Bytes allocated for the tensors of an iterable (None entries skipped): the
+    ``untyped_storage().nbytes()`` of their distinct storages, so a view counts what it
+    keeps alive and a storage shared by several tensors counts once."""
+    seen: dict[int, int] = {}
+    for x in tensors:
+        if x is not None:
+            s = x.untyped_storage()
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+    return sum(seen.values())

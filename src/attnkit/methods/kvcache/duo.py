@@ -15,7 +15,9 @@ optimisation on synthetic passkey data; attnkit does not): a head's share of att
 mass, from its last ``window`` prompt queries averaged over its query heads, that falls
 outside its sinks and recent window — heads that look far back are retrieval heads. The
 roles of a layer are fixed at its first compression (averaged over batch rows).
-Memory: retrieval heads hold every token, so ``budget`` bounds only streaming heads.
+Memory: retrieval heads hold every token, so ``budget`` bounds only streaming heads; the
+cache stores each head's own tokens (``attnkit.kvcache_ragged``), so streaming heads hold
+only their budget.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class DuoAttention(CachePolicy):
 
     def head_roles(self, view: LayerView) -> torch.Tensor:
         """(Hkv,) bool: True for retrieval heads of this layer (fixed once computed)."""
-        hkv = view.keys.shape[1]
+        hkv = view.positions.shape[1]  # not view.keys: in ragged storage the keys are built only if read
         if view.layer_idx in self.roles:
             return self.roles[view.layer_idx]
         if self.plan is not None:
@@ -88,9 +90,9 @@ class DuoAttention(CachePolicy):
             if len(roles) != hkv:
                 raise ValueError(f"duo: plan gives {len(roles)} roles for layer {view.layer_idx}, which has {hkv} "
                                  "KV heads")
-            out = torch.tensor(roles, dtype=torch.bool, device=view.keys.device)
+            out = torch.tensor(roles, dtype=torch.bool, device=view.positions.device)
         else:
-            out = torch.zeros(hkv, dtype=torch.bool, device=view.keys.device)
+            out = torch.zeros(hkv, dtype=torch.bool, device=view.positions.device)
             n = int(self.config.retrieval_ratio * hkv + 0.5)
             if n > 0:
                 out[far_attention_share(view, self.config.sink).topk(n).indices] = True

@@ -76,12 +76,12 @@ class KIVIStore:
         if m:
             packed, scale, zero = self.quantize_keys(self.k_fp[:, :, :m])
             self.kq, self.k_scale, self.k_zero = _cat(self.kq, packed), _cat(self.k_scale, scale), _cat(self.k_zero, zero)
-            self.k_fp = self.k_fp[:, :, m:].contiguous()
+            self.k_fp = self.k_fp[:, :, m:].clone()  # a copy: a slice would keep the whole old storage alive
         m = self.v_fp.shape[2] - self.residual
         if m > 0:
             packed, scale, zero = self.quantize_values(self.v_fp[:, :, :m])
             self.vq, self.v_scale, self.v_zero = _cat(self.vq, packed), _cat(self.v_scale, scale), _cat(self.v_zero, zero)
-            self.v_fp = self.v_fp[:, :, m:].contiguous()
+            self.v_fp = self.v_fp[:, :, m:].clone()
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.k_fp, self.v_fp

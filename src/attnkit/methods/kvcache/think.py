@@ -95,7 +95,7 @@ class ThinKStore:
         dk = self.channels.shape[-1]
         cut = self.k_full[:, :, :m].gather(-1, self.channels[:, :, None, :].expand(b, h, m, dk))
         self.k_pruned = cut if self.k_pruned is None else torch.cat([self.k_pruned, cut], dim=2)
-        self.k_full = self.k_full[:, :, m:].contiguous()
+        self.k_full = self.k_full[:, :, m:].clone()  # a copy: a slice would keep the old storage alive
 
     def nbytes(self) -> int:
         return nbytes_of([self.k_pruned, self.channels, self.k_full, self.values])
