@@ -22,6 +22,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .cache_tag import tag_keys
 from .kernels import attention_with_lse
 from .kvcache_ragged import RaggedKV, RaggedView
+from .kvcache_select import attend_selected
 from .methods.kvcache.base import LayerView, Store, nbytes_of
 from .methods.kvcache.common import window_probs
 
@@ -295,6 +296,8 @@ class KVCacheLayer(CacheLayerMixin):
         policy = self.cache.policy
         if special and policy.selects():
             chosen = policy.decode_select(self.view(), q, self.cache.budget_for(self))
+            if chosen is not None and t == 1 and not policy.accumulates():  # gather the chosen slots only
+                return attend_selected(q, self.keys, self.values, chosen & (self.positions >= 0), self.scale)
             if chosen is not None:
                 allowed = allowed & chosen[:, :, None, :]
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # rows with no key: padding queries
@@ -435,7 +438,8 @@ class KVCacheLayer(CacheLayerMixin):
         """Bytes allocated (distinct storages): keys, values, slot positions (or the ragged
         pool and its page tables), policy state, observation queries, and the store's."""
         self.flush()
-        tensors = [self.positions, *self.state.values(), self.obs_q, self.obs_pos]
+        tensors = [self.positions, *self.state.values(), self.obs_q, self.obs_pos,
+                   *self.cache.policy.held_tensors(self.layer_idx)]
         if self.ragged is not None:
             tensors += self.ragged.tensors()
         elif self.store is None:

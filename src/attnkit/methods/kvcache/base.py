@@ -204,6 +204,11 @@ class CachePolicy(Configurable):
         probs: (B, Hq, T, L) float32, the attention of the T newest queries over the slots.
         """
 
+    def held_tensors(self, layer_idx: int) -> list:
+        """Tensors the policy itself holds for layer ``layer_idx`` (page summaries, the last
+        selection's query), counted by the cache's ``nbytes()``."""
+        return []
+
     def decode_select(self, view: LayerView, q: torch.Tensor, budget: int) -> Optional[torch.Tensor]:
         """(B, Hkv, L) bool slots the decode query q: (B, Hq, 1, D) attends to (None: all)."""
         return None

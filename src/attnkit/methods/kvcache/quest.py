@@ -74,6 +74,30 @@ class Quest(CachePolicy):
         if not isinstance(self.config.skip_layers, int) or self.config.skip_layers < 0:
             raise ValueError(f"quest: skip_layers must be an int >= 0, got {self.config.skip_layers!r}")
 
+    def held_tensors(self, layer_idx: int) -> list:
+        return list(getattr(self, "_pages", {}).get(layer_idx, ())[1:])
+
+    def _bounds(self, view: LayerView, valid: torch.Tensor, ps: int):
+        """Page bounds (lo, hi, any_ok) of ``page_bounds``, kept per layer between decode
+        steps: a step that appended one slot recomputes only the last page (O(ps D), not a
+        pass over every key). Anything else (a prefill, a reorder) recomputes them all."""
+        if not hasattr(self, "_pages"):
+            self._pages: dict = {}
+        length = valid.shape[-1]
+        held = self._pages.get(view.layer_idx)
+        if held is None or held[0] != length - 1 or held[1].shape[:2] != valid.shape[:2]:
+            lo, hi, ok = page_bounds(view.keys, valid, ps)
+        else:
+            _, lo, hi, ok = held
+            page = (length - 1) // ps
+            lo_p, hi_p, ok_p = page_bounds(view.keys[:, :, page * ps:], valid[:, :, page * ps:], ps)
+            if page == lo.shape[2]:  # the new slot opened a page
+                lo, hi, ok = torch.cat([lo, lo_p], 2), torch.cat([hi, hi_p], 2), torch.cat([ok, ok_p], 2)
+            else:
+                lo[:, :, page], hi[:, :, page], ok[:, :, page] = lo_p[:, :, 0], hi_p[:, :, 0], ok_p[:, :, 0]
+        self._pages[view.layer_idx] = (length, lo, hi, ok)
+        return lo, hi, ok
+
     def score(self, view: LayerView) -> torch.Tensor:  # never evicts
         return view.positions.float()
 
@@ -83,7 +107,7 @@ class Quest(CachePolicy):
         ps = self.config.page_size
         valid = view.valid
         b, hkv, length = valid.shape
-        lo, hi, any_ok = page_bounds(view.keys, valid, ps)
+        lo, hi, any_ok = self._bounds(view, valid, ps)
         n_pages = lo.shape[2]
         k = max(1, budget // ps)
         if k >= n_pages:
