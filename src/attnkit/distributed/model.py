@@ -161,12 +161,20 @@ def prepare(model: torch.nn.Module, group: Any, layout: str, specs: Iterable[Any
     return ContextParallel(group, layout)
 
 
-def check_call(kwargs: dict[str, Any]) -> None:
+def check_call(cp: ContextParallel, kwargs: dict[str, Any]) -> None:
     """A forward of a context-parallel model: no padding mask, and the global positions
-    of the shard (``shard_inputs``) unless a ``ShardedKVCache`` past its prefill supplies them."""
-    check_no_padding(kwargs.get("attention_mask"))
-    cache = kwargs.get("past_key_values")
-    if kwargs.get("position_ids") is None and not (isinstance(cache, ShardedKVCache) and cache.get_seq_length() > 0):
+    of the shard (``shard_inputs``) unless a ``ShardedKVCache`` past its prefill supplies
+    them. Collective (one all-reduce of two flags): a shard with padding on one rank is
+    an error on every rank, not a hang in the ring."""
+    mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
+    padded = mask is not None and not bool((mask != 0).all())
+    positioned = kwargs.get("position_ids") is not None or (isinstance(cache, ShardedKVCache)
+                                                            and cache.get_seq_length() > 0)
+    flags = torch.tensor([padded, not positioned], dtype=torch.int64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=cp.group)
+    if flags[0]:
+        check_no_padding(torch.zeros(1))
+    if flags[1]:
         raise ValueError("a context-parallel forward needs position_ids, the global positions of this rank's shard "
                          "(ids, position_ids = attnkit.distributed.shard_inputs(input_ids, group))")
 
@@ -250,7 +258,7 @@ def install(model: torch.nn.Module, cp: ContextParallel, set_attr: Any) -> Any:
             set_attr(module, CP_ATTR, cp)
 
     def check(_module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        check_call(kwargs)
+        check_call(cp, kwargs)
 
     handle = model.register_forward_pre_hook(check, with_kwargs=True)
 
