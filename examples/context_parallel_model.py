@@ -49,10 +49,15 @@ def greedy(model, first: torch.Tensor, cache, steps: int) -> list[int]:
     return tokens
 
 
-def max_logit_diff(model, hidden: torch.Tensor, ref: torch.Tensor, rows: int = 512) -> float:
-    """Max |logits - logits_ref| over every position, the vocabulary projection in chunks."""
-    return max((model.lm_head(hidden[:, s:s + rows]) - model.lm_head(ref[:, s:s + rows])).abs().max().item()
-               for s in range(0, hidden.shape[1], rows))
+def max_logit_diff(model, hidden: torch.Tensor, ref: torch.Tensor, rows: int = 512) -> tuple[float, float]:
+    """(max |logits - logits_ref|, max |logits_ref|) over every position, the vocabulary
+    projection in chunks."""
+    diff = scale = 0.0
+    for s in range(0, hidden.shape[1], rows):
+        ref_logits = model.lm_head(ref[:, s:s + rows])
+        diff = max(diff, (model.lm_head(hidden[:, s:s + rows]) - ref_logits).abs().max().item())
+        scale = max(scale, ref_logits.abs().max().item())
+    return diff, scale
 
 
 def main() -> None:
@@ -85,16 +90,16 @@ def main() -> None:
             out = model.model(input_ids=ids, use_cache=True)
             ref_tokens = greedy(model, model.lm_head(out.last_hidden_state[:, -1]).argmax(-1), out.past_key_values,
                                 args.new_tokens)
-            diff = max_logit_diff(model, hidden, out.last_hidden_state)
+            diff, scale = max_logit_diff(model, hidden, out.last_hidden_state)
         one_kv = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
         print(f"model {args.model}  ranks {world}  layout {args.layout}  prompt {n} tokens")
-        print(f"max logit difference vs one process: {diff:.2e}")
+        print(f"max logit difference vs one process: {diff:.2e} (max |logit| {scale:.1f})")
         print(f"greedy tokens ({args.new_tokens}) equal one process: {tokens == ref_tokens}  {tokens}")
         print(f"one process KV cache (prompt + decoded): {one_kv} bytes")
         for r, (kv, slots, rss) in enumerate(t.tolist() for t in every):
             print(f"rank {r}: KV cache {kv} bytes ({slots} positions per layer), peak RSS {rss / 2**20:.0f} MiB")
         print(json.dumps({"model": args.model, "ranks": world, "layout": args.layout, "length": n,
-                          "max_logit_diff": diff, "tokens_equal": tokens == ref_tokens, "one_process_kv_bytes": one_kv,
+                          "max_logit_diff": diff, "max_abs_logit": scale, "tokens_equal": tokens == ref_tokens, "one_process_kv_bytes": one_kv,
                           "kv_bytes": [int(t[0]) for t in every], "kv_positions": [int(t[1]) for t in every],
                           "peak_rss_bytes": [int(t[2]) for t in every]}))
     dist.barrier()
