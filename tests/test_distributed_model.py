@@ -5,8 +5,9 @@ the same greedy tokens; the sharded cache holds every position once; what it can
 is refused with the reason. SmolLM2-135M (real weights) at 1024 tokens on 2 ranks, through
 the torchrun example: logits within 1e-4 and the same greedy tokens (marked slow).
 
-Workers are spawned once per world size and run every check (``spawn_helpers``); each
-check's outcome per rank is read by the test of that check.
+Four workers are spawned once (``spawn_helpers``) and run every check on the default
+group of 4, then on two subgroups of 2 (explicit process groups); each check's outcome
+per rank is read by the test of that check.
 """
 
 from __future__ import annotations
@@ -52,39 +53,57 @@ def _ids(batch=2, n=N, seed=1):
     return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _cp_logits(model, ids, layout, **patch_kw):
-    with ak.patch(model, context_parallel=True, context_parallel_layout=layout, **patch_kw):
-        shard, pos = akd.shard_inputs(ids, layout=layout)
+_PAIRS: list = []
+
+
+def _group(world: int, size: int):
+    """None (the default group) when ``size`` is the whole world, else this rank's pair
+    subgroup ({0, 1} or {2, 3}: both run the checks at once; every rank creates both)."""
+    if size == world:
+        return None
+    if not _PAIRS:
+        _PAIRS.extend(dist.new_group(list(range(r, r + size))) for r in range(0, world, size))
+    return _PAIRS[dist.get_rank() // size]
+
+
+def _cp_logits(model, ids, layout, group, **patch_kw):
+    with ak.patch(model, context_parallel=group or True, context_parallel_layout=layout, **patch_kw):
+        shard, pos = akd.shard_inputs(ids, group, layout=layout)
         with torch.no_grad():
             logits = model(input_ids=shard, position_ids=pos).logits
-    return akd.unshard(logits, layout=layout, total_len=ids.shape[1], dim=1)
+    return akd.unshard(logits, group, layout=layout, total_len=ids.shape[1], dim=1)
 
 
-def _run_check(name, rank, world):
+def _run_check(full_name, _rank, world):
+    name, size = full_name.split("@")
+    group = _group(world, int(size))
+    cp = group or True
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     model, ids = _tiny(), _ids()
     if name.startswith("logits-"):
         with torch.no_grad():
             ref = model(ids).logits
-        err = (_cp_logits(model, ids, name.split("-")[1]) - ref).abs().max().item()
+        err = (_cp_logits(model, ids, name.split("-")[1], group) - ref).abs().max().item()
         assert err < TOL, f"max logit error {err:.2e}"
     elif name.startswith("generate-"):
         layout = name.split("-")[1]
         ref = model.generate(ids, max_new_tokens=5, do_sample=False)
-        with ak.patch(model, context_parallel=True, context_parallel_layout=layout):
+        with ak.patch(model, context_parallel=cp, context_parallel_layout=layout):
+            assert model.attnkit_assignment[1] == f"exact (context parallel: {layout} ring over {world} ranks, sharded KV cache)"
             out = model.generate(ids, max_new_tokens=5)
         assert torch.equal(out, ref), f"{out[:, N:]} != {ref[:, N:]}"
         assert "generate" not in vars(model) and model.config._attn_implementation != "attnkit"
         assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), ref)  # unpatched again
     elif name == "cache-slots":  # every position held once, the decoded ones round robin
-        cache = akd.ShardedKVCache(N)
-        with ak.patch(model, context_parallel=True), torch.no_grad():
-            shard, pos = akd.shard_inputs(ids)
+        cache = akd.ShardedKVCache(N, group)
+        with ak.patch(model, context_parallel=cp), torch.no_grad():
+            shard, pos = akd.shard_inputs(ids, group)
             model(input_ids=shard, position_ids=pos, past_key_values=cache)
             for step in range(3):  # positions from the cache's count of tokens seen
                 model(input_ids=ids[:, step:step + 1], past_key_values=cache)
         slots = torch.tensor([cache.slots(0)])
         every = [torch.zeros_like(slots) for _ in range(world)]
-        dist.all_gather(every, slots)
+        dist.all_gather(every, slots, group=group)
         assert sum(int(s) for s in every) == N + 3, every
         mine = int((akd.positions(rank, world, N, "zigzag") < N).sum()) + sum(cache.owner(N + s) == rank for s in range(3))
         assert cache.slots(0) == cache.slots(1) == mine
@@ -93,25 +112,27 @@ def _run_check(name, rank, world):
     elif name == "static-method":  # a static pattern runs in the ring, as in one process
         with ak.patch(model, prefill="sliding_window", window=8), torch.no_grad():
             ref = model(ids).logits
-        err = (_cp_logits(model, ids, "zigzag", prefill="sliding_window", window=8) - ref).abs().max().item()
+        err = (_cp_logits(model, ids, "zigzag", group, prefill="sliding_window", window=8) - ref).abs().max().item()
         assert err < TOL, f"max logit error {err:.2e}"
     elif name == "errors":
         with pytest.raises(ValueError, match="cannot run in the context-parallel ring"):
-            ak.patch(model, prefill="vertical_slash", context_parallel=True).__enter__()
+            ak.patch(model, prefill="vertical_slash", context_parallel=cp).__enter__()
         with pytest.raises(ValueError, match="sliding window of 16"):
-            ak.patch(_tiny(sliding_window=16), context_parallel=True).__enter__()
+            ak.patch(_tiny(sliding_window=16), context_parallel=cp).__enter__()
         with pytest.raises(ValueError, match="cannot be combined with context_parallel"):
-            ak.patch(model, cache="snapkv", budget=64, context_parallel=True).__enter__()
+            ak.patch(model, cache="snapkv", budget=64, context_parallel=cp).__enter__()
         with pytest.raises(ValueError, match="context_parallel_layout"):
-            ak.patch(model, context_parallel=True, context_parallel_layout="ring").__enter__()
+            ak.patch(model, context_parallel=cp, context_parallel_layout="ring").__enter__()
         mask = torch.ones_like(ids)
         mask[0, :3] = 0
         with pytest.raises(ValueError, match="padded batches"):
-            akd.shard_inputs(ids, attention_mask=mask)
-        with ak.patch(model, context_parallel=True), torch.no_grad():
-            shard, pos = akd.shard_inputs(ids)
+            akd.shard_inputs(ids, group, attention_mask=mask)
+        with pytest.raises(TypeError, match="ProcessGroup or True"):
+            ak.patch(model, context_parallel=2).__enter__()
+        with ak.patch(model, context_parallel=cp), torch.no_grad():
+            shard, pos = akd.shard_inputs(ids, group)
             with pytest.raises(ValueError, match="padded batches"):
-                model(input_ids=shard, position_ids=pos, attention_mask=akd.shard(mask, dim=1))
+                model(input_ids=shard, position_ids=pos, attention_mask=akd.shard(mask, group, dim=1))
             with pytest.raises(ValueError, match="needs position_ids"):
                 model(input_ids=shard)
             with pytest.raises(ValueError, match="greedy decoding only"):
@@ -124,19 +145,21 @@ def _run_check(name, rank, world):
 
 
 def _worker(rank, world, port, path):
-    serve_checks(rank, world, port, path, CHECKS, _run_check)
+    serve_checks(rank, world, port, path, [f"{c}@{size}" for size in (4, 2) for c in CHECKS], _run_check)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return {world: spawn_checks(_worker, world, tmp_path_factory.mktemp(f"cpm-{world}")) for world in (2, 4)}
+    """One spawn of 4 ranks: every check on the default group of 4, then on two
+    subgroups of 2 at once (an explicit ProcessGroup: its ranks are not the global ones)."""
+    return spawn_checks(_worker, 4, tmp_path_factory.mktemp("cpm"))
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("check", CHECKS)
 def test_model_context_parallel_matches_one_process(results, world, check):
-    for rank, res in enumerate(results[world]):
-        assert res[check] == "ok", f"rank {rank} of {world}:\n{res[check]}"
+    for rank, res in enumerate(results):
+        assert res[f"{check}@{world}"] == "ok", f"global rank {rank}, {world} ranks:\n{res[f'{check}@{world}']}"
 
 
 def test_no_process_group_is_an_error(tiny_llama):

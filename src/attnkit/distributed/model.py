@@ -249,8 +249,9 @@ def _agreed(token: torch.Tensor, src: int, group: Any) -> torch.Tensor:
 
 def install(model: torch.nn.Module, cp: ContextParallel, set_attr: Any) -> Any:
     """Tag every attention module with ``cp`` (through ``set_attr(obj, name, value)``, which
-    records how to undo it), check each forward's arguments (``check_call``) and route
-    ``model.generate`` to ``generate``. Returns the undo of the forward check."""
+    records how to undo it), check each forward's arguments (``check_call``), route
+    ``model.generate`` to ``generate`` and say so in ``model.attnkit_assignment``.
+    Returns the undo of the forward check."""
     from ..layer_attention import CP_ATTR
 
     for group in model_layers.attention_modules(model).values():
@@ -268,4 +269,7 @@ def install(model: torch.nn.Module, cp: ContextParallel, set_attr: Any) -> Any:
         return generate(model, cp, input_ids, **kwargs)
 
     set_attr(model, "generate", generate_cp)
+    where = f"context parallel: {cp.layout} ring over {cp.world} ranks, sharded KV cache"
+    set_attr(model, "attnkit_assignment", {idx: f"{what} ({where})"
+                                           for idx, what in getattr(model, "attnkit_assignment", {}).items()})
     return handle.remove
