@@ -94,18 +94,24 @@ def _run_check(full_name, _rank, world):
         assert torch.equal(out, ref), f"{out[:, N:]} != {ref[:, N:]}"
         assert "generate" not in vars(model) and model.config._attn_implementation != "attnkit"
         assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), ref)  # unpatched again
-    elif name == "cache-slots":  # every position held once, the decoded ones round robin
-        cache = akd.ShardedKVCache(N, group)
+    elif name == "cache-slots":  # every position held once; decode steps of 2 and 1 tokens as in one process
+        cache, more = akd.ShardedKVCache(N, group), _ids(n=3, seed=2)
+        with torch.no_grad():
+            ref = model(torch.cat([ids, more], dim=1)).logits[:, N:]
         with ak.patch(model, context_parallel=cp), torch.no_grad():
             shard, pos = akd.shard_inputs(ids, group)
             model(input_ids=shard, position_ids=pos, past_key_values=cache)
-            for step in range(3):  # positions from the cache's count of tokens seen
-                model(input_ids=ids[:, step:step + 1], past_key_values=cache)
+            # positions from the cache's count of tokens seen; a 2-token step is stored on one rank
+            got = torch.cat([model(input_ids=more[:, :2], past_key_values=cache).logits,
+                             model(input_ids=more[:, 2:], past_key_values=cache).logits], dim=1)
+        err = (got - ref).abs().max().item()
+        assert err < TOL, f"max decode logit error {err:.2e}"
         slots = torch.tensor([cache.slots(0)])
         every = [torch.zeros_like(slots) for _ in range(world)]
         dist.all_gather(every, slots, group=group)
         assert sum(int(s) for s in every) == N + 3, every
-        mine = int((akd.positions(rank, world, N, "zigzag") < N).sum()) + sum(cache.owner(N + s) == rank for s in range(3))
+        mine = int((akd.positions(rank, world, N, "zigzag") < N).sum())
+        mine += 2 * (cache.owner(N) == rank) + (cache.owner(N + 2) == rank)
         assert cache.slots(0) == cache.slots(1) == mine
         assert cache.nbytes() == 2 * 2 * 2 * 2 * mine * 16 * 4  # layers x (K, V) x B x Hkv x slots x D x fp32
         assert cache.get_seq_length() == N + 3
