@@ -16,7 +16,10 @@ mask transformers built (``sdpa_mask``) and the layer's own keyword arguments. W
 - an additive ``position_bias`` (T5 family) or logit ``softcap`` (Gemma 2): exact, with
   the bias / cap applied as transformers' own path does (``patch`` refuses a sparse
   method on such a model, with the reason);
-- any other mask (packed sequences, custom 4D masks): exact with the mask.
+- any other mask (packed sequences, custom 4D masks): exact with the mask;
+- **context parallel** (``patch(model, context_parallel=group)``): the layer's
+  ``ContextParallel`` (``attnkit.distributed.model``) runs the ring at prefill and the
+  sharded cache's merge at decode; the model's mask is not used (causal, no padding).
 
 A keyword argument this function does not implement (e.g. gpt-oss's ``s_aux`` sinks)
 is an error naming it, never silently ignored.
@@ -43,6 +46,7 @@ logger = logging.getLogger("attnkit.patching")
 
 LAYER_ATTR = "_attnkit_layer"  # on each attention module: a LayerMethod, or None for exact
 CROSS_ATTR = "_attnkit_cross"  # on cross-attention modules: True
+CP_ATTR = "_attnkit_context_parallel"  # under patch(context_parallel=...): a distributed.model.ContextParallel
 
 # Keyword arguments that do not change the attention itself (bookkeeping of the model).
 IGNORED_KWARGS = frozenset({
@@ -115,6 +119,9 @@ def attnkit_attention(
     """
     call = read_call(module, is_causal, kwargs)
     spec: Optional[LayerMethod] = None if call.cross else getattr(module, LAYER_ATTR, None)
+    context_parallel = getattr(module, CP_ATTR, None)
+    if context_parallel is not None:  # the sequence is sharded across ranks: the ring, or the sharded cache
+        return context_parallel.attention(query, key, value, scaling, spec).transpose(1, 2).contiguous(), None
     if spec is not None and spec.name == "full" and spec.backend == "auto":
         spec = None  # "full" is exact attention: the same path as no method (torch's fused SDPA where it can)
 

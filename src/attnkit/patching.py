@@ -266,6 +266,8 @@ def patch(
     cache_config: Optional[Mapping[str, Any]] = None,
     dense_layers: int = 0,
     backend: str = "auto",
+    context_parallel: Any = None,
+    context_parallel_layout: str = "zigzag",
     **config: Any,
 ) -> Iterator[torch.nn.Module]:
     """Run ``model`` with an attnkit prefill method inside a ``with`` block.
@@ -282,7 +284,13 @@ def patch(
     fields come in ``cache_config={...}``; ``backend``: the kernel backend of the
     prefill method, ``"auto"`` or one of ``attnkit.kernels.BACKENDS`` (passed to
     ``attnkit.attention(..., backend=...)``; e.g. ``"dense"`` runs the same allowed set as
-    one explicit mask; a backend that cannot run a call raises at that call). The
+    one explicit mask; a backend that cannot run a call raises at that call);
+    ``context_parallel``: a ``torch.distributed`` process group (or True: the default
+    group): the sequence is sharded across its ranks (``context_parallel_layout``
+    ``"zigzag"`` or ``"contiguous"``), every attention layer runs ``ring_attention``,
+    each forward takes this rank's shard and its ``position_ids``
+    (``attnkit.distributed.shard_inputs``), and ``model.generate(input_ids, ...)`` decodes
+    greedily over a sharded KV cache (docs/distributed.md, "Model level"). The
     model's attention implementation, plan and ``generate`` are restored on exit, also
     after an exception. The methods are differentiable: in ``model.train()`` the
     gradients are exact over the pattern each method selected (docs/training.md).
@@ -299,7 +307,21 @@ def patch(
         if reason is not None:
             raise ValueError(f"cache={cache!r}: {reason}; patch it without cache= "
                              f"(transformers' own cache keeps working, with attnkit's kernels)")
-    saved = _install(model, _plan_from_args(prefill, layers, method_config, dense_layers, backend))
+    plan = _plan_from_args(prefill, layers, method_config, dense_layers, backend)
+    cp = None
+    if context_parallel is not None and context_parallel is not False:
+        from .distributed.model import install as install_cp
+        from .distributed.model import prepare
+
+        default, chosen = _normalize(plan)
+        cp = prepare(model, context_parallel, context_parallel_layout, [default, *chosen.values()], cache)
+    saved = _install(model, plan)
+    if cp is not None:
+        try:
+            saved.after.append(install_cp(model, cp, lambda obj, name, value: _set(saved, obj, name, value)))
+        except BaseException:
+            _restore(model, saved)
+            raise
     try:
         if cache is None:
             yield model

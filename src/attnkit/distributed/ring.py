@@ -41,7 +41,7 @@ def _shift(tensors: list[torch.Tensor], group, rank: int, world: int):
     """Start sending ``tensors`` to rank + 1 and receiving the same shapes from rank - 1.
     Returns (requests, receive buffers)."""
     nxt, prv = _peer(group, (rank + 1) % world), _peer(group, (rank - 1) % world)
-    bufs = [torch.empty_like(t) for t in tensors]
+    bufs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]  # irecv needs contiguous
     ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, b, prv, group) for b in bufs]
     return dist.batch_isend_irecv(ops), bufs
