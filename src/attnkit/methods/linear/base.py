@@ -13,7 +13,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
@@ -113,13 +113,17 @@ class LinearMethod(Method):
 
 def run_normalized(form: str, fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, s0: Optional[torch.Tensor],
                    z0: Optional[torch.Tensor], causal: bool, chunk_size: int, eps: float,
-                   scale: float = 1.0, g: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   scale: float = 1.0, g: Optional[torch.Tensor] = None,
+                   feature: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalised feature-map attention o = scale fq S / (scale fq z + eps) in ``form``.
 
     fq: (B, Hq, N, F), fk: (B, H, N, F) the features (compute dtype); v: (B, H, N, Dv);
     s0: (B, H, F, Dv) or None, z0: (B, H, F) or None; g: None or a per-head log-decay
     (B, H, N) applied to S and z alike (causal). The normaliser z rides along as one more
-    value column of ones, so every form carries it with S exactly. Returns (out, S, z)."""
+    value column of ones, so every form carries it with S exactly. ``feature``: fq, fk are
+    the raw q, k and this map makes the features (the chunked form a row at a time: no
+    whole-sequence feature tensor). Returns (out, S, z)."""
     s0 = None if s0 is None else torch.cat([s0, z0.unsqueeze(-1)], dim=-1)
-    out, s = run_form(form, fq, fk, v, g, scale, s0, causal, chunk_size, eps=eps)
+    out, s = run_form(form, fq, fk, v, g, scale, s0, causal, chunk_size, feature=feature, eps=eps)
     return out, s[..., :-1], s[..., -1]

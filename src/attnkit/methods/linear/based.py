@@ -26,6 +26,7 @@ z (B, Hkv, 1 + Dk + Dk^2)).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,7 @@ class Based(LinearMethod):
     def run(self, q, k, v, causal, scale, form, inputs):
         dtype = state_dtype(q.dtype)
         state = inputs.get("initial_state")
-        fq, fk = taylor_features(q.to(dtype), scale), taylor_features(k.to(dtype), scale)
         s0, z0 = (None, None) if state is None else (state.S, state.z)
-        out, s, z = run_normalized(form, fq, fk, v.to(dtype), s0, z0, causal, self.config.chunk_size, self.config.eps)
+        out, s, z = run_normalized(form, q.to(dtype), k.to(dtype), v.to(dtype), s0, z0, causal, self.config.chunk_size,
+                                   self.config.eps, feature=functools.partial(taylor_features, scale=scale))
         return out, LinearState(S=s, z=z)

@@ -69,7 +69,8 @@ def run_form(form: str, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], sc
     ``state`` is then (B, H, Dk, Dv + 1) (the normaliser z in the last column, as the
     returned state) and the output (B, Hq, N, Dv)."""
     if state is None:
-        state = q.new_zeros(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1] + (eps is not None))
+        features = k.shape[-1] if feature is None else feature(k[..., :1, :]).shape[-1]
+        state = q.new_zeros(k.shape[0], k.shape[1], features, v.shape[-1] + (eps is not None))
     if causal and form == "chunk":
         return chunk_gla(q, k, v, g, scale, state, chunk_size, feature, eps)
     if feature is not None:
