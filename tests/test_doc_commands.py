@@ -123,6 +123,12 @@ def check_plan(argv: list[str], output: str) -> None:
         if option(argv, "--lengths"):
             lengths = ", ".join(map(str, parse_lengths(option(argv, "--lengths"))))
             assert line_of(output, "lengths:") == f"lengths: {lengths}"
+    elif command == "hybrid-speed":
+        if option(argv, "--lengths"):
+            lengths = ", ".join(map(str, parse_lengths(option(argv, "--lengths"))))
+            assert line_of(output, "lengths:") == f"lengths: {lengths}"
+        if option(argv, "--models"):
+            assert line_of(output, "models:") == f"models: {option(argv, '--models')}"
     elif command == "report":
         assert f"would write: {argv[2]}/report.md" in output
     elif command == "analyze":

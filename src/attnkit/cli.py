@@ -218,6 +218,7 @@ def hybrid_speed(
     lengths: str = typer.Option("8k", help="Prompt lengths, e.g. 4k,8k."),
     repeats: int = typer.Option(3, help="Timed prefills per side (median reported), after one warm-up."),
     out: Optional[str] = typer.Option(None, help="Write the rows as JSON to this file."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the models and lengths, print the plan; time nothing."),
 ) -> None:
     """Whole-model prefill of transformers' hybrid models: transformers' own fallbacks vs ak.patch.
 
@@ -236,6 +237,12 @@ def hybrid_speed(
     if repeats < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--repeats")
     ns = _parse_lengths(lengths)
+    if dry_run:
+        typer.echo("attnkit hybrid-speed --dry-run: nothing is built or timed")
+        typer.echo(f"models: {', '.join(names)}")
+        typer.echo(f"lengths: {', '.join(map(str, ns))}")
+        typer.echo(f"repeats: {repeats} per side, after one warm-up" + (f"; would write: {out}" if out else ""))
+        return
     rows = []
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("hybrid-speed", total=len(names) * len(ns) * 2 * (repeats + 1))
