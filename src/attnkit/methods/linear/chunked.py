@@ -279,9 +279,9 @@ def _row_decay(qc, kc, vc, gc, state):
     o_intra, q_in, k_st, s_decay = _intra_decay(qc, kc, vc, gc)
     kv = k_st.transpose(-1, -2) @ vc  # (B, H, m, Dk, Dv)
     before = []
-    for i in range(kv.shape[2]):
+    for kv_i, decay_i in zip(kv.unbind(2), s_decay.unbind(2)):  # unbound once: one backward node
         before.append(state)
-        state = kv[:, :, i] + s_decay[:, :, i] * state
+        state = kv_i + decay_i * state
     return _read(o_intra, q_in, torch.stack(before, dim=2)), state
 
 

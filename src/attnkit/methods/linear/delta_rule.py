@@ -230,20 +230,24 @@ def _scan(q, k, v, t_beta, a_qk, k_write, decay, state, q_row=None, k_row=None, 
     products instead (in cache): q_row on q S, k_row on k S, w_row on the writes.
     Per chunk: v_new = T diag(beta) (v - k S), out = q S + a_qk v_new,
     S <- decay * S + k_write^T v_new. Returns out (BH, nc, C, Dv) and the final state.
-    Chunk slices are strided views that bmm reads in place; in-place updates act only on
-    fresh products (autograd saves what it needs).
+    The inputs are unbound into per-chunk views once (one backward node each, not one
+    per chunk that would zero-fill a whole-sequence gradient: quadratic in the chunk
+    count) and the outputs stacked once; in-place updates act only on fresh products
+    (autograd saves what it needs).
     """
-    out = v.new_empty(v.shape)
-    for i in range(v.shape[1]):
-        q_s, k_s = torch.bmm(q[:, i], state), torch.bmm(k[:, i], state)
+    q, k, v, t_beta, a_qk, k_write, decay = (x.unbind(1) for x in (q, k, v, t_beta, a_qk, k_write, decay))
+    q_row, k_row, w_row = (None if x is None else x.unbind(1) for x in (q_row, k_row, w_row))
+    outs = []
+    for i in range(len(v)):
+        q_s, k_s = torch.bmm(q[i], state), torch.bmm(k[i], state)
         if q_row is not None:
-            q_s = q_s.mul_(q_row[:, i])
-        k_s = k_s if k_row is None else k_s.mul_(k_row[:, i])
-        v_new = torch.bmm(t_beta[:, i], v[:, i] - k_s)
-        out[:, i] = q_s.baddbmm_(a_qk[:, i], v_new)
-        write = v_new if w_row is None else v_new * w_row[:, i]
-        state = (state * decay[:, i]).baddbmm_(k_write[:, i].transpose(-1, -2), write)
-    return out, state
+            q_s = q_s.mul_(q_row[i])
+        k_s = k_s if k_row is None else k_s.mul_(k_row[i])
+        v_new = torch.bmm(t_beta[i], v[i] - k_s)
+        outs.append(q_s.baddbmm_(a_qk[i], v_new))
+        write = v_new if w_row is None else v_new * w_row[i]
+        state = (state * decay[i]).baddbmm_(k_write[i].transpose(-1, -2), write)
+    return torch.stack(outs, dim=1), state
 
 
 def _chunk(q, k, v, g, beta, initial_state, scale, use_qk_l2norm, chunk_size):
