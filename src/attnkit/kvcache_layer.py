@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
 from .cache_tag import tag_keys
 from .kernels import attention_with_lse
+from .kvcache_grow import Growing
 from .kvcache_ragged import RaggedKV, RaggedView
 from .kvcache_select import attend_selected
 from .methods.kvcache.base import LayerView, Store, nbytes_of
@@ -44,6 +44,7 @@ class KVCacheLayer(CacheLayerMixin):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
+        self.grow = Growing()
         self.positions: Optional[torch.Tensor] = None  # (B, Hkv, L) long, -1 = empty
         self.state: dict[str, torch.Tensor] = {}  # per-slot policy state (B, Hkv, L)
         self.seen = 0
@@ -101,12 +102,12 @@ class KVCacheLayer(CacheLayerMixin):
         if self.store is not None:
             self.store.append(key_states, value_states)
             self.keys, self.values = self.store.load()
-        else:
-            self.keys = torch.cat([self.keys, key_states], dim=2)
-            self.values = torch.cat([self.values, value_states], dim=2)
-        self.positions = torch.cat([self.positions, new_pos], dim=2)
+        else:  # decode steps of a long cache write into spare room (kvcache_grow)
+            self.keys = self.grow.append("keys", self.keys, key_states)
+            self.values = self.grow.append("values", self.values, value_states)
+        self.positions = self.grow.append("positions", self.positions, new_pos)
         for name, tensor in self.state.items():
-            self.state[name] = F.pad(tensor, (0, t))
+            self.state[name] = self.grow.append("state:" + name, tensor, tensor.new_zeros(tensor.shape[:2] + (t,)))
         self.seen += t
         self._last_t = t
         self._awaiting_attention = True

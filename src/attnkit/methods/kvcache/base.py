@@ -42,6 +42,8 @@ keys/values are built only if the policy reads them.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Protocol
 
@@ -81,9 +83,10 @@ class LayerView:
     phase: str = "prefill"  # "prefill" if the last forward pass had T > 1 tokens, else "decode"
     rope_theta: Optional[float] = None  # the model's RoPE base, when attnkit's attention saw it
 
-    @property
+    @functools.cached_property
     def valid(self) -> torch.Tensor:
-        """(B, Hkv, L) bool: slots that hold a token."""
+        """(B, Hkv, L) bool: slots that hold a token (computed once per view: a view lives
+        for one scoring / selection call, while the positions do not change)."""
         return self.positions >= 0
 
     @property

@@ -91,14 +91,26 @@ def protect(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # --- decode-time selection helpers (tokenselect, recycled, retrieval, infllm) -----------
 
 
+def top_slots(scores: torch.Tensor, budget: int, valid: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, L) bool: per head, the ``budget`` highest-scoring valid slots, by
+    ``torch.topk`` (O(L); a decode step's selection, where a full stable sort costs more
+    than the attention it saves). Ties between equal finite scores at the boundary may
+    fall either way (``base.topk_per_head`` breaks them towards the recent slot)."""
+    k = min(budget, scores.shape[-1])
+    idx = scores.masked_fill(~valid, float("-inf")).topk(k, dim=-1).indices
+    return torch.zeros_like(valid).scatter_(-1, idx, True) & valid
+
+
 def decode_logits(view: LayerView, q: torch.Tensor) -> torch.Tensor:
     """(B, Hq, L) float32 scaled q.k of the newest query q: (B, Hq, T, D) over the slots;
     invalid slots are -inf."""
-    g = q.shape[1] // view.keys.shape[1]
-    k = view.keys.repeat_interleave(g, dim=1) if g > 1 else view.keys
-    logits = torch.matmul(q[:, :, -1:].to(k.dtype), k.transpose(2, 3))[:, :, 0].float() * view.scale
-    valid = view.valid.repeat_interleave(g, dim=1) if g > 1 else view.valid
-    return logits.masked_fill(~valid, float("-inf"))
+    b, hq = q.shape[:2]
+    k = view.keys
+    hkv, length = k.shape[1], k.shape[2]
+    qg = q[:, :, -1].to(k.dtype).reshape(b, hkv, hq // hkv, -1)  # query heads grouped by KV head: no copy of K
+    logits = torch.matmul(qg, k.transpose(2, 3)).float() * view.scale  # (B, Hkv, G, L)
+    logits = logits.masked_fill(~view.valid[:, :, None, :], float("-inf"))
+    return logits.reshape(b, hq, length)
 
 
 def decode_probs(view: LayerView, q: torch.Tensor) -> torch.Tensor:

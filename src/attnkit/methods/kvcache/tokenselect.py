@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ...registry import register
-from .base import CachePolicy, LayerView, topk_per_head
-from .common import decode_probs, mask_state, protect, recent_mask, sink_mask
+from .base import CachePolicy, LayerView
+from .common import decode_probs, mask_state, protect, recent_mask, sink_mask, top_slots
 
 SEL = "tokenselect_sel"
 
@@ -104,7 +104,7 @@ class TokenSelect(CachePolicy):
         else:
             self.recomputed += 1
             votes = protect(soft_vote(view, q), always)
-            fresh = topk_per_head(votes, torch.full((b,), budget, device=valid.device), valid)
+            fresh = top_slots(votes, budget, valid)
             chosen = fresh if prev_sel is None else torch.where(reuse[..., None], prev_sel | recent_mask(view, 1), fresh)
             self.last_query[view.layer_idx] = torch.where(reuse[..., None], prev_q, qh) if prev_q is not None and \
                 prev_q.shape == qh.shape else qh
