@@ -181,8 +181,10 @@ def test_torchrun_example_runs():
     """The docs' torchrun example (docs/distributed.md) at 2 ranks, small sizes."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "examples" / "context_parallel.py"), "--length", "67"]
+           str(ROOT / "examples" / "context_parallel.py"), "--length", "67", "--time", "1"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     errors = [float(line.split(": ")[1]) for line in res.stdout.splitlines() if "max error" in line]
     assert len(errors) == 2 and max(errors) < TOL, res.stdout
+    timing = json.loads([line for line in res.stdout.splitlines() if line.startswith("{")][0])
+    assert timing["ranks"] == 2 and all(timing[k] > 0 for k in ("ring_zigzag_s", "ulysses_s", "one_process_s"))
