@@ -44,14 +44,23 @@ def main() -> None:
     ring = akd.unshard(out, layout="zigzag", total_len=args.length)
 
     qs, ks, vs = (akd.shard(t, layout="contiguous") for t in (q, k, v))
-    out = akd.ulysses_attention(qs, ks, vs, causal=True, total_len=args.length)
+    out, ustats = akd.ulysses_attention(qs, ks, vs, causal=True, total_len=args.length, return_stats=True)
     ulysses = akd.unshard(out, layout="contiguous", total_len=args.length)
+    # per-rank compute: query-key score entries each rank computed, gathered on every rank
+    pairs = torch.tensor([stats["score_pairs"], ustats["score_pairs"]])
+    every = [torch.zeros_like(pairs) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, pairs)
 
     if dist.get_rank() == 0:
         ref = ak.attention(q, k, v, causal=True)
         print(f"ranks: {dist.get_world_size()}  n: {args.length}  ring bytes sent per rank: {stats['bytes_sent']}")
         print(f"ring max error: {(ring - ref).abs().max().item():.2e}")
         print(f"ulysses max error: {(ulysses - ref).abs().max().item():.2e}")
+        n, world = args.length, dist.get_world_size()
+        print(f"score entries per rank, ring (zigzag): {[int(t[0]) for t in every]} "
+              f"(B*Hq*N(N+1)/(2R) = {args.heads * n * (n + 1) / (2 * world):.0f} when 2R divides N)")
+        print(f"score entries per rank, ulysses: {[int(t[1]) for t in every]}; "
+              f"ulysses bytes sent per rank: {ustats['bytes_sent']}")
     if args.time:
         report = {"ranks": dist.get_world_size(), "n": args.length}
         for name, layout, fn in (("ring_zigzag", "zigzag", akd.ring_attention), ("ulysses", "contiguous",

@@ -45,7 +45,7 @@ def _checks():
     for name, _ in STATIC:
         for layout in ("zigzag", "contiguous"):
             out.append(f"ring-{name}-{layout}")
-    out += ["ulysses-sliding_window", "ring-lse", "ring-tiny", "roundtrip", "length-mismatch"]
+    out += ["ulysses-sliding_window", "ring-lse", "ring-tiny", "roundtrip", "length-mismatch", "compute-counters"]
     return out
 
 
@@ -105,6 +105,9 @@ def _run_check(name, rank, world):
             err = (akd.unshard(lse, layout=layout, total_len=130) - ref).abs().max().item()
             assert err < TOL, f"{layout}: lse off by {err:.2e}"
         return
+    if name == "compute-counters":  # per-rank score entries vs positions (and bytes vs shapes)
+        _check_counters(rank, world)
+        return
     if name == "length-mismatch":
         x = torch.zeros(1, 1, 40 + (rank == world - 1), 4)
         with pytest.raises(ValueError, match="different total lengths"):
@@ -136,6 +139,32 @@ def _run_check(name, rank, world):
         causal = parts[1] == "causal"
         _compare(lambda q, k, v, t: akd.ulysses_attention(q, k, v, causal=causal, total_len=t),
                  "contiguous", n, hq, hkv, causal, seed)
+
+
+def _check_counters(rank, world):
+    """Ring: each rank computes B*Hq*sum over its query positions p of the keys p sees
+    (p + 1 under causal, capped at the true length for padded rows; N without causality);
+    zigzag gives every rank the same share N(N+1)/(2R) when 2R divides N. Ulysses: its
+    Hq'/R heads over the whole causal triangle; bytes (R-1)/R of q, k, v, out."""
+    b, hq = 2, 4
+    for n in (128, 37):
+        q, k, v, _ = _inputs(n, hq, 2, 3)
+        for layout in akd.LAYOUTS:
+            pos = akd.positions(rank, world, n, layout)
+            for causal in (True, False):
+                want = b * hq * int((torch.clamp(pos + 1, max=n) if causal else torch.full_like(pos, n)).sum())
+                _, st = akd.ring_attention(*(akd.shard(t, layout=layout) for t in (q, k, v)), causal=causal,
+                                           layout=layout, total_len=n, return_stats=True)
+                assert st["score_pairs"] == want, (n, layout, causal, st, want)
+                if layout == "zigzag" and causal and n % (2 * world) == 0:
+                    assert st["score_pairs"] == b * hq * n * (n + 1) // (2 * world)
+        _, st = akd.ulysses_attention(*(akd.shard(t, layout="contiguous") for t in (q, k, v)), total_len=n,
+                                      return_stats=True)
+        local = akd.padded_len(n, world, "contiguous") // world
+        hq_pad = -(-hq // world) * world
+        heads = 2 * hq_pad + (2 * 2 if hq_pad == hq and 2 % world == 0 else 2 * hq_pad)  # q, out; k, v
+        assert st["score_pairs"] == b * (hq_pad // world) * n * (n + 1) // 2, st
+        assert st["bytes_sent"] == (world - 1) * b * heads * local * 16 * 4 // world, st
 
 
 def _worker(rank, world, port, path):

@@ -7,7 +7,9 @@ positions of both shards: causality, the padding past ``total_len`` and, for a s
 sparse method, its ``mask_mod``), while that shard is already being passed on to rank
 r + 1 (``batch_isend_irecv``). The R partial results merge with ``merge_partials``.
 A step whose mask is empty is skipped; within a step, zigzag attends per pair of
-chunks (2 x 2) and skips the pairs fully masked (under causal, the future); a static pattern that no rank needs past step S stops the ring there and
+chunks (2 x 2) and skips the pairs fully masked (under causal, the future); pairs under
+plain causality are classified from their start positions (``_Geometry.pair``: no
+(n, n) mask), only padding and static patterns build one; a static pattern that no rank needs past step S stops the ring there and
 saves (R - 1 - S) shard transfers per rank (``return_stats``).
 
 Backward runs the ring again (an ``autograd.Function``): each step recomputes the
@@ -53,28 +55,70 @@ def _wait(reqs) -> None:
 
 
 class _Geometry:
-    """Global positions of every rank's shard and the mask of each (query rank, key rank)."""
+    """Global positions of every rank's shard and how each pair of layout chunks (query
+    rank's chunk i, key rank's chunk j) sees each other. A chunk is a run of consecutive
+    positions, so under plain causality (no ``mask_mod``) and without padded keys a pair
+    is classified from its two start positions (nothing, every pair, or the same run:
+    the kernel's own causal rule) with no (n, n) mask built; padded keys and static
+    patterns build the pair's boolean mask."""
 
     def __init__(self, world, n_local, total_len, layout, causal, mask_mod, device):
         self.world, self.causal, self.mask_mod, self.total = world, causal, mask_mod, total_len
         self.chunks = 1 if layout == "contiguous" else 2
         self.pos = [positions(r, world, total_len, layout).to(device) for r in range(world)]
         assert self.pos[0].numel() == n_local
+        self.size = n_local // self.chunks
+        self.starts = [[int(p[i * self.size]) for i in range(self.chunks)] for p in self.pos]
 
-    def mask(self, q_rank: int, k_rank: int) -> Optional[torch.Tensor]:
-        """(Nq, Nk) bool (True = may attend), or None when every pair may."""
-        qp, kp = self.pos[q_rank][:, None], self.pos[k_rank][None, :]
+    def rows(self, i: int) -> slice:
+        return slice(i * self.size, (i + 1) * self.size)
+
+    def pair(self, q_rank: int, i: int, k_rank: int, j: int) -> tuple[str, Optional[torch.Tensor]]:
+        """("none" | "all" | "causal" | "mask", the bool mask (True = may attend) for "mask")."""
+        n, qa, ka = self.size, self.starts[q_rank][i], self.starts[k_rank][j]
+        if self.mask_mod is None and ka + n <= self.total:  # no padded key in this chunk
+            if not self.causal or ka + n - 1 <= qa:
+                return "all", None
+            if ka > qa + n - 1:
+                return "none", None
+            if ka == qa:
+                return "causal", None
+        m = self._mask(self.pos[q_rank][self.rows(i)], self.pos[k_rank][self.rows(j)])
+        if not bool(m.any()):
+            return "none", None
+        return ("all", None) if bool(m.all()) else ("mask", m)
+
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """(Nq, Nk) bool, or (B, Hq, Nq, Nk) for a per-head ``mask_mod``."""
+        qp, kp = q_pos[:, None], k_pos[None, :]
         allowed = (kp < self.total).expand(qp.shape[0], -1)
         if self.causal:
             allowed = allowed & (kp <= qp)
         if self.mask_mod is not None:
             zero = torch.zeros((), dtype=torch.int64, device=qp.device)
             allowed = allowed & self.mask_mod(zero, zero, qp, kp)
-        return None if bool(allowed.all()) else allowed
+        return allowed
+
+    def pairs(self, q_rank: int, k_rank: int) -> list[tuple[int, int, str, Optional[torch.Tensor]]]:
+        """The chunk pairs of a step that attend anything: (i, j, kind, mask)."""
+        return [(i, j, kind, m) for i in range(self.chunks) for j in range(self.chunks)
+                for kind, m in [self.pair(q_rank, i, k_rank, j)] if kind != "none"]
 
     def needed(self, q_rank: int, k_rank: int) -> bool:
-        m = self.mask(q_rank, k_rank)
-        return m is None or bool(m.any())
+        return any(self.pair(q_rank, i, k_rank, j)[0] != "none" for i in range(self.chunks) for j in range(self.chunks))
+
+    def score_pairs(self, q_rank: int, k_rank: int, batch: int, q_heads: int) -> int:
+        """Query-key score entries this step computes: batch x query heads x allowed pairs
+        (a per-head mask counts its own pairs)."""
+        n, total = self.size, 0
+        for _, _, kind, m in self.pairs(q_rank, k_rank):
+            if kind == "all":
+                total += batch * q_heads * n * n
+            elif kind == "causal":
+                total += batch * q_heads * n * (n + 1) // 2
+            else:
+                total += int(m.sum()) * (batch * q_heads if m.dim() == 2 else 1)
+        return total
 
 
 def _empty(q, v):
@@ -84,33 +128,20 @@ def _empty(q, v):
             torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device))
 
 
-def _block(q, k, v, scale, mask):
-    """Exact attention of a block under its mask (None: every pair allowed); a causal
-    lower-triangular mask runs as the kernel's own causal rule (no mask built)."""
-    if mask is not None and mask.shape[0] == mask.shape[1] and torch.equal(mask, torch.ones_like(mask).tril()):
-        return attention_with_lse(q, k, v, scale, causal=True)
-    return attention_with_lse(q, k, v, scale, causal=False, mask=mask)
-
-
-def _partial(q, k, v, scale, mask, chunks: int):
-    """(out, lse) of the local queries over a visiting shard, per pair of layout chunks
-    (zigzag: 2 x 2), skipping the pairs the mask never allows (the future, under causal)."""
-    if mask is None or chunks == 1:
-        return _block(q, k, v, scale, mask)
-    n = q.shape[2] // chunks
+def _partial(q, k, v, scale, geo: _Geometry, pairs: list):
+    """(out, lse) of the local queries over a visiting shard: one fused call per pair of
+    layout chunks that attends anything (``geo.pairs``; zigzag: up to 2 x 2, the future
+    skipped under causal), merged per query chunk."""
     outs, lses = [], []
-    for i in range(chunks):
-        rows = slice(i * n, (i + 1) * n)
-        parts = []
-        for j in range(chunks):
-            cols = slice(j * n, (j + 1) * n)
-            m = mask[..., rows, cols]  # (Nq, Nk), or (B, H, Nq, Nk) for a per-head pattern
-            if bool(m.any()):
-                parts.append(_block(q[:, :, rows], k[:, :, cols], v[:, :, cols], scale, None if bool(m.all()) else m))
-        o, lse = merge_partials(parts) if parts else _empty(q[:, :, rows], v)  # no key for these rows here
+    for i in range(geo.chunks):
+        rows = geo.rows(i)
+        parts = [attention_with_lse(q[:, :, rows], k[:, :, geo.rows(j)], v[:, :, geo.rows(j)], scale,
+                                    causal=kind == "causal", mask=m)
+                 for pi, j, kind, m in pairs if pi == i]
+        o, lse = (parts[0] if len(parts) == 1 else merge_partials(parts)) if parts else _empty(q[:, :, rows], v)
         outs.append(o)
         lses.append(lse)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    return (outs[0], lses[0]) if geo.chunks == 1 else (torch.cat(outs, dim=2), torch.cat(lses, dim=2))
 
 
 class _RingAttention(torch.autograd.Function):
@@ -122,8 +153,9 @@ class _RingAttention(torch.autograd.Function):
             if s < steps - 1:
                 reqs, nxt = _shift(cur, group, rank, world)
             owner = (rank - s) % world
-            if geo.needed(rank, owner):
-                parts.append(_partial(q, cur[0], cur[1], scale, geo.mask(rank, owner), geo.chunks))
+            pairs = geo.pairs(rank, owner)
+            if pairs:
+                parts.append(_partial(q, cur[0], cur[1], scale, geo, pairs))
             if s < steps - 1:
                 _wait(reqs)
                 cur = nxt
@@ -149,10 +181,11 @@ class _RingAttention(torch.autograd.Function):
             if s < steps - 1:
                 reqs, nxt = _shift(cur, group, rank, world)
             owner = (rank - s) % world
-            if geo.needed(rank, owner):
+            pairs = geo.pairs(rank, owner)
+            if pairs:
                 with torch.enable_grad():
                     qd, kd, vd = (t.detach().requires_grad_() for t in (q, cur[0], cur[1]))
-                    o_i, lse_i = _partial(qd, kd, vd, scale, geo.mask(rank, owner), geo.chunks)
+                    o_i, lse_i = _partial(qd, kd, vd, scale, geo, pairs)
                     w = torch.where(torch.isneginf(lse_i) | torch.isneginf(lse), 0.0,
                                     torch.exp(lse_i.to(acc) - lse.to(acc)))
                     g_out = w.unsqueeze(-1) * d_out
@@ -193,7 +226,7 @@ def _mask_mod(method: str, causal: bool, total_len: int, config: dict):
 
 
 def run_ring(q, k, v, group, causal: bool, layout: str, scale: float, total_len: int, mask_mod,
-             every_step: bool = False):
+             every_step: bool = False, count_pairs: bool = False):
     """The ring on checked shards under ``mask_mod(b, h, q_pos, k_pos)`` of global positions
     (None: causality and padding only; it may return (Nq, Nk) or, for a per-head pattern,
     (B, Hq, Nq, Nk)). Returns out, lse and the stats dict of ``ring_attention``."""
@@ -204,8 +237,12 @@ def run_ring(q, k, v, group, causal: bool, layout: str, scale: float, total_len:
         (s for r in range(world) for s in range(world) if geo.needed(r, (r - s) % world)), default=0)
     out, lse = _RingAttention.apply(q, k, v, group, geo, steps, scale)
     shard_bytes = k.numel() * k.element_size() + v.numel() * v.element_size()
+    rank = dist.get_rank(group)
     stats = {"steps": steps, "transfers": steps - 1, "transfers_skipped": world - steps,
              "bytes_sent": (steps - 1) * shard_bytes, "bytes_saved": (world - steps) * shard_bytes}
+    if count_pairs:  # the compute counter: score entries this rank computed (forward)
+        stats["score_pairs"] = sum(geo.score_pairs(rank, (rank - s) % world, q.shape[0], q.shape[1])
+                                   for s in range(steps))
     return out, lse, stats
 
 
@@ -232,7 +269,9 @@ def ring_attention(
     streaming, ...; its config as keyword arguments), masked by global positions.
     Returns out (B, Hq, n, Dv) (this rank's shard, in shard order), then lse (B, Hq, n)
     when ``return_lse`` (not differentiable), then a stats dict when ``return_stats``:
-    steps run, shard transfers skipped and bytes sent / saved per rank (forward).
+    steps run, shard transfers skipped, bytes sent / saved per rank (forward) and
+    ``score_pairs``, the query-key score entries this rank computed (batch x query heads
+    x allowed pairs: its compute, the formulas in docs/distributed.md).
     Differentiable in q, k, v (exact; the backward runs the ring again).
     """
     world = dist.get_world_size(group)
@@ -245,7 +284,8 @@ def ring_attention(
         raise ValueError(f"q, k, v shards must have the same length, got {n}, {k.shape[2]}, {v.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask_mod = _mask_mod(method, causal, total_len, config)
-    out, lse, stats = run_ring(q, k, v, group, causal, layout, scale, total_len, mask_mod, every_step=method == "full")
+    out, lse, stats = run_ring(q, k, v, group, causal, layout, scale, total_len, mask_mod, every_step=method == "full",
+                                count_pairs=return_stats)
     if method != "full":
         log.debug("ring_attention %s: %d of %d steps, %d bytes saved per rank", method, stats["steps"], world,
                   stats["bytes_saved"])

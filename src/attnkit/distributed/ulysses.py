@@ -76,14 +76,19 @@ def ulysses_attention(
     causal: bool = True,
     scale: Optional[float] = None,
     total_len: Optional[int] = None,
+    return_stats: bool = False,
     **config,
-) -> torch.Tensor:
+):
     """Context-parallel attention by head sharding.
 
     q: (B, Hq, n, D); k, v: (B, Hkv, n, D / Dv): this rank's contiguous sequence shards
     (the same n on every rank), Hq % Hkv == 0. total_len: the true length before
     ``shard`` padded it (default R * n). method / config: any ``ak.attention`` method.
-    Returns out (B, Hq, n, Dv), this rank's sequence shard. Differentiable in q, k, v.
+    Returns out (B, Hq, n, Dv), this rank's sequence shard, and with ``return_stats`` a
+    dict: ``bytes_sent`` per rank (forward: (R-1)/R of each all-to-all's input, q, k, v
+    in and out back) and, for ``method="full"``, ``score_pairs`` (the query-key score
+    entries this rank computes: batch x its Hq'/R heads x the allowed pairs of the whole
+    sequence). Differentiable in q, k, v.
     """
     from ..api import attention
 
@@ -105,4 +110,12 @@ def ulysses_attention(
     out = attention(qh, kh, vh, method=method, causal=causal, scale=scale, **config)
     if total_len != world * n:
         out = torch.cat([out, out.new_zeros(b, out.shape[1], world * n - total_len, out.shape[3])], dim=2)
-    return _HeadsToSeq.apply(out.contiguous(), group, world)[:, :hq]
+    res = _HeadsToSeq.apply(out.contiguous(), group, world)[:, :hq]
+    if not return_stats:
+        return res
+    sent = sum(t.numel() * t.element_size() for t in (q, k, v, out)) * (world - 1) // world
+    stats = {"bytes_sent": sent}
+    if method == "full":
+        pairs = total_len * (total_len + 1) // 2 if causal else total_len * total_len
+        stats["score_pairs"] = b * (hq_pad // world) * pairs
+    return res, stats
