@@ -179,3 +179,16 @@ def test_bench_cache_spec_carries_kv_bits():
     assert cache.kv_bits == 8 and cache.ratio == 0.9 and cache.policy.config.retrieval_ratio == 0.5
     with pytest.raises(ValueError, match="kv_bits must be"):
         parse_caches("snapkv(kv_bits=3)")
+
+
+def test_docs_example_runs_as_written(capsys):
+    """The example of docs/kv-cache.md's "Quantized per-head storage" prints what it says."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "kv-cache.md").read_text()
+    section = doc.split("### Quantized per-head storage (`kv_bits`)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/kv-cache.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    promised = [line[2:].split("  ")[0].strip() for line in code.splitlines() if line.startswith("# ")]
+    assert printed == promised
