@@ -90,6 +90,36 @@ def test_quantization_error_is_within_half_a_step():
         assert err.max() > 0
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_half_precision_and_batch_reorder_copy_the_codes(bits):
+    """bf16 keys: attention close to the bf16-dequantized reference; a batch reorder /
+    repeat (beam search) moves codes and scales as they are (no re-quantization)."""
+    gen = torch.Generator().manual_seed(bits)
+    b, hkv, length, d = 2, 2, 40, 64
+    k, v = (torch.randn(b, hkv, length, d, generator=gen).bfloat16() for _ in range(2))
+    keep = torch.rand(b, hkv, length, generator=gen) < torch.tensor([0.3, 0.9]).view(1, hkv, 1)
+    store = RaggedKV.from_padded(k, v, torch.arange(length).expand(b, hkv, length), keep, bits=bits)
+    q = torch.randn(b, 2 * hkv, 1, d, generator=gen).bfloat16()
+    out, _ = store.attend(q, 0.125, length)
+    pk, pv = store.padded()
+    assert pk.dtype == torch.bfloat16
+    mask = (store.positions() >= 0).repeat_interleave(2, 1)[:, :, None]
+    ref = reference_attention(q.double(), pk.double(), pv.double(), mask=mask, scale=0.125)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-2)
+    for fn in (lambda x: x[torch.tensor([1, 0, 1])], lambda x: x.repeat_interleave(2, dim=0)):
+        moved = store.apply_batch(fn)
+        assert moved.bits == bits and torch.equal(moved.positions(), fn(store.positions()))
+        valid = moved.positions() >= 0
+        for old, new in zip(store.k.tensors() + store.v.tensors(), moved.k.tensors() + moved.v.tensors()):
+            assert torch.equal(fn(_padded_raw(old, store))[valid], _padded_raw(new, moved)[valid])
+
+
+def _padded_raw(part: torch.Tensor, store: RaggedKV) -> torch.Tensor:
+    """A pool part (Npages, P, ...) (codes or scales) in the padded (B, Hkv, L, ...) slot view."""
+    rows = part.reshape(-1, *part.shape[2:])[store.slots().clamp(min=0)]
+    return rows.view(store.batch, store.heads, -1, *part.shape[2:])
+
+
 @pytest.fixture(scope="module")
 def llama() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -15,9 +15,12 @@ D = 64), the bound above holds exactly (a bf16 scale would be off by up to 2**-9
 itself, as large as the int8 rounding), and scores are scaled in float32.
 
 Per token (not per channel as KIVI's keys): a slot is quantized once, when it is written
-(``from_padded``, ``append``), independently of the others, so eviction moves codes with
-their scale and nothing is re-quantized. Attention reads codes as the model dtype (exact:
-|code| <= 127) and applies the scales to the scores and probabilities (``operand``).
+(``from_padded``, ``append``), independently of the others, so eviction and batch
+reordering (beam search) move codes with their scale and nothing is re-quantized.
+Attention reads codes as the model dtype (exact: |code| <= 127) and applies the scales to
+the scores and probabilities (``operand``); those converted codes are a transient of the
+layer's pool size in the model dtype, freed after the layer's attention (PyTorch has no
+matmul of float queries with int8 keys; a fused kernel would avoid it).
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ def check_kv_bits(kv_bits: object) -> Optional[int]:
 
 
 class Pool:
-    """Full-precision page pool: ``data`` (Npages, P, D) in the model dtype."""
+    """Full-precision page pool: ``data`` (Npages, P, D) in the model dtype.
+
+    A pool's storage is its ``parts`` (tensors of Npages x P slots); a slot's raw content
+    (``take`` / ``put``: one row of each part) is what moves on eviction and batch
+    reordering, copied as is; ``encode`` / ``decode`` convert between raw slots and values."""
 
     bits: Optional[int] = None
 
     def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
+        self.parts = [data]
         self.dim, self.dtype = data.shape[-1], data.dtype
 
     @staticmethod
@@ -55,36 +62,57 @@ class Pool:
             return Pool(like.new_zeros(pages, page, like.shape[-1]))
         return QuantPool.empty(pages, page, like.shape[-1], like.dtype, like.device, bits)
 
+    def like(self, pages: int) -> "Pool":
+        """An empty pool of the same kind (page size, D, dtype, bits) with ``pages`` pages."""
+        return Pool(self.parts[0].new_zeros(pages, *self.parts[0].shape[1:]))
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Values (n, D) -> raw slots (one (n, ...) tensor per part)."""
+        return [x.to(self.dtype)]
+
+    def decode(self, raw: list[torch.Tensor]) -> torch.Tensor:
+        """Raw slots (..., ...) -> values (..., D) in the model dtype."""
+        return raw[0]
+
+    def take(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Raw content of the slots ``idx`` (...) (flat: page * P + slot)."""
+        return [t.view(-1, *t.shape[2:])[idx] for t in self.parts]
+
+    def put(self, dest: torch.Tensor, raw: list[torch.Tensor]) -> None:
+        """Slots ``dest`` (n,) (flat) get the raw content ``raw``."""
+        for t, r in zip(self.parts, raw):
+            t.view(-1, *t.shape[2:])[dest] = r
+
     def write(self, dest: torch.Tensor, x: torch.Tensor) -> None:
-        """Slots ``dest`` (n,) (flat: page * P + slot) get x (n, D)."""
-        self.data.view(-1, self.dim)[dest] = x.to(self.dtype)
+        """Slots ``dest`` (n,) get the values x (n, D) (quantized in a ``QuantPool``)."""
+        self.put(dest, self.encode(x))
 
     def read(self, idx: torch.Tensor) -> torch.Tensor:
-        """(..., D) in the model dtype: slots ``idx`` (...) (flat, valid)."""
-        return self.data.view(-1, self.dim)[idx]
+        """(..., D) in the model dtype: the values of slots ``idx`` (...) (dequantized)."""
+        return self.decode(self.take(idx))
 
     def move(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        flat = self.data.view(-1, self.dim)
-        flat[dst] = flat[src]
+        self.put(dst, self.take(src))
 
     def grow(self, more: int) -> None:
-        self.data = torch.cat([self.data, self.data.new_zeros(more, *self.data.shape[1:])])
+        extra = self.like(more)
+        self.parts = [torch.cat([t, e]) for t, e in zip(self.parts, extra.parts)]
 
     def operand(self, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(pages (Npages, P, D) in ``dtype``, per-slot scale (Npages, P) float32 or None):
         the slot values are ``pages * scale[..., None]``."""
-        return self.data.to(dtype), None
+        return self.parts[0].to(dtype), None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.data]
+        return list(self.parts)
 
 
 class QuantPool(Pool):
-    """Quantized page pool: ``codes`` (int8 (Npages, P, D) at 8 bits, uint8 (Npages, P,
-    ceil(D / 2)) at 4), ``scale`` (Npages, P) float32 (see the module docstring)."""
+    """Quantized page pool: parts ``codes`` (int8 (Npages, P, D) at 8 bits, uint8 (Npages,
+    P, ceil(D / 2)) at 4) and ``scale`` (Npages, P) float32 (see the module docstring)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dim: int, dtype: torch.dtype, bits: int) -> None:
-        self.codes, self.scale, self.dim, self.dtype, self.bits = codes, scale, dim, dtype, bits
+        self.parts, self.dim, self.dtype, self.bits = [codes, scale], dim, dtype, bits
         self.qmax = (1 << (bits - 1)) - 1
 
     @classmethod
@@ -96,15 +124,18 @@ class QuantPool(Pool):
             codes.fill_(0x88)  # code 0 in both nibbles
         return cls(codes, torch.zeros(pages, page, dtype=torch.float32, device=device), dim, dtype, bits)
 
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (n, D) -> (codes (n, width), scale (n,) float32)."""
+    def like(self, pages: int) -> "QuantPool":
+        return QuantPool.empty(pages, self.parts[0].shape[1], self.dim, self.dtype, self.parts[0].device, self.bits)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (n, D) -> [codes (n, width), scale (n,) float32]."""
         x = x.float()
         scale = x.abs().amax(dim=-1) / self.qmax
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = (x / safe[:, None]).round().clamp(-self.qmax, self.qmax)
         if self.bits == 8:
-            return codes.to(torch.int8), scale
-        return pack_codes((codes + 8).to(torch.uint8), 4), scale
+            return [codes.to(torch.int8), scale]
+        return [pack_codes((codes + 8).to(torch.uint8), 4), scale]
 
     def codes_of(self, packed: torch.Tensor) -> torch.Tensor:
         """Stored codes (..., width) -> signed codes (..., D) (int8 at 8 bits, int16 at 4)."""
@@ -112,28 +143,9 @@ class QuantPool(Pool):
             return packed
         return unpack_codes(packed, 4, self.dim).to(torch.int16) - 8
 
-    def write(self, dest: torch.Tensor, x: torch.Tensor) -> None:
-        codes, scale = self.quantize(x)
-        self.codes.view(-1, self.codes.shape[-1])[dest] = codes
-        self.scale.view(-1)[dest] = scale
-
-    def read(self, idx: torch.Tensor) -> torch.Tensor:
-        codes = self.codes_of(self.codes.view(-1, self.codes.shape[-1])[idx])
-        return (codes.float() * self.scale.view(-1)[idx][..., None]).to(self.dtype)
-
-    def move(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        flat = self.codes.view(-1, self.codes.shape[-1])
-        flat[dst] = flat[src]
-        scale = self.scale.view(-1)
-        scale[dst] = scale[src]
-
-    def grow(self, more: int) -> None:
-        extra = QuantPool.empty(more, self.codes.shape[1], self.dim, self.dtype, self.codes.device, self.bits)
-        self.codes = torch.cat([self.codes, extra.codes])
-        self.scale = torch.cat([self.scale, extra.scale])
+    def decode(self, raw: list[torch.Tensor]) -> torch.Tensor:
+        codes, scale = raw
+        return (self.codes_of(codes).float() * scale[..., None]).to(self.dtype)
 
     def operand(self, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return self.codes_of(self.codes).to(dtype), self.scale
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.codes, self.scale]
+        return self.codes_of(self.parts[0]).to(dtype), self.parts[1]

@@ -71,8 +71,25 @@ class RaggedKV:
         positions (B, Hkv, L) long, in slot order, each segment in its own pages (no slack).
         ``page``: slots per page; default ``page_size`` of the mean kept length. ``bits``:
         None (keys / values in their dtype) or 8 / 4 (quantized per slot, ``QuantPool``)."""
-        b, h, length, dk = keys.shape
-        dv, s, dev = values.shape[-1], b * h, keys.device
+
+        def fill(total: int, page: int, dest: torch.Tensor, seg: torch.Tensor, slot: torch.Tensor) -> list[Pool]:
+            pools = []
+            for x in (keys, values):
+                pool = Pool.new(total, page, x, bits)
+                pool.write(dest, x.reshape(-1, x.shape[2], x.shape[3])[seg, slot])
+                pools.append(pool)
+            return pools
+
+        return cls._build(positions, keep, page, fill)
+
+    @classmethod
+    def _build(cls, positions: torch.Tensor, keep: torch.Tensor, page: Optional[int],
+               fill: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], list[Pool]]) -> "RaggedKV":
+        """The page layout of the ``keep`` slots (B, Hkv, L); ``fill(total pages, P, dest,
+        seg, slot)`` gives the key and value pools with kept slot (seg, slot) of the padded
+        view at flat pool slot dest."""
+        b, h, length = positions.shape
+        s, dev = b * h, positions.device
         keep = keep.reshape(s, length)
         counts = keep.sum(dim=-1)
         page = page or page_size(int(counts.sum()) / max(s, 1))
@@ -86,10 +103,8 @@ class RaggedKV:
         seg, slot = keep.nonzero(as_tuple=True)
         rank = torch.arange(seg.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[seg]
         dest = (start[seg] + rank // page) * page + rank % page
-        k, v = Pool.new(total, page, keys, bits), Pool.new(total, page, values, bits)
+        k, v = fill(total, page, dest, seg, slot)
         pos = torch.full((total, page), -1, dtype=torch.int32, device=dev)
-        k.write(dest, keys.reshape(s, length, dk)[seg, slot])
-        v.write(dest, values.reshape(s, length, dv)[seg, slot])
         pos.view(-1)[dest] = positions.reshape(s, length)[seg, slot].to(torch.int32)
         return cls(k, v, pos, owner, table, counts, b, h)
 
@@ -211,11 +226,21 @@ class RaggedKV:
 
     def apply_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RaggedKV":
         """A new storage with ``fn`` applied along the batch dim (beam reorder, repeat); goes
-        through the padded view (quantized slots are re-quantized from their dequantized
-        values: the same codes, as the largest code is qmax)."""
-        keys, values = self.padded()
+        through the padded view of the slots' raw content (quantized codes and scales are
+        copied as they are, never re-quantized)."""
+        idx = self.slots().clamp(min=0)
         positions = fn(self.positions())
-        return RaggedKV.from_padded(fn(keys), fn(values), positions, positions >= 0, self.page, self.bits)
+        raws = [[fn(r.view(self.batch, self.heads, *r.shape[1:])) for r in pool.take(idx)] for pool in (self.k, self.v)]
+
+        def fill(total: int, page: int, dest: torch.Tensor, seg: torch.Tensor, slot: torch.Tensor) -> list[Pool]:
+            pools = []
+            for pool, raw in zip((self.k, self.v), raws):
+                new = pool.like(total)
+                new.put(dest, [r.reshape(-1, *r.shape[2:])[seg, slot] for r in raw])
+                pools.append(new)
+            return pools
+
+        return RaggedKV._build(positions, positions >= 0, self.page, fill)
 
     # --- attention ----------------------------------------------------------------------
 
