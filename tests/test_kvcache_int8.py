@@ -180,6 +180,8 @@ def test_prompt_within_budget_is_quantized_too(llama):
     _generate(llama, cache)
     assert all(layer.ragged is not None and int(layer.kept_counts().min()) == PROMPT + NEW - 1
                for layer in cache.layers)
+    stats = cache.stats()
+    assert stats["kv_bits"] == 8 and stats["nbytes"] < 0.4 * stats["full_nbytes"]
 
 
 @pytest.mark.parametrize("kv_bits", [3, 16, "8", 8.0, True, 0])

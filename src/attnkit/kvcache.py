@@ -216,7 +216,7 @@ class KVCache(Cache):
         return total
 
     def stats(self) -> dict[str, Any]:
-        """Policy, budget, tokens seen, tokens kept per layer, bytes held vs a full cache."""
+        """Policy, budget, kv_bits, tokens seen, tokens kept per layer, bytes held vs a full cache."""
         self.compress()
         kept = [int(layer.kept_counts().max()) if isinstance(layer, KVCacheLayer) and layer.is_initialized else 0
                 for layer in self.layers]
@@ -226,6 +226,7 @@ class KVCache(Cache):
             "budget": self.budget,
             "ratio": self.ratio,
             "when": self.when,
+            "kv_bits": self.kv_bits,
             "seen": self.get_seq_length(),
             "kept_per_layer": kept,
             "compressions": sum(layer.compressions for layer in self.layers),
