@@ -12,7 +12,8 @@ How it works (see docs/kv-cache.md):
   (per-head budgets are real): once they do, the layer holds each (row, KV head)'s own
   tokens in a ``RaggedKV`` (``attnkit.kvcache_ragged``, paged) and decodes with a segment
   softmax over it; ``layout="padded"`` keeps the padded layout. Padding tokens of a batch
-  are empty slots.
+  are empty slots. ``kv_bits=8`` (or 4) holds the kept tokens of that storage quantized
+  (``attnkit.kvcache_quant``), from the first compression on.
 - The cache needs attnkit's attention function (``attnkit.patch(model)``): transformers
   builds one mask per batch row for all heads, so only attnkit can attend over per-head
   sets. The attention function finds the cache layer from the key tensor the layer's
@@ -43,6 +44,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .kvcache_layer import KVCacheLayer
+from .kvcache_quant import check_kv_bits
 from .kvcache_state import StateLayer
 from .methods.kvcache.base import WHEN, CachePolicy
 from .registry import policy_class
@@ -63,11 +65,15 @@ class KVCache(Cache):
     prefill chunk), "decode" (every ``interval`` decode steps) or "both"; default: the
     policy's. ``layout``: "auto" (per-head storage once heads keep different numbers of
     tokens), "ragged" (per-head storage after any compression) or "padded" (every head
-    padded to the largest). ``config``: the policy's config fields. Needs ``attnkit.patch(model)``.
+    padded to the largest). ``kv_bits``: None (the model dtype), 8 or 4: the kept tokens are
+    held quantized (per token and head, float32 scale) in the per-head storage from the
+    first compression on (an evicting policy; not ``layout="padded"``). ``config``: the
+    policy's config fields. Needs ``attnkit.patch(model)``.
     """
 
     def __init__(self, policy: str = "snapkv", budget: Optional[int] = None, ratio: Optional[float] = None,
-                 when: Optional[str] = None, interval: int = 1, layout: str = "auto", **config: Any) -> None:
+                 when: Optional[str] = None, interval: int = 1, layout: str = "auto", kv_bits: Optional[int] = None,
+                 **config: Any) -> None:
         Cache.__init__(self, layers=[])  # not super(): a model's own cache class may follow (for_model)
         cls = policy_class(policy)
         self.policy: CachePolicy = cls(**config)
@@ -92,7 +98,8 @@ class KVCache(Cache):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if budget is not None:
             self.policy.check_budget(budget, f"budget={budget}")
-        self.layout = layout
+        self.kv_bits = _check_kv_bits(check_kv_bits(kv_bits), self.policy, layout)
+        self.layout = "ragged" if self.kv_bits else layout  # quantized: per-head storage at any compression
         self.budget, self.ratio, self.when, self.interval = budget, ratio, when, interval
 
     @classmethod
@@ -107,7 +114,8 @@ class KVCache(Cache):
 
     def __repr__(self) -> str:
         amount = f"budget={self.budget}" if self.ratio is None else f"ratio={self.ratio}"
-        return f"KVCache(policy={self.policy.name!r}, {amount}, when={self.when!r}, {self.policy.config})"
+        bits = "" if self.kv_bits is None else f", kv_bits={self.kv_bits}"
+        return f"KVCache(policy={self.policy.name!r}, {amount}, when={self.when!r}{bits}, {self.policy.config})"
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         return self._layer(layer_idx, KVCacheLayer).update(key_states, value_states)
@@ -208,7 +216,7 @@ class KVCache(Cache):
         return total
 
     def stats(self) -> dict[str, Any]:
-        """Policy, budget, tokens seen, tokens kept per layer, bytes held vs a full cache."""
+        """Policy, budget, kv_bits, tokens seen, tokens kept per layer, bytes held vs a full cache."""
         self.compress()
         kept = [int(layer.kept_counts().max()) if isinstance(layer, KVCacheLayer) and layer.is_initialized else 0
                 for layer in self.layers]
@@ -218,6 +226,7 @@ class KVCache(Cache):
             "budget": self.budget,
             "ratio": self.ratio,
             "when": self.when,
+            "kv_bits": self.kv_bits,
             "seen": self.get_seq_length(),
             "kept_per_layer": kept,
             "compressions": sum(layer.compressions for layer in self.layers),
@@ -225,6 +234,24 @@ class KVCache(Cache):
             "full_nbytes": full,
             "compression": (full / held) if held else float("nan"),
         }
+
+
+def _check_kv_bits(kv_bits: Optional[int], policy: CachePolicy, layout: str) -> Optional[int]:
+    """``kv_bits`` if the policy's tokens can be held quantized (the per-head storage of an
+    evicting policy), else a ValueError saying what to use instead."""
+    if kv_bits is None:
+        return None
+    if layout == "padded":
+        raise ValueError(f"kv_bits={kv_bits} holds the kept tokens in the per-head (ragged) storage: use "
+                         "layout='auto' or layout='ragged' with it (layout='padded' holds the model dtype)")
+    if policy.mode == "store":
+        raise ValueError(f"kv_bits: policy {policy.name!r} stores its tokens itself (quantized or pruned); kv_bits "
+                         "is for evicting policies (duo, snapkv, tova, adakv, pyramidkv, ...)")
+    if not policy.evicts() or policy.accumulates() or policy.selects():
+        why = "selects tokens per decode step" if policy.selects() else "accumulates attention per slot"
+        raise ValueError(f"kv_bits: policy {policy.name!r} {why}, which needs the padded full-precision layout; "
+                         "kv_bits is for policies that only evict (duo, snapkv, tova, adakv, pyramidkv, ...)")
+    return kv_bits
 
 
 def _required_cache_class(model: Any) -> Optional[type]:

@@ -379,8 +379,8 @@ class KVCacheLayer(CacheLayerMixin):
         if self.budget_rows is None:
             self.budget_rows = self.cache.row_budgets(counts.max(dim=1).values, self)
         budget = self.budget_rows
-        if bool((counts <= budget[:, None]).all()):
-            return None  # nothing to evict: the cache stays exact
+        if bool((counts <= budget[:, None]).all()):  # nothing to evict: exact, or quantized (kv_bits)
+            return view.valid if self.cache.kv_bits and self.ragged is None and self._ragged_ok() else None
         view.budget = int(budget.max())
         return policy.keep(view, budget)
 
@@ -401,7 +401,7 @@ class KVCacheLayer(CacheLayerMixin):
             return
         counts = keep.sum(dim=-1)
         if self._ragged_ok() and (self.cache.layout == "ragged" or bool((counts != counts.max()).any())):
-            self.ragged = RaggedKV.from_padded(self.keys, self.values, self.positions, keep)
+            self.ragged = RaggedKV.from_padded(self.keys, self.values, self.positions, keep, bits=self.cache.kv_bits)
             self.keys = self.values = self.positions = None
             return
         length = keep.shape[-1]

@@ -7,8 +7,10 @@ Layout (paged, as vLLM's PagedAttention): a segment is one (row b, KV head h),
 ``s = b * Hkv + h``; its tokens live in pages of ``page`` slots taken from one pool per
 layer:
 
-- ``k``: (Npages, P, Dk), ``v``: (Npages, P, Dv): the pool; ``pos``: (Npages, P) int32,
-  the original position of each slot, ``-1`` for a slot that holds no token;
+- ``k``: (Npages, P, Dk), ``v``: (Npages, P, Dv): the pool (``attnkit.kvcache_quant``:
+  a ``Pool`` in the model dtype, or a ``QuantPool`` of int8 / 4-bit codes with one float32
+  scale per slot, ``bits=``); ``pos``: (Npages, P) int32, the original position of each
+  slot, ``-1`` for a slot that holds no token;
 - ``owner``: (Npages,) long, the segment of each page, ``-1`` for a free page;
 - ``table``: (S, M) long, the pages of each segment in order (``-1`` past its end);
   slot j of segment s is slot ``j % P`` of page ``table[s, j // P]``;
@@ -30,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .kvcache_quant import Pool
 from .methods.kvcache.base import LayerView, nbytes_of
 
 PAGE_RANGE = (4, 64)  # slots per page: a power of two in this range, by the mean head length
@@ -52,22 +55,41 @@ class RaggedKV:
     """Paged per-(row, KV head) keys, values and positions of one cache layer (see the
     module docstring for the layout). Build with ``from_padded``."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, owner: torch.Tensor,
+    def __init__(self, k: Pool, v: Pool, pos: torch.Tensor, owner: torch.Tensor,
                  table: torch.Tensor, length: torch.Tensor, batch: int, heads: int) -> None:
         self.k, self.v, self.pos, self.owner, self.table, self.length = k, v, pos, owner, table, length
         self.batch, self.heads = batch, heads
-        self.page = k.shape[1]
+        self.page = pos.shape[1]
+        self.bits = k.bits  # None (full precision), 8 or 4
 
     # --- building -----------------------------------------------------------------------
 
     @classmethod
     def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
-                    page: Optional[int] = None) -> "RaggedKV":
+                    page: Optional[int] = None, bits: Optional[int] = None) -> "RaggedKV":
         """The ``keep`` slots (B, Hkv, L) bool of keys (B, Hkv, L, Dk), values (B, Hkv, L, Dv),
         positions (B, Hkv, L) long, in slot order, each segment in its own pages (no slack).
-        ``page``: slots per page; default ``page_size`` of the mean kept length."""
-        b, h, length, dk = keys.shape
-        dv, s, dev = values.shape[-1], b * h, keys.device
+        ``page``: slots per page; default ``page_size`` of the mean kept length. ``bits``:
+        None (keys / values in their dtype) or 8 / 4 (quantized per slot, ``QuantPool``)."""
+
+        def fill(total: int, page: int, dest: torch.Tensor, seg: torch.Tensor, slot: torch.Tensor) -> list[Pool]:
+            pools = []
+            for x in (keys, values):
+                pool = Pool.new(total, page, x, bits)
+                pool.write(dest, x.reshape(-1, x.shape[2], x.shape[3])[seg, slot])
+                pools.append(pool)
+            return pools
+
+        return cls._build(positions, keep, page, fill)
+
+    @classmethod
+    def _build(cls, positions: torch.Tensor, keep: torch.Tensor, page: Optional[int],
+               fill: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], list[Pool]]) -> "RaggedKV":
+        """The page layout of the ``keep`` slots (B, Hkv, L); ``fill(total pages, P, dest,
+        seg, slot)`` gives the key and value pools with kept slot (seg, slot) of the padded
+        view at flat pool slot dest."""
+        b, h, length = positions.shape
+        s, dev = b * h, positions.device
         keep = keep.reshape(s, length)
         counts = keep.sum(dim=-1)
         page = page or page_size(int(counts.sum()) / max(s, 1))
@@ -81,11 +103,8 @@ class RaggedKV:
         seg, slot = keep.nonzero(as_tuple=True)
         rank = torch.arange(seg.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[seg]
         dest = (start[seg] + rank // page) * page + rank % page
-        k = keys.new_zeros(total, page, dk)
-        v = values.new_zeros(total, page, dv)
+        k, v = fill(total, page, dest, seg, slot)
         pos = torch.full((total, page), -1, dtype=torch.int32, device=dev)
-        k.view(-1, dk)[dest] = keys.reshape(s, length, dk)[seg, slot]
-        v.view(-1, dv)[dest] = values.reshape(s, length, dv)[seg, slot]
         pos.view(-1)[dest] = positions.reshape(s, length)[seg, slot].to(torch.int32)
         return cls(k, v, pos, owner, table, counts, b, h)
 
@@ -94,9 +113,9 @@ class RaggedKV:
         free = int((self.owner < 0).sum())
         if need <= free:
             return
-        more = max(need - free, -(-self.k.shape[0] // GROWTH))
-        self.k = torch.cat([self.k, self.k.new_zeros(more, *self.k.shape[1:])])
-        self.v = torch.cat([self.v, self.v.new_zeros(more, *self.v.shape[1:])])
+        more = max(need - free, -(-self.pos.shape[0] // GROWTH))
+        self.k.grow(more)
+        self.v.grow(more)
         self.pos = torch.cat([self.pos, self.pos.new_full((more, self.page), -1)])
         self.owner = torch.cat([self.owner, self.owner.new_full((more,), -1)])
 
@@ -119,8 +138,8 @@ class RaggedKV:
             self.owner[ids] = new.nonzero(as_tuple=True)[0]
         j = self.length[:, None] + torch.arange(t, device=k.device)  # (S, T) slot numbers
         dest = self.table.gather(1, j // p) * p + j % p
-        self.k.view(-1, self.k.shape[-1])[dest.flatten()] = k.reshape(s * t, -1)
-        self.v.view(-1, self.v.shape[-1])[dest.flatten()] = v.reshape(s * t, -1)
+        self.k.write(dest.flatten(), k.reshape(s * t, -1))
+        self.v.write(dest.flatten(), v.reshape(s * t, -1))
         self.pos.view(-1)[dest.flatten()] = positions.to(torch.int32).repeat(s)
         self.length = self.length + t
 
@@ -149,13 +168,14 @@ class RaggedKV:
         return out.view(self.batch, self.heads, -1)
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys (B, Hkv, L, Dk), values (B, Hkv, L, Dv)) padded with zeros: a copy, for
-        policies that score keys and for batch reordering, never for decode attention."""
+        """(keys (B, Hkv, L, Dk), values (B, Hkv, L, Dv)) padded with zeros: a copy (dequantized
+        in the model dtype), for policies that score keys and for batch reordering, never
+        for decode attention."""
         idx = self.slots()
         empty = (idx < 0)[..., None]
         out = []
         for pool in (self.k, self.v):
-            flat = pool.view(-1, pool.shape[-1])[idx.clamp(min=0)].masked_fill(empty, 0)
+            flat = pool.read(idx.clamp(min=0)).masked_fill(empty, 0)
             out.append(flat.view(self.batch, self.heads, idx.shape[1], -1))
         return out[0], out[1]
 
@@ -170,10 +190,10 @@ class RaggedKV:
         return int(self.length.max()) if self.length.numel() else 0
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.k, self.v, self.pos, self.owner, self.table, self.length]
+        return [*self.k.tensors(), *self.v.tensors(), self.pos, self.owner, self.table, self.length]
 
     def nbytes(self) -> int:
-        """Bytes allocated (pool, positions and page tables)."""
+        """Bytes allocated (pool (codes and scales when quantized), positions and page tables)."""
         return nbytes_of(self.tensors())
 
     # --- changing -----------------------------------------------------------------------
@@ -192,8 +212,7 @@ class RaggedKV:
         move = keep & (dest != idx)
         src, dst = idx[move], dest[move]
         for pool in (self.k, self.v):
-            flat = pool.view(-1, pool.shape[-1])
-            flat[dst] = flat[src]
+            pool.move(dst, src)
         flat_pos = self.pos.view(-1)
         flat_pos[dst] = flat_pos[src]
         stale = (idx >= 0) & (torch.arange(length, device=idx.device) >= counts[:, None])
@@ -207,10 +226,21 @@ class RaggedKV:
 
     def apply_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RaggedKV":
         """A new storage with ``fn`` applied along the batch dim (beam reorder, repeat); goes
-        through the padded view."""
-        keys, values = self.padded()
+        through the padded view of the slots' raw content (quantized codes and scales are
+        copied as they are, never re-quantized)."""
+        idx = self.slots().clamp(min=0)
         positions = fn(self.positions())
-        return RaggedKV.from_padded(fn(keys), fn(values), positions, positions >= 0, self.page)
+        raws = [[fn(r.view(self.batch, self.heads, *r.shape[1:])) for r in pool.take(idx)] for pool in (self.k, self.v)]
+
+        def fill(total: int, page: int, dest: torch.Tensor, seg: torch.Tensor, slot: torch.Tensor) -> list[Pool]:
+            pools = []
+            for pool, raw in zip((self.k, self.v), raws):
+                new = pool.like(total)
+                new.put(dest, [r.reshape(-1, *r.shape[2:])[seg, slot] for r in raw])
+                pools.append(new)
+            return pools
+
+        return RaggedKV._build(positions, positions >= 0, self.page, fill)
 
     # --- attention ----------------------------------------------------------------------
 
@@ -220,14 +250,19 @@ class RaggedKV:
 
         Segment softmax: scores of every pool page against the g * T queries of its segment
         (one bmm), the per-segment max by ``scatter_reduce``, sums and outputs by
-        ``index_add``. A query with no key gets output 0 and lse -inf.
+        ``index_add``. A query with no key gets output 0 and lse -inf. Quantized pools: the
+        codes enter the matmuls in q's dtype, each slot's float32 scale multiplies its
+        scores (keys) and its probabilities (values).
         """
         b, hq, t, d = q.shape
-        s, g, dv = self.length.numel(), hq // self.heads, self.v.shape[-1]
+        s, g, dv = self.length.numel(), hq // self.heads, self.v.dim
         acc = torch.promote_types(q.dtype, torch.float32)
         qs = q.reshape(b, self.heads, g * t, d).reshape(s, g * t, d)
         owner = self.owner.clamp(min=0)
-        scores = torch.bmm(qs[owner], self.k.transpose(1, 2)).to(acc) * scale  # (Np, gT, P)
+        keys, k_scale = self.k.operand(q.dtype)
+        scores = torch.bmm(qs[owner], keys.transpose(1, 2)).to(acc) * scale  # (Np, gT, P)
+        if k_scale is not None:
+            scores = scores * k_scale[:, None, :]
         allowed = (self.pos >= 0) & (self.owner >= 0)[:, None]
         allowed = allowed[:, None, :]
         if t > 1:
@@ -239,7 +274,9 @@ class RaggedKV:
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(scores - m[owner][..., None])
         total = p.new_zeros(s, g * t).index_add_(0, owner, p.sum(dim=-1))
-        out = torch.bmm(p.to(self.v.dtype), self.v).to(acc)
+        values, v_scale = self.v.operand(self.v.dtype)
+        pv = p if v_scale is None else p * v_scale[:, None, :]
+        out = torch.bmm(pv.to(values.dtype), values).to(acc)
         out = out.new_zeros(s, g * t, dv).index_add_(0, owner, out)
         out = out / total.clamp(min=torch.finfo(acc).tiny)[..., None]
         lse = m + total.log()

@@ -211,5 +211,18 @@ def _fmt(value: Any) -> str:
 
 def _policy_takes_budget(name: str, config: Mapping[str, Any]) -> bool:
     """Whether the KV-cache policy ``name`` with ``config`` keeps a budget of tokens
-    (``quantized`` does not)."""
-    return policy_class(name)(**config).has_budget()
+    (``quantized`` does not). ``config`` may hold ``KVCache``'s own fields (``when``,
+    ``interval``, ``layout``, ``kv_bits``): they are not the policy's."""
+    own = _cache_fields()
+    return policy_class(name)(**{k: v for k, v in config.items() if k not in own}).has_budget()
+
+
+def _cache_fields() -> frozenset[str]:
+    """The keyword fields of ``attnkit.KVCache`` other than the policy, its budget and config."""
+    import inspect
+
+    from ..kvcache import KVCache  # transformers: loaded only when a cache is named
+
+    params = inspect.signature(KVCache.__init__).parameters
+    return frozenset(n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD) - {"self", "policy", "budget",
+                                                                                          "ratio"}

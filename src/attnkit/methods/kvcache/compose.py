@@ -9,7 +9,9 @@ step). Rule: after a prefill pass the cache is compressed by ``prefill`` (with
 ``decode`` policy — each step attends to ``decode``'s selection. Both share the cache's
 ``budget``/``ratio``. Accumulating policies get every step's attention; their state must
 not collide (they are separate policies, so use two different ones). Policies with their
-own storage (``quantized``, ``zipcache``, ``think``) cannot be composed yet.
+own storage (``quantized``, ``zipcache``, ``think``) cannot be composed yet; eviction with
+quantized storage is ``KVCache(policy, budget=..., kv_bits=8)`` (any evicting policy,
+this one included).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class Compose(CachePolicy):
         for part in (self.first, self.second):
             if part.mode == "store":
                 raise ValueError(f"compose: {part.name!r} stores its tokens itself (quantized or pruned); "
-                                 "it cannot be composed yet")
+                                 "it cannot be composed yet (to hold an evicting policy's tokens quantized, "
+                                 "pass kv_bits=8 or 4 to KVCache)")
         if not self.first.evicts():
             raise ValueError(f"compose: prefill policy {c.prefill!r} evicts nothing")
 
