@@ -198,3 +198,31 @@ def test_passkey_sample_asks_back_every_passkey():
     assert torch.equal(dt.passkey_sample(tok, 3000, 3, 3, 4, "noise")[0], ids)  # seeded
     with pytest.raises(ValueError, match="raise length"):
         dt.passkey_sample(tok, length=200, passkeys=3)
+
+
+def test_cli_dry_run_and_bad_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnkit.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "duo.json"
+    res = runner.invoke(app, ["duo-gates", "--steps", "5", "--length", "2k", "--out", str(out), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "steps: 5 passkey prompts of 2048 tokens" in res.output
+    assert f"would write: {out}, {tmp_path / 'duo.gates.json'}" in res.output and not out.exists()
+    for args, needle in ((["--steps", "0"], "steps"), (["--retrieval-share", "1.5"], "retrieval-share"),
+                         (["--haystack", "nope"], "haystack"), (["--threshold", "-1"], "threshold")):
+        res = runner.invoke(app, ["duo-gates", *args, "--dry-run"])
+        assert res.exit_code == 2 and needle in res.output, res.output
+
+
+def test_docs_example_runs(capsys):
+    """The first example of docs/analysis.md's "DuoAttention's optimisation" runs as written."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "analysis.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", doc.split("## DuoAttention's optimisation")[1], re.S)[0]
+    exec(compile(code, "docs/analysis.md", "exec"), {})
+    assert "torch.Size([2, 2])" in capsys.readouterr().out
