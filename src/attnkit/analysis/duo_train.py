@@ -192,7 +192,8 @@ def model_shape(model: torch.nn.Module) -> tuple[int, int]:
 
 
 @contextmanager
-def gated(model: torch.nn.Module, gates: Optional[torch.Tensor], sink: int = 16, recent: int = 128) -> Iterator[torch.nn.Module]:
+def gated(model: torch.nn.Module, gates: Optional[torch.Tensor], sink: int = 16,
+          recent: int = 128) -> Iterator[torch.nn.Module]:
     """Run ``model`` with gated attention inside the block: every KV head's output is
     ``gates[l, h] * exact + (1 - gates[l, h]) * streaming(sink, recent)``; ``gates`` None
     runs exact attention (the full model). gates: (layers, KV heads), any float dtype;
@@ -401,7 +402,8 @@ def retrieval_mask(gates: torch.Tensor, retrieval_share: Optional[float] = None,
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
         return (gates.detach().cpu() >= threshold).view(gates.shape)
     retrieval_share = DEFAULT_SHARE if retrieval_share is None else retrieval_share
-    if isinstance(retrieval_share, bool) or not isinstance(retrieval_share, (int, float)) or not 0 <= retrieval_share <= 1:
+    share = retrieval_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
         raise ValueError(f"retrieval_share must be in [0, 1] (a share of all KV heads), got {retrieval_share!r}")
     n = int(math.floor(retrieval_share * gates.numel() + 0.5))
     out = torch.zeros(gates.numel(), dtype=torch.bool)
