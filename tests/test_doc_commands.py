@@ -131,6 +131,10 @@ def check_plan(argv: list[str], output: str) -> None:
             assert line_of(output, "models:") == f"models: {option(argv, '--models')}"
     elif command == "report":
         assert f"would write: {argv[2]}/report.md" in output
+    elif command == "duo-gates":
+        assert f"would write: {option(argv, '--out')}" in output
+        if option(argv, "--model"):
+            assert line_of(output, "model:").startswith(f"model: {option(argv, '--model')}")
     elif command == "analyze":
         assert f"would write: {option(argv, '--out')}/profile.json" in output
         if option(argv, "--model"):

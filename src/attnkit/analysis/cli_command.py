@@ -34,8 +34,23 @@ def _settings(length: str, depths: str) -> tuple[int, list[float]]:
     return n, ds
 
 
+DUO_HELP = """Find retrieval and streaming heads by DuoAttention's optimisation (arXiv 2410.10819):
+train one gate per KV head (full vs sinks + recent attention) on synthetic passkey prompts,
+the model frozen; the top --retrieval-share of all KV heads by gate are retrieval heads.
+
+Writes OUT, the duo cache policy's plan {layer: [1 = retrieval, 0 = streaming per KV head]}
+(attnkit.KVCache("duo", plan=OUT, budget=...)), and OUT's name with .gates.json: the
+gates, the loss per step and the settings (docs/analysis.md, "DuoAttention's optimisation").
+
+Example: attnkit duo-gates --model smollm2-135m --steps 30 --length 1k --out runs/duo-gates.json
+
+Check first: attnkit duo-gates --model smollm2-135m --steps 30 --length 1k --out runs/duo-gates.json --dry-run
+"""
+
+
 def add_command(app: typer.Typer) -> None:
-    """Add ``analyze`` to ``app`` (attnkit's CLI)."""
+    """Add ``analyze`` and ``duo-gates`` to ``app`` (attnkit's CLI)."""
+    _add_duo_command(app)
 
     @app.command("analyze", help=ANALYZE_HELP)
     def analyze(
@@ -149,3 +164,99 @@ def _run(model: str, n: int, out: Path, haystack: str, sample_rows: int, sink_to
                   + f", {len(maps)} attention maps" + (" (plain rasters: no Chrome for kaleido)" if raster else ""),
                   highlight=False)
     typer.echo(json.dumps({"analyze": summary}))
+
+
+def _gates_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".gates.json")
+
+
+def _add_duo_command(app: typer.Typer) -> None:
+    @app.command("duo-gates", help=DUO_HELP)
+    def duo_gates(
+        model: str = typer.Option("smollm2-135m", "--model", help="model name or local checkpoint directory"),
+        out: Path = typer.Option(Path("runs/duo-gates.json"), "--out", help="the duo plan JSON to write"),
+        steps: int = typer.Option(30, "--steps", help="optimisation steps (one new passkey prompt each)"),
+        length: str = typer.Option("1k", "--length", help="tokens per prompt, e.g. 1k or 2048"),
+        passkeys: int = typer.Option(4, "--passkeys", help="passkeys per prompt"),
+        words: int = typer.Option(8, "--words", help="words per passkey"),
+        haystack: str = typer.Option("licenses", "--haystack", help="text: licenses, noise, gpl3, pydoc"),
+        sink: int = typer.Option(16, "--sink", help="sink tokens of the streaming part"),
+        recent: int = typer.Option(128, "--recent", help="recent tokens of the streaming part"),
+        lr: float = typer.Option(0.02, "--lr", help="AdamW learning rate of the gates"),
+        reg: float = typer.Option(0.05, "--reg", help="weight of the L1 term (mean |gate|)"),
+        retrieval_share: float = typer.Option(0.25, "--retrieval-share",
+                                              help="share of all KV heads kept as retrieval heads"),
+        threshold: Optional[float] = typer.Option(None, "--threshold", help="instead of --retrieval-share: "
+                                                  "retrieval heads are those with gate >= THRESHOLD"),
+        seed: int = typer.Option(0, "--seed", help="seed of the passkey prompts"),
+        threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="validate and print what would be trained and "
+                                                              "written; load nothing"),
+    ) -> None:
+        from ..bench import haystack as hay
+
+        n, _ = _settings(length, "0.5")
+        for name, value in (("steps", steps), ("passkeys", passkeys), ("words", words), ("sink", sink),
+                            ("recent", recent)):
+            if value < 1:
+                raise typer.BadParameter(f"{name} must be a positive integer, got {value}", param_hint=f"--{name}")
+        if haystack not in hay.KINDS:
+            raise typer.BadParameter(f"unknown {haystack!r}; allowed: {', '.join(hay.KINDS)}", param_hint="--haystack")
+        if not 0 <= retrieval_share <= 1:
+            raise typer.BadParameter(f"must be in [0, 1], got {retrieval_share}", param_hint="--retrieval-share")
+        if threshold is not None and not 0 <= threshold <= 1:
+            raise typer.BadParameter(f"must be in [0, 1], got {threshold}", param_hint="--threshold")
+        if lr <= 0 or reg < 0:
+            raise typer.BadParameter(f"lr must be > 0 and reg >= 0, got {lr}, {reg}", param_hint="--lr/--reg")
+        select = f"gate >= {threshold}" if threshold is not None else f"top {retrieval_share:g} of all KV heads"
+        if dry_run:
+            from .. import models
+
+            try:
+                shape = f"{models.facts(model).layers} layers"
+            except ValueError:
+                shape = "layers: read from the checkpoint"
+            typer.echo("attnkit duo-gates --dry-run: no model is loaded, nothing is trained")
+            typer.echo(f"model: {model} ({shape})")
+            typer.echo(f"steps: {steps} passkey prompts of {n} tokens ({passkeys} passkeys x {words} words, "
+                       f"{haystack} text)")
+            typer.echo(f"gates: full vs streaming(sink={sink}, recent={recent}); lr {lr:g}, reg {reg:g}; "
+                       f"retrieval heads: {select}")
+            typer.echo(f"would write: {out}, {_gates_path(out)}")
+            return
+        _run_duo(model, out, steps, n, passkeys, words, haystack, sink, recent, lr, reg,
+                 None if threshold is not None else retrieval_share, threshold, seed, threads)
+
+
+def _run_duo(model: str, out: Path, steps: int, n: int, passkeys: int, words: int, haystack: str, sink: int,
+             recent: int, lr: float, reg: float, share: Optional[float], threshold: Optional[float], seed: int,
+             threads: int) -> None:
+    import time
+
+    import torch
+
+    from .. import models
+    from .duo_train import duo_plan, train_duo_gates
+
+    if threads:
+        torch.set_num_threads(threads)
+    lm = models.load(model)
+    start = time.perf_counter()
+    history: list = []
+    gates = train_duo_gates(lm.model, lm.tokenizer, steps=steps, length=n, passkeys=passkeys, words=words,
+                            haystack=haystack, sink=sink, recent=recent, lr=lr, reg=reg, seed=seed, history=history)
+    seconds = round(time.perf_counter() - start, 1)
+    plan = duo_plan(gates, retrieval_share=share, threshold=threshold)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(plan, indent=1))
+    settings = {"model": model, "steps": steps, "length": n, "passkeys": passkeys, "words": words,
+                "haystack": haystack, "sink": sink, "recent": recent, "lr": lr, "reg": reg,
+                "retrieval_share": share, "threshold": threshold, "seed": seed}
+    _gates_path(out).write_text(json.dumps({"schema": "attnkit.duo_gates", "version": 1, "gates": gates.tolist(),
+                                            "plan": plan, "history": history, "settings": settings,
+                                            "train_seconds": seconds}, indent=1))
+    retrieval = [[layer, head] for layer, row in plan.items() for head, x in enumerate(row) if x]
+    typer.echo(json.dumps({"duo_gates": {"out": str(out), "gates": str(_gates_path(out)), "seconds": seconds,
+                                         "retrieval_heads": retrieval,
+                                         "loss_first_last": [round(history[0]["loss"], 5),
+                                                             round(history[-1]["loss"], 5)]}}))

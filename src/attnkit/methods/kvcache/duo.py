@@ -11,7 +11,8 @@ per KV head]}`` (e.g. produced by the analysis tools or by DuoAttention's own
 optimisation); layers the plan does not list are all streaming. Without a plan,
 ``retrieval_ratio`` of each layer's KV heads (rounded) become retrieval heads, chosen by
 an attention heuristic on the observation window (the paper learns the roles by
-optimisation on synthetic passkey data; attnkit does not): a head's share of attention
+optimisation on synthetic passkey data: ``attnkit.analysis.train_duo_gates`` and
+``duo_plan`` do that and give this ``plan``): a head's share of attention
 mass, from its last ``window`` prompt queries averaged over its query heads, that falls
 outside its sinks and recent window — heads that look far back are retrieval heads. The
 roles of a layer are fixed at its first compression (averaged over batch rows).
