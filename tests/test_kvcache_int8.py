@@ -224,3 +224,19 @@ def test_docs_example_runs_as_written(capsys):
     printed = capsys.readouterr().out.splitlines()
     promised = [line[2:].split("  ")[0].strip() for line in code.splitlines() if line.startswith("# ")]
     assert printed == promised
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_stats_after_generating_in_inference_mode(kv_bits):
+    """A cache filled under torch.inference_mode (as the bench generates) reports its
+    bytes afterwards: the scheduled compression runs in inference mode too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    kv = ak.KVCache("duo", budget=8, retrieval_ratio=0.5, kv_bits=kv_bits)
+    with torch.inference_mode(), ak.patch(model):
+        model.generate(torch.randint(0, 100, (1, 40)), max_new_tokens=3, past_key_values=kv, do_sample=False)
+    stats = kv.stats()
+    assert stats["nbytes"] > 0 and stats.get("kv_bits") == kv_bits

@@ -185,9 +185,15 @@ class KVCache(Cache):
     # --- inspection --------------------------------------------------------------------
 
     def compress(self) -> None:
-        """Run any compression scheduled by the last forward pass now."""
+        """Run any compression scheduled by the last forward pass now (in inference mode
+        when the cache was filled in inference mode: its tensors cannot be updated outside)."""
         for layer in self.layers:
-            layer.flush()
+            if not getattr(layer, "pending", False):
+                continue
+            ragged = getattr(layer, "ragged", None)
+            held = [t for t in vars(layer).values() if torch.is_tensor(t)] + (ragged.tensors() if ragged else [])
+            with torch.inference_mode(any(t.is_inference() for t in held) or torch.is_inference_mode_enabled()):
+                layer.flush()
 
     def kept_positions(self, layer: int) -> torch.Tensor:
         """(B, Hkv, kept) LongTensor of the original token positions layer ``layer`` holds,
