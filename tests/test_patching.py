@@ -300,3 +300,19 @@ def test_encoder_full_matches_unpatched():
     real = enc.attention_mask.bool()
     assert (out[real] - ref[real]).abs().max().item() < 1e-5
     assert lm.model.config._attn_implementation == "sdpa"
+
+
+def test_patch_without_with_warns_and_changes_nothing(smollm2):
+    import gc
+
+    model = smollm2.model
+    with pytest.warns(RuntimeWarning, match="without `with`"):
+        ak.patch(model, prefill="streaming", window=8)
+        gc.collect()
+    assert model.config._attn_implementation == "sdpa"
+    assert patching.current_plan(model)[0] is None
+
+
+def test_bad_config_raises_without_entering(smollm2):
+    with pytest.raises(ValueError, match="budget"):
+        ak.patch(smollm2.model, prefill="full", cache="snapkv")

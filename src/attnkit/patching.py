@@ -24,9 +24,10 @@ and logs at INFO (and stores in ``model.attnkit_assignment``) what each layer ru
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -257,7 +258,32 @@ def _plan_from_args(prefill: Optional[str], layers: Optional[Iterable[int]],
 # --- public API ----------------------------------------------------------------------
 
 
-@contextmanager
+class _PatchBlock:
+    """What ``patch()`` returns: the ``with`` block that installs the plan on entry.
+
+    ``patch(model, ...)`` alone changes nothing (the plan is installed by ``__enter__``);
+    an object dropped without entering warns, because that is the usual mistake.
+    """
+
+    def __init__(self, block: Any) -> None:
+        self._block = block
+        self._entered = False
+
+    def __enter__(self) -> torch.nn.Module:
+        self._entered = True
+        return self._block.__enter__()
+
+    def __exit__(self, *exc: Any) -> Optional[bool]:
+        return self._block.__exit__(*exc)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_entered", True):
+            warnings.warn("attnkit.patch(model, ...) was called without `with`, so the model was not "
+                          "changed; use `with attnkit.patch(model, ...): ...`, or "
+                          "`attnkit.apply(model, plan)` to switch it until `attnkit.unpatch(model)`",
+                          RuntimeWarning, stacklevel=2)
+
+
 def patch(
     model: torch.nn.Module,
     prefill: Optional[str] = None,
@@ -269,7 +295,7 @@ def patch(
     context_parallel: Any = None,
     context_parallel_layout: str = "zigzag",
     **config: Any,
-) -> Iterator[torch.nn.Module]:
+) -> ContextManager[torch.nn.Module]:
     """Run ``model`` with an attnkit prefill method inside a ``with`` block.
 
     ``prefill``: registered method name for prefill attention (None: exact everywhere);
@@ -315,6 +341,13 @@ def patch(
 
         default, chosen = _normalize(plan)
         cp = prepare(model, context_parallel, context_parallel_layout, [default, *chosen.values()], cache)
+    return _PatchBlock(_patch_block(model, plan, cache, cache_kw, cp))
+
+
+@contextmanager
+def _patch_block(model: torch.nn.Module, plan: PlanLike, cache: Optional[str], cache_kw: dict[str, Any],
+                 cp: Any) -> Iterator[torch.nn.Module]:
+    """Install ``plan`` (and context parallelism ``cp``) for the block; restore on exit."""
     saved = _install(model, plan)
     if cp is not None:
         try:
