@@ -73,3 +73,18 @@ def test_window_layers_hold_their_window_and_policies_compress_global_layers():
     full = KVCache("snapkv", budget=1000)
     decode_logits(model, full)
     assert cache.nbytes() < full.nbytes()
+
+
+def test_policy_layer_bytes_count_only_the_global_layers():
+    model = model_of("gemma3_text")  # layer 0: window of WINDOW; layer 1: global
+    cache = KVCache("snapkv", budget=16, window=4)
+    decode_logits(model, cache)
+    stats = cache.stats()
+    held, full = cache.policy_layer_nbytes()
+    assert (stats["policy_layers_nbytes"], stats["policy_layers_full_nbytes"]) == (held, full)
+    assert held == cache.layers[1].nbytes()  # the global layer alone, measured from its storages
+    b, h, d_k, d_v, size = cache.layers[1].kv_dims
+    assert full == b * h * (PROMPT + NEW - 1) * (d_k + d_v) * size  # every token the global layer saw
+    window_full = stats["full_nbytes"] - full  # the window layer's share is the same in both caches
+    assert window_full == b * h * (WINDOW - 1) * (d_k + d_v) * size
+    assert held < full and stats["nbytes"] - held == cache.layers[0].nbytes()

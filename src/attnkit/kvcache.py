@@ -221,12 +221,27 @@ class KVCache(Cache):
                 total += b * h * tokens * (d_k + d_v) * size
         return total
 
+    def policy_layer_nbytes(self) -> tuple[int, int]:
+        """(bytes held, bytes of the full cache) of the layers the policy compresses: the
+        softmax layers without their own sliding window (Gemma 3's global layers; every
+        layer of Llama). Window layers and linear layers hold the same in any cache."""
+        held = full = 0
+        for layer in self.layers:
+            if isinstance(layer, KVCacheLayer) and layer.is_initialized and layer.window is None:
+                b, h, d_k, d_v, size = layer.kv_dims
+                held += layer.nbytes()
+                full += b * h * layer.seen * (d_k + d_v) * size
+        return held, full
+
     def stats(self) -> dict[str, Any]:
-        """Policy, budget, kv_bits, tokens seen, tokens kept per layer, bytes held vs a full cache."""
+        """Policy, budget, kv_bits, tokens seen, tokens kept per layer, bytes held vs a full
+        cache: of all layers (``nbytes``, ``full_nbytes``) and of the layers the policy
+        compresses (``policy_layers_*``: on Gemma 3 its global layers)."""
         self.compress()
         kept = [int(layer.kept_counts().max()) if isinstance(layer, KVCacheLayer) and layer.is_initialized else 0
                 for layer in self.layers]
         held, full = self.nbytes(), self.full_nbytes()
+        policy_held, policy_full = self.policy_layer_nbytes()
         return {
             "policy": self.policy.name,
             "budget": self.budget,
@@ -239,6 +254,8 @@ class KVCache(Cache):
             "nbytes": held,
             "full_nbytes": full,
             "compression": (full / held) if held else float("nan"),
+            "policy_layers_nbytes": policy_held,
+            "policy_layers_full_nbytes": policy_full,
         }
 
 

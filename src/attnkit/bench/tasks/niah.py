@@ -198,10 +198,13 @@ def generate(ctx: Context, method: MethodSpec, user_text: str, new_tokens: int,
 
 def kv_metrics(kv: Any) -> dict[str, Any]:
     """What an ``attnkit.KVCache`` holds now: bytes, bytes of a full cache of the same
-    tokens, tokens kept per KV head (mean and max over layers)."""
+    tokens (all layers, and the layers the policy compresses: Gemma 3's global layers),
+    tokens kept per KV head (mean and max over layers)."""
     stats = kv.stats()
     kept = stats["kept_per_layer"] or [0]
     return {"kv_bytes": stats["nbytes"], "kv_full_bytes": stats["full_nbytes"],
+            "kv_policy_layers_bytes": stats["policy_layers_nbytes"],
+            "kv_policy_layers_full_bytes": stats["policy_layers_full_nbytes"],
             "kv_kept_mean": sum(kept) / len(kept), "kv_kept_max": max(kept), "kv_seen": stats["seen"]}
 
 
