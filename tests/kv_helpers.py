@@ -51,3 +51,14 @@ def topk_mask(scores, k):
     """(..., L) bool: the ``k`` highest ``scores`` along the last dim."""
     idx = scores.topk(k, -1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
+
+
+def tiny_llama(heads: int, kv_heads: int, head_dim: int) -> torch.nn.Module:
+    """A seeded 2-layer random Llama (vocabulary 128) with the given head layout, in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=heads * head_dim, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      max_position_embeddings=1024)
+    return transformers.LlamaForCausalLM(config).eval()

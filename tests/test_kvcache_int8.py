@@ -6,6 +6,9 @@ bad ``kv_bits`` are clear errors; bench cache specs carry ``kv_bits``."""
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import pytest
 import torch
 
@@ -13,6 +16,9 @@ import attnkit as ak
 from attnkit.kvcache import KVCache
 from attnkit.kvcache_ragged import RaggedKV
 from attnkit.reference import reference_attention
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from kv_helpers import tiny_llama  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,10 +128,7 @@ def _padded_raw(part: torch.Tensor, store: RaggedKV) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=HQ * D, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=HQ, num_key_value_heads=HKV, max_position_embeddings=1024)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(HQ, HKV, D)
 
 
 def _generate(model, cache):

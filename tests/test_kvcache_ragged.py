@@ -20,7 +20,7 @@ from attnkit.reference import reference_attention
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from kv_helpers import B, _qkv, _step  # noqa: E402
+from kv_helpers import B, _qkv, _step, tiny_llama  # noqa: E402
 
 HQ, HKV, D, PROMPT, NEW = 4, 2, 64, 300, 4
 PLAN = {0: [1, 0], 1: [0, 1]}  # duo roles: one retrieval head per layer
@@ -34,10 +34,7 @@ CASES = {  # policy -> KVCache arguments
 
 @pytest.fixture(scope="module")
 def llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=HQ * D, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=HQ, num_key_value_heads=HKV, max_position_embeddings=1024)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(HQ, HKV, D)
 
 
 def _prompt(batch: int = 1, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

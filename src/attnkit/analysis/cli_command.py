@@ -89,15 +89,19 @@ def add_command(app: typer.Typer) -> None:
              new_tokens, threads, map_bins)
 
 
-def _plan(model: str, n: int, depths: list[float], haystack: str, sample_rows: int, files: list[Path]) -> None:
+def _layers_in_words(model: str) -> str:
+    """'30 layers' for a known model name; a local checkpoint's are read only when it loads."""
     from .. import models
 
     try:
-        layers = f"{models.facts(model).layers} layers"
+        return f"{models.facts(model).layers} layers"
     except ValueError:
-        layers = "layers: read from the checkpoint"
+        return "layers: read from the checkpoint"
+
+
+def _plan(model: str, n: int, depths: list[float], haystack: str, sample_rows: int, files: list[Path]) -> None:
     typer.echo("attnkit analyze --dry-run: no model is loaded, nothing is measured")
-    typer.echo(f"model: {model} ({layers})")
+    typer.echo(f"model: {model} ({_layers_in_words(model)})")
     typer.echo(f"length: {n} tokens of {haystack} text; {min(sample_rows, n)} query rows scored per layer")
     typer.echo("retrieval: " + (f"needle prompts of {n} tokens at depths {', '.join(f'{d:g}' for d in depths)}"
                                 if depths else "off"))
@@ -210,14 +214,8 @@ def _add_duo_command(app: typer.Typer) -> None:
             raise typer.BadParameter(f"lr must be > 0 and reg >= 0, got {lr}, {reg}", param_hint="--lr/--reg")
         select = f"gate >= {threshold}" if threshold is not None else f"top {retrieval_share:g} of all KV heads"
         if dry_run:
-            from .. import models
-
-            try:
-                shape = f"{models.facts(model).layers} layers"
-            except ValueError:
-                shape = "layers: read from the checkpoint"
             typer.echo("attnkit duo-gates --dry-run: no model is loaded, nothing is trained")
-            typer.echo(f"model: {model} ({shape})")
+            typer.echo(f"model: {model} ({_layers_in_words(model)})")
             typer.echo(f"steps: {steps} passkey prompts of {n} tokens ({passkeys} passkeys x {words} words, "
                        f"{haystack} text)")
             typer.echo(f"gates: full vs streaming(sink={sink}, recent={recent}); lr {lr:g}, reg {reg:g}; "
