@@ -336,7 +336,6 @@ def patch(
     plan = _plan_from_args(prefill, layers, method_config, dense_layers, backend)
     cp = None
     if context_parallel is not None and context_parallel is not False:
-        from .distributed.model import install as install_cp
         from .distributed.model import prepare
 
         default, chosen = _normalize(plan)
@@ -350,6 +349,8 @@ def _patch_block(model: torch.nn.Module, plan: PlanLike, cache: Optional[str], c
     """Install ``plan`` (and context parallelism ``cp``) for the block; restore on exit."""
     saved = _install(model, plan)
     if cp is not None:
+        from .distributed.model import install as install_cp
+
         try:
             saved.after.append(install_cp(model, cp, lambda obj, name, value: _set(saved, obj, name, value)))
         except BaseException:
