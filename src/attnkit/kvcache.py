@@ -216,9 +216,8 @@ class KVCache(Cache):
             if isinstance(layer, StateLayer):
                 total += layer.nbytes()  # a linear layer's states: the same in any cache
             elif layer.is_initialized:
-                b, h, d_k, d_v, size = layer.kv_dims
                 tokens = layer.seen if layer.window is None else min(layer.seen, layer.window - 1)
-                total += b * h * tokens * (d_k + d_v) * size
+                total += _full_kv_bytes(layer, tokens)
         return total
 
     def policy_layer_nbytes(self) -> tuple[int, int]:
@@ -228,9 +227,8 @@ class KVCache(Cache):
         held = full = 0
         for layer in self.layers:
             if isinstance(layer, KVCacheLayer) and layer.is_initialized and layer.window is None:
-                b, h, d_k, d_v, size = layer.kv_dims
                 held += layer.nbytes()
-                full += b * h * layer.seen * (d_k + d_v) * size
+                full += _full_kv_bytes(layer, layer.seen)
         return held, full
 
     def stats(self) -> dict[str, Any]:
@@ -257,6 +255,12 @@ class KVCache(Cache):
             "policy_layers_nbytes": policy_held,
             "policy_layers_full_nbytes": policy_full,
         }
+
+
+def _full_kv_bytes(layer: KVCacheLayer, tokens: int) -> int:
+    """Bytes of ``tokens`` keys and values of ``layer`` in the model dtype, no slot positions."""
+    b, h, d_k, d_v, size = layer.kv_dims
+    return b * h * tokens * (d_k + d_v) * size
 
 
 def _check_kv_bits(kv_bits: Optional[int], policy: CachePolicy, layout: str) -> Optional[int]:
