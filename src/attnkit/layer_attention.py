@@ -128,7 +128,8 @@ def attnkit_attention(
     def compute() -> torch.Tensor:
         exact_call = query.shape[2] == 1 or call.bias is not None or (spec is None and call.softcap is not None)
         if exact_call or (spec is None and (dropout or call.window is None)):
-            return exact(query, key, value, attention_mask, call, scaling, dropout)
+            mask = attention_mask if attention_mask is not None else window_mask(call, query.shape[2], key)
+            return exact(query, key, value, mask, call, scaling, dropout)
         if dropout:
             raise ValueError(f"attnkit prefill methods do not implement attention dropout (got dropout={dropout}): "
                              "set the model config's attention_dropout to 0 to train with them, or call model.eval()")
@@ -165,12 +166,14 @@ def prefill(spec: Optional[LayerMethod], q: torch.Tensor, k: torch.Tensor, v: to
             mask: Optional[torch.Tensor], call: LayerCall, scale: Optional[float]) -> torch.Tensor:
     """The layer's method (or its own window) over q: (B, Hq, T, D), k, v: (B, Hkv, T_kv, D)."""
     if mask is None:
-        # No mask: no padding, and transformers leaves it out only where a window cannot bite.
+        # No mask: no padding; a window layer's window is applied here (layer_mask leaves
+        # out the (T, T) mask of a fresh unpadded prefill), and only where it bites.
         if call.causal:
             k, v = _drop_empty_slots(k, v, q.shape[2], call.position_ids)
-        if spec is None:
+        window = call.window if window_bites(call, q.shape[2], k.shape[2]) else None
+        if spec is None and window is None:
             return exact(q, k, v, None, call, scale)
-        return run_method(spec, q, k, v, call.causal, scale, softcap=call.softcap)
+        return run_method(spec, q, k, v, call.causal, scale, window, softcap=call.softcap)
     spans = row_spans(mask, call.causal, q.shape[2], call.window)
     if spans is None:
         window = f" with a sliding window of {call.window}" if call.window else ""
@@ -310,6 +313,22 @@ def allowed_positions(t: int, t_kv: int, causal: bool, window: Optional[int], de
         if not causal:
             allowed = allowed & ones.tril(shift + window - 1)
     return allowed
+
+
+def window_bites(call: LayerCall, t: int, t_kv: int) -> bool:
+    """Whether the layer's own window hides any key from T queries over T_kv keys (the
+    queries are the last T positions)."""
+    if call.window is None:
+        return False
+    return t_kv > call.window if call.causal else max(t, t_kv) > call.window
+
+
+def window_mask(call: LayerCall, t: int, k: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (1, 1, T, T_kv) boolean mask of the layer's window where no mask came and the
+    window bites (layer_mask leaves it out), else None. k: (B, Hkv, T_kv, D)."""
+    if not window_bites(call, t, k.shape[2]):
+        return None
+    return allowed_positions(t, k.shape[2], call.causal and t > 1, call.window, k.device)[None, None]
 
 
 def _drop_empty_slots(k: torch.Tensor, v: torch.Tensor, t: int,

@@ -34,6 +34,7 @@ import torch
 from . import api, hybrid, model_layers, registry, validate
 from .kernels import BACKENDS
 from .layer_attention import CROSS_ATTR, LAYER_ATTR, LayerMethod, attnkit_attention, row_spans
+from .layer_mask import attnkit_mask
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +134,12 @@ def _check_architecture(model: torch.nn.Module, chosen: Mapping[int, Optional[La
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(IMPLEMENTATION, attnkit_attention)
     # Without a mask function every layer gets attention_mask=None: padding would be lost.
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    # attnkit_mask is sdpa_mask without the (T, T) mask of an unpadded sliding-window prefill.
+    AttentionMaskInterface.register(IMPLEMENTATION, attnkit_mask)
 
 
 def _set(saved: _Saved, module: torch.nn.Module, name: str, value: Any) -> None:
