@@ -10,7 +10,8 @@ mask transformers built (``sdpa_mask``) and the layer's own keyword arguments. W
 - **the model's own sliding-window layers** (``sliding_window=w`` from the module):
   transformers computes them as dense masked SDPA, O(N^2) work for an O(N w) pattern;
   here they run attnkit's exact ``sliding_window`` kernel, and a user's static prefill
-  method runs the intersection of its pattern and the window;
+  method runs the intersection of its pattern and the window (an unpadded prefill gets
+  no mask from ``layer_mask``: the window comes from ``sliding_window`` alone);
 - **cross-attention** (a module tagged at ``patch`` time): always exact, the encoder
   padding masks keys and no decoder query is dropped;
 - an additive ``position_bias`` (T5 family) or logit ``softcap`` (Gemma 2): exact, with
