@@ -226,3 +226,33 @@ def test_long_context_headline_is_derived_from_the_rows(tmp_path):
     assert "prefill 3.00x faster than transformers' own attention (last-token logits within 2.0e-05)" in text
     assert "No sparse prefill method kept exact attention's accuracy (1.00); the best was `vs` (0.50)" in text
     assert "The smallest KV cache that kept its accuracy: `KV cache snapkv@10%`, 25% of the full cache's bytes." in text
+
+
+def test_compressed_layers_share_is_shown_beside_the_all_layer_share(tmp_path):
+    """A policy that compresses only some layers (Gemma 3's global layers) shows those
+    layers' share next to the all-layer share in the headline and the KV tables; a
+    policy on every layer shows the one share."""
+    with Store(tmp_path) as store:
+        store.start_run({"model": "gemma"}, command="attnkit bench --quick")
+        full = {"prefill_seconds": 40.0, "decode_ms_per_token": 100.0, "kv_cache_bytes": 1000,
+                "transformers_prefill_seconds": 120.0, "transformers_decode_ms_per_token": 110.0}
+        store.add(Row(model="gemma", task="model_speed", variant="default", method="full", config="{}", label="full",
+                      length=16384, depth=None, sample=0, score=40.0, metrics=full))
+        for depth in (0.25, 0.75):
+            store.add(Row(model="gemma", task="niah", variant="single", method="full", config="{}", label="full",
+                          length=16384, depth=depth, sample=0, score=1.0, metrics={"score": 1.0}))
+            # 1000 bytes in all, 800 of them on the compressed layers; 110 of those kept + 200 window bytes
+            metrics = {"score": 1.0, "kv_bytes": 310, "kv_full_bytes": 1000, "kv_policy_layers_bytes": 110,
+                       "kv_policy_layers_full_bytes": 800}
+            store.add(Row(model="gemma", task="niah", variant="single", method="full", config="{}", label="full",
+                          length=16384, depth=depth, sample=0, score=1.0, metrics=metrics, cache="snapkv",
+                          budget="10%"))
+            every = {"score": 1.0, "kv_bytes": 250, "kv_full_bytes": 1000, "kv_policy_layers_bytes": 250,
+                     "kv_policy_layers_full_bytes": 1000}
+            store.add(Row(model="gemma", task="niah", variant="single", method="full", config="{}", label="full",
+                          length=16384, depth=depth, sample=0, score=1.0, metrics=every, cache="tova", budget="25%"))
+    text = report.write(tmp_path)[0].read_text()
+    assert "(31%; compressed layers 13.8%)" in text  # headline: 310 / 1000, 110 / 800
+    assert "1 (31% bytes; compressed layers 13.8%)" in text  # accuracy-by-budget table
+    assert "31.0%; compressed layers 13.8%" in text  # depth table
+    assert "1 (25% bytes)" in text and "25% bytes; compressed" not in text

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from ..store import Row
 from .aggregate import fmt, group, layout_of, metric
-from .kvbytes import FULL_SHARE
+from .kvbytes import FULL_SHARE, compressed_text
 from .page import Report, Table
 from .timing import NOISY, SPREAD, noisy_ratio
 
@@ -42,7 +42,7 @@ def headline_section(rep: Report, rows: list[Row]) -> None:
                    "timing noise." if any(e.get("noisy") for e in entries) else "")
     for e in entries:
         t.add(e["label"], fmt(e.get("prefill")), _x(e.get("speedup")) + (f" {NOISY}" if e.get("noisy") else ""), fmt(e.get("logit_diff")), fmt(e.get("accuracy")),
-              _bytes(e.get("kv_bytes"), e.get("kv_share")), fmt(e.get("decode")))
+              _bytes(e.get("kv_bytes"), e.get("kv_share"), e.get("compressed", "")), fmt(e.get("decode")))
     rep.table(t)
     rep.p(what_to_use_when(entries, length))
 
@@ -80,7 +80,8 @@ def _entries(rows: list[Row], length: int) -> list[dict[str, Any]]:
         held, full_bytes = metric(rs, "kv_bytes"), metric(rs, "kv_full_bytes")
         out.append({"label": f"KV cache {cache}@{budget}" if budget else f"KV cache {cache}", "method": "full",
                     "accuracy": metric(rs, "score"), "kv_bytes": held,
-                    "kv_share": held / full_bytes if held is not None and full_bytes else None, "kind": "cache"})
+                    "kv_share": held / full_bytes if held is not None and full_bytes else None,
+                    "compressed": compressed_text(rs), "kind": "cache"})
     return out
 
 
@@ -139,10 +140,11 @@ def _x(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _bytes(value: Optional[float], share: Optional[float]) -> str:
+def _bytes(value: Optional[float], share: Optional[float], compressed: str = "") -> str:
+    """``25.1 MiB (23%; compressed layers 11.0%)``; ``compressed``: kvbytes.compressed_text."""
     if value is None:
         return "-"
     mib = f"{value / 2 ** 20:.1f} MiB"
     if share is None:
         return mib
-    return f"{mib} (holds {100 * share:.0f}% of full)" if share >= FULL_SHARE else f"{mib} ({100 * share:.0f}%)"
+    return f"{mib} (holds {100 * share:.0f}% of full)" if share >= FULL_SHARE else f"{mib} ({100 * share:.0f}%{compressed})"

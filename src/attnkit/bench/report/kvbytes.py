@@ -1,6 +1,9 @@
 """KV-cache accuracy against the bytes a policy holds (``kv_bytes / kv_full_bytes`` of
 its rows), not its nominal keep ratio: a policy holding at least the full cache's bytes
-(a query-aware policy that keeps every token) is flagged, never shown as a saving."""
+(a query-aware policy that keeps every token) is flagged, never shown as a saving.
+Where the policy compresses only some layers (Gemma 3: its 3 global layers; the window
+layers hold their window in any cache), the share of those layers' bytes is shown
+beside the all-layer share, which stays the one plotted and compared."""
 
 from __future__ import annotations
 
@@ -19,6 +22,22 @@ def bytes_share(rows: list[Row]) -> float | None:
     return held / full if held is not None and full else None
 
 
+def compressed_layers_share(rows: list[Row]) -> float | None:
+    """Mean bytes held on the layers the policy compresses over a full cache of those
+    layers, where they are fewer than all layers (else None: the all-layer share says it)."""
+    held, full = metric(rows, "kv_policy_layers_bytes"), metric(rows, "kv_policy_layers_full_bytes")
+    all_full = metric(rows, "kv_full_bytes")
+    if held is None or not full or all_full is None or full >= all_full:
+        return None
+    return held / full
+
+
+def compressed_text(rows: list[Row]) -> str:
+    """``; compressed layers 27.0%`` where the policy compresses only some layers, else ``""``."""
+    share = compressed_layers_share(rows)
+    return "" if share is None else f"; compressed layers {100 * share:.1f}%"
+
+
 def share_text(share: float | None) -> str:
     """``20.0%``, or ``holds 102% of full`` for a share >= FULL_SHARE, or ``-``."""
     if share is None:
@@ -31,7 +50,9 @@ def acc_bytes(rows: list[Row]) -> str:
     acc, share = fmt(metric(rows, "score")), bytes_share(rows)
     if share is None:
         return acc
-    return f"{acc} ({share_text(share)})" if share >= FULL_SHARE else f"{acc} ({100 * share:.0f}% bytes)"
+    if share >= FULL_SHARE:
+        return f"{acc} ({share_text(share)})"
+    return f"{acc} ({100 * share:.0f}% bytes{compressed_text(rows)})"
 
 
 def bytes_figure(name: str, lines: list[str], by: dict, refs: list[tuple[str, float | None]]) -> Any:
@@ -41,15 +62,15 @@ def bytes_figure(name: str, lines: list[str], by: dict, refs: list[tuple[str, fl
 
     fig = go.Figure()
     for line in lines:
-        pts = sorted((100 * s, metric(rs, "score"), budget) for (ln, budget), rs in by.items()
+        pts = sorted((100 * s, metric(rs, "score"), budget, compressed_text(rs)) for (ln, budget), rs in by.items()
                      if ln == line and (s := bytes_share(rs)) is not None)
         if not pts:
             continue
         fig.add_trace(go.Scatter(
-            x=[x for x, _, _ in pts], y=[y for _, y, _ in pts], mode="lines+markers", name=html.escape(line),
+            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=html.escape(line),
             text=[html.escape(f"{line}@{b or 'all'}") + (f" (holds {x:.0f}% of full)" if x >= 100 * FULL_SHARE else "")
-                  for x, _, b in pts],
-            marker={"symbol": ["x" if x >= 100 * FULL_SHARE else "circle" for x, _, _ in pts], "size": 9},
+                  + html.escape(extra) for x, _, b, extra in pts],
+            marker={"symbol": ["x" if p[0] >= 100 * FULL_SHARE else "circle" for p in pts], "size": 9},
             hovertemplate="%{text}<br>bytes held %{x:.1f}% of full<br>accuracy %{y:.2f}<extra></extra>"))
     for label, acc in refs:
         if acc is not None:

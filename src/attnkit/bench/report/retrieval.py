@@ -25,7 +25,7 @@ from .aggregate import (
     reference,
     rows_of_layout,
 )
-from .kvbytes import acc_bytes, bytes_figure, bytes_share, share_text
+from .kvbytes import acc_bytes, bytes_figure, bytes_share, compressed_text, share_text
 from .multiples import curve, line_figure
 from .page import Report, Table
 
@@ -133,7 +133,9 @@ def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: 
     depths = sorted({r.depth for r in cached if r.depth is not None})
     t = Table(f"{name}: accuracy by depth and budget", ["cache", "budget"] + [depth_text(d) for d in depths]
               + ["mean", "KV kept", "n"], note="KV kept: bytes held after generation / bytes of a full cache of "
-              "the same tokens (slot positions and the policy's state included); 'holds N% of full': no saving.")
+              "the same tokens (slot positions and the policy's state included), all layers; 'compressed layers': the same "
+              "share on the layers the policy compresses, where the others hold a bounded cache (a model's window "
+              "layers); 'holds N% of full': no saving.")
     cells = group(cached + ref, lambda r: (r.label, r.depth))
     for label in refs:
         rs = [r for r in ref if r.label == label]
@@ -147,7 +149,7 @@ def _cache_group(rep: Report, rows: list[Row], task: str, variant: str, cached: 
                 continue
             label = rs[0].label
             t.add(line, b or "all", *[fmt(metric(cells.get((label, d), []), "score")) for d in depths],
-                  fmt(metric(rs, "score")), share_text(bytes_share(rs)), len(rs))
+                  fmt(metric(rs, "score")), share_text(bytes_share(rs)) + compressed_text(rs), len(rs))
     rep.table(t)
     rep.fig(bytes_figure(name, lines, by, [(full_name(label), metric([r for r in ref if r.label == label], "score"))
                                            for label in refs]))
