@@ -55,10 +55,13 @@ def _is_sliding_causal(mask_function: Callable, window: int) -> bool:
     i - window < j <= i on a probe of ``PROBE_WINDOWS`` windows (it tells a sliding
     window from chunked attention, which passes the same ``local_size``)."""
     n = PROBE_WINDOWS * window
-    idx = torch.arange(n)
+    rows = torch.tensor(sorted({max(0, r) for w in range(PROBE_WINDOWS + 1) for r in (w * window - 1, w * window,
+                                                                                      w * window + 1)} - {n, n + 1}))
+    keys = torch.arange(n)  # query rows at each window's edges, against every key of the probe
     try:
-        got = mask_function(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), idx[:, None], idx[None, :])
+        got = mask_function(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), rows[:, None],
+                            keys[None, :])
     except Exception:  # a function that is not index-based: leave it to sdpa_mask
         return False
-    want = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - window)
+    want = (keys[None, :] <= rows[:, None]) & (keys[None, :] > rows[:, None] - window)
     return isinstance(got, torch.Tensor) and got.shape == want.shape and bool(torch.equal(got.bool(), want))
