@@ -182,7 +182,7 @@ QUICK: dict[str, Any] = {
     "samples": 1,
     "tasks": {
         "model_speed": {"lengths": ["16k"], "decode_tokens": 4},
-        "niah": {"lengths": ["16k"], "depths": [0.25, 0.75], "variants": ["niah_single_2"], "new_tokens": 8,
+        "niah": {"lengths": ["16k"], "depths": [0.25, 0.75], "variants": ["niah_single_2"], "new_tokens": 12,
                  "caches": ["snapkv"], "budgets": ["10%"]},
     },
 }
