@@ -87,13 +87,26 @@ def test_window_layers_exact_without_their_mask(arch):
         return inner(module, q, k, v, mask, *args, **kwargs)
 
     from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     with ak.patch(model):
-        AttentionInterface.register("attnkit", spy)  # patch() registers attnkit_attention again next time
-        got = logits(model, ids)
-        window_calls = [no_mask for w, no_mask in seen if w]
-        seen.clear()
-        got_padded = logits(model, ids, padded)
-        padded_calls = [no_mask for w, no_mask in seen if w]
+        # patch() registers attnkit_attention again next time; an entry set on the global
+        # instance (as analysis.profile does for its own names) shadows register(): set both
+        AttentionInterface.register("attnkit", spy)
+        shadow = ALL_ATTENTION_FUNCTIONS._local_mapping.get("attnkit")
+        ALL_ATTENTION_FUNCTIONS["attnkit"] = spy
+        try:
+            got = logits(model, ids)
+            window_calls = [no_mask for w, no_mask in seen if w]
+            seen.clear()
+            got_padded = logits(model, ids, padded)
+            padded_calls = [no_mask for w, no_mask in seen if w]
+        finally:
+            AttentionInterface.register("attnkit", inner)
+            if shadow is None:
+                del ALL_ATTENTION_FUNCTIONS["attnkit"]
+            else:
+                ALL_ATTENTION_FUNCTIONS["attnkit"] = shadow
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
     if arch.reference == "sdpa":  # transformers' eager Gemma 2 returns NaN rows under left padding
         torch.testing.assert_close(got_padded[1], want_padded[1], rtol=0, atol=1e-9)

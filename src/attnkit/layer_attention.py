@@ -40,6 +40,7 @@ from . import api
 from .cache_tag import cache_layer_of, latent_layer_of
 from .kernels import attention_with_lse
 from .kernels.backends import as_block_pattern
+from .layer_mask import allowed_positions, window_bites, window_mask
 from .methods.base import PatternMethod
 from .methods.sparse_static.within_window import WithinWindow
 
@@ -129,7 +130,7 @@ def attnkit_attention(
     def compute() -> torch.Tensor:
         exact_call = query.shape[2] == 1 or call.bias is not None or (spec is None and call.softcap is not None)
         if exact_call or (spec is None and (dropout or call.window is None)):
-            mask = attention_mask if attention_mask is not None else window_mask(call, query.shape[2], key)
+            mask = attention_mask if attention_mask is not None else window_mask(call.window, call.causal, query.shape[2], key)
             return exact(query, key, value, mask, call, scaling, dropout)
         if dropout:
             raise ValueError(f"attnkit prefill methods do not implement attention dropout (got dropout={dropout}): "
@@ -171,7 +172,7 @@ def prefill(spec: Optional[LayerMethod], q: torch.Tensor, k: torch.Tensor, v: to
         # out the (T, T) mask of a fresh unpadded prefill), and only where it bites.
         if call.causal:
             k, v = _drop_empty_slots(k, v, q.shape[2], call.position_ids)
-        window = call.window if window_bites(call, q.shape[2], k.shape[2]) else None
+        window = call.window if window_bites(call.window, call.causal, q.shape[2], k.shape[2]) else None
         if spec is None and window is None:
             return exact(q, k, v, None, call, scale)
         return run_method(spec, q, k, v, call.causal, scale, window, softcap=call.softcap)
@@ -301,35 +302,6 @@ def _row_spans(mask: torch.Tensor, causal: bool, t: int, window: Optional[int]) 
     if not torch.equal(m, allowed_positions(t, t_kv, causal, window, mask.device)[None] & span[:, None, :]):
         return None
     return list(zip(start.tolist(), end.tolist()))
-
-
-def allowed_positions(t: int, t_kv: int, causal: bool, window: Optional[int], device: torch.device) -> torch.Tensor:
-    """(T, T_kv) bool: causal (bottom-right) or full, within ``window`` (i - w < j <= i
-    causal, |i - j| < w not) when given; built with tril only (no int matrices)."""
-    ones = torch.ones(t, t_kv, dtype=torch.bool, device=device)
-    shift = t_kv - t
-    allowed = ones.tril(shift) if causal else ones
-    if window is not None:
-        allowed = allowed & ~ones.tril(shift - window)
-        if not causal:
-            allowed = allowed & ones.tril(shift + window - 1)
-    return allowed
-
-
-def window_bites(call: LayerCall, t: int, t_kv: int) -> bool:
-    """Whether the layer's own window hides any key from T queries over T_kv keys (the
-    queries are the last T positions)."""
-    if call.window is None:
-        return False
-    return t_kv > call.window if call.causal else max(t, t_kv) > call.window
-
-
-def window_mask(call: LayerCall, t: int, k: torch.Tensor) -> Optional[torch.Tensor]:
-    """The (1, 1, T, T_kv) boolean mask of the layer's window where no mask came and the
-    window bites (layer_mask leaves it out), else None. k: (B, Hkv, T_kv, D)."""
-    if not window_bites(call, t, k.shape[2]):
-        return None
-    return allowed_positions(t, k.shape[2], call.causal and t > 1, call.window, k.device)[None, None]
 
 
 def _drop_empty_slots(k: torch.Tensor, v: torch.Tensor, t: int,

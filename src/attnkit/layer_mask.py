@@ -65,3 +65,32 @@ def _is_sliding_causal(mask_function: Callable, window: int) -> bool:
         return False
     want = (keys[None, :] <= rows[:, None]) & (keys[None, :] > rows[:, None] - window)
     return isinstance(got, torch.Tensor) and got.shape == want.shape and bool(torch.equal(got.bool(), want))
+
+
+def allowed_positions(t: int, t_kv: int, causal: bool, window: Optional[int], device: torch.device) -> torch.Tensor:
+    """(T, T_kv) bool: causal (bottom-right) or full, within ``window`` (i - w < j <= i
+    causal, |i - j| < w not) when given; built with tril only (no int matrices)."""
+    ones = torch.ones(t, t_kv, dtype=torch.bool, device=device)
+    shift = t_kv - t
+    allowed = ones.tril(shift) if causal else ones
+    if window is not None:
+        allowed = allowed & ~ones.tril(shift - window)
+        if not causal:
+            allowed = allowed & ones.tril(shift + window - 1)
+    return allowed
+
+
+def window_bites(window: Optional[int], causal: bool, t: int, t_kv: int) -> bool:
+    """Whether a layer's own ``window`` hides any key from T queries over T_kv keys (the
+    queries are the last T positions)."""
+    if window is None:
+        return False
+    return t_kv > window if causal else max(t, t_kv) > window
+
+
+def window_mask(window: Optional[int], causal: bool, t: int, k: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (1, 1, T, T_kv) boolean mask of a layer's ``window`` where no mask came and the
+    window bites (attnkit_mask leaves it out), else None. k: (B, Hkv, T_kv, D)."""
+    if window is None or not window_bites(window, causal, t, k.shape[2]):
+        return None
+    return allowed_positions(t, k.shape[2], causal and t > 1, window, k.device)[None, None]
